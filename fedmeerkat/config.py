@@ -51,7 +51,8 @@ class RunConfig:
     # what to train
     model: str = _f("smollm2-135m", "HF hub id, local model folder, or 'smollm2-135m' (packaged)")
     dtype: str = _f("float32", "model dtype", choices=DTYPES)
-    device: str = _f("cpu", "torch device for the model (z and the update stay on the CPU)")
+    device: str = _f("cpu", "torch device of the model; each client's z, master copy and update live there too")
+    server_device: str = _f("", "torch device of the server's vectors and replay ('' = same as device)")
     task: str = _f("rotten_tomatoes", "task name (see `fedmeerkat tasks`) or 'local'")
     data_files: str = _f("", "local data file(s) for task=local or to feed a hub task offline")
     template: str = _f("", "prompt template override, e.g. '{sentence} It was'")

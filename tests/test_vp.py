@@ -194,8 +194,10 @@ def test_random_selection_stops_as_many_clients_as_vp_flags_at_random():
 
 
 # ---- end to end through the CLI on the tiny Llama -------------------------------------------
+# vp_later_ratio=2 splits this seeded tiny run's four clients (one has rho_later 2.9, the
+# others 0.6-1.7): the test pins the mechanics (detect, early-stop, resume), not the detector.
 VP_ARGS = ("method=meerkat-vp", "partition=mixed-single-label", "vp_calibration_steps=16",
-           "vp_init_steps=4", "vp_later_steps=4", "vp_threshold=0", "vp_later_ratio=10",
+           "vp_init_steps=4", "vp_later_steps=4", "vp_threshold=0", "vp_later_ratio=2",
            "rounds=4", "downlink=scalars")
 
 

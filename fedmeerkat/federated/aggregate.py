@@ -64,11 +64,12 @@ def aggregate_scalars(
 def apply_aggregate(
     theta: torch.Tensor, agg: Aggregate, on_step: Callable[[int, torch.Tensor], None] | None = None
 ) -> torch.Tensor:
-    """theta <- decay*theta - sum_t coef_t z_t, in place, as separately rounded float32 ops."""
+    """theta <- decay*theta - sum_t coef_t z_t, in place, as separately rounded float32 ops,
+    on theta's device (z is drawn there)."""
     if not agg.is_identity_decay():
         theta.mul_(torch.tensor(agg.decay, dtype=torch.float32))
     for t, (seed, coef) in enumerate(zip(agg.seeds, agg.coefs, strict=True)):
-        z = draw_z(seed, theta.numel())
+        z = draw_z(seed, theta.numel(), device=theta.device)
         if on_step is not None:
             on_step(t, z)
         if coef != 0.0:

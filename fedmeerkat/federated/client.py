@@ -45,14 +45,19 @@ class ClientState:
 
 
 def sync_client(state: ClientState, plan: RoundPlan,
-                apply: Callable[[torch.Tensor, Aggregate], object] = apply_aggregate) -> torch.Tensor:
+                apply: Callable[[torch.Tensor, Aggregate], object] = apply_aggregate,
+                device: torch.device | str | None = None) -> torch.Tensor:
     """The global sparse vector of round plan.round-1, from the vector or from aggregates
-    (`apply` applies one aggregate in place; dense methods pass their per-tensor version)."""
+    (`apply` applies one aggregate in place; dense methods pass their per-tensor version).
+
+    With `device`, the vector and the client's own copy live there (the model's device), so
+    catch-up draws z where it is used."""
     if plan.theta is not None:
+        theta = plan.theta if device is None else plan.theta.to(device)
         if state.theta is not None:
-            state.theta = plan.theta.clone()
+            state.theta = theta.clone()
             state.synced = plan.round - 1
-        return plan.theta
+        return theta
     if state.theta is None:
         raise ValueError(f"client {state.client_id}: plan carries no vector and the client "
                          "holds no copy of the model")
@@ -60,6 +65,8 @@ def sync_client(state: ClientState, plan: RoundPlan,
     if rounds != list(range(state.synced + 1, plan.round)):
         raise ValueError(f"client {state.client_id} holds round {state.synced}; "
                          f"cannot reach round {plan.round - 1} with aggregates of rounds {rounds}")
+    if device is not None and state.theta.device != torch.device(device):
+        state.theta = state.theta.to(device)  # e.g. after a resume (checkpoints hold CPU copies)
     for agg in plan.catchup:
         apply(state.theta, agg)
     state.synced = plan.round - 1
@@ -83,7 +90,8 @@ def run_client(
     `update` replaces the plain SGD update (see zo.step.zo_step)."""
     if plan.num_steps > len(plan.seeds) or plan.num_steps > len(lr):
         raise ValueError(f"plan asks for {plan.num_steps} steps with {len(plan.seeds)} seeds")
-    theta = sync_client(state, plan).clone()
+    device = model.view.device  # theta, z and the update live with the model
+    theta = sync_client(state, plan, device=device).clone()
     model.view.write(theta)
     scalars: list[float] = []
     losses: list[float] = []

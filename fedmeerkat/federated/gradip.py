@@ -43,6 +43,8 @@ class GradIPRecorder:
     def __call__(self, t: int, z: torch.Tensor) -> None:
         if t in self.proj:  # the same step drawn again (it is the same z): nothing new
             return
+        if self.c.device != z.device:  # c follows the replay's device (moved once)
+            self.c = self.c.to(z.device)
         z64 = z.detach().to(torch.float64).flatten()
         self.proj[t] = float(torch.dot(self.c, z64))
         self.znorm[t] = float(z64.norm())

@@ -57,7 +57,12 @@ def _u64(xs: list[int]) -> bytes:
     return np.asarray(xs, dtype="<u8").tobytes()
 
 
-def _f32(xs) -> bytes:
+def _f32(xs) -> bytes | memoryview:
+    """Little-endian float32 bytes. A tensor (any device) is not copied here beyond the move to
+    the CPU: the one copy is the caller's `b"".join`, so a model-size vector costs one copy."""
+    if isinstance(xs, torch.Tensor):
+        arr = xs.detach().to("cpu", torch.float32).contiguous().numpy()
+        return memoryview(arr.astype("<f4", copy=False)).cast("B")
     return np.asarray(xs, dtype="<f4").tobytes()
 
 
@@ -82,7 +87,7 @@ class RoundPlan:
                  struct.pack("<IIHH", self.round, self.client_id, self.num_steps, len(self.seeds)),
                  _u64(self.seeds), struct.pack("<B", self.theta is not None)]
         if self.theta is not None:
-            parts += [struct.pack("<I", self.theta.numel()), _f32(self.theta.to(torch.float32))]
+            parts += [struct.pack("<I", self.theta.numel()), _f32(self.theta)]
         parts.append(struct.pack("<H", len(self.catchup)))
         for a in self.catchup:
             parts += [struct.pack("<IfH", a.round, a.decay, len(a.seeds)), _u64(a.seeds),
@@ -160,7 +165,7 @@ class VectorReply:
             MAGIC, bytes([WIRE_VERSION]), b"V",
             struct.pack("<IIQfHI", self.round, self.client_id, self.num_samples,
                         self.train_loss, self.num_steps, self.vector.numel()),
-            _f32(self.vector.to(torch.float32)),
+            _f32(self.vector),
         ])
 
     @classmethod

@@ -52,6 +52,7 @@ class FedSettings:
     weight_decay: float = 0.0
     downlink: str = "sparse-weights"
     clients_per_round: int = 0  # 0 = every client every round
+    device: str = "cpu"  # where the server's vectors live and its z is drawn (any device)
 
     def lrs(self, round_idx: int) -> list[float]:
         """Learning rate of each local step of a round."""
@@ -83,7 +84,7 @@ class MeerkatServer:
             raise ValueError(f"clients_per_round={settings.clients_per_round} exceeds "
                              f"{len(client_sizes)} clients")
         self.settings = settings
-        self.theta = theta0.detach().to(torch.float32).cpu().clone()
+        self.theta = theta0.detach().to(settings.device, torch.float32, copy=True)
         self.client_sizes = list(client_sizes)
         self.round = 0  # last completed round
         self.history: dict[int, Aggregate] = {}  # scalar aggregates of past rounds (scalars mode)
@@ -219,8 +220,10 @@ class MeerkatServer:
 
     # ---- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(tensors, JSON-able metadata): everything needed to continue bit-identically."""
-        tensors = {"server.theta": self.theta.clone()}
+        """(tensors, JSON-able metadata): everything needed to continue bit-identically.
+        CPU tensors; on the CPU they share memory with the live state (no model-size copy), so
+        save them before the next round changes it."""
+        tensors = {"server.theta": self.theta.cpu()}
         rounds = sorted(self.history)
         if rounds:  # flat: rounds may differ in length (Meerkat-VP's calibration round)
             tensors["server.history_coefs"] = torch.tensor(
@@ -236,7 +239,7 @@ class MeerkatServer:
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.round = int(meta["round"])
         self.synced = [int(x) for x in meta["synced"]]
-        self.theta = tensors["server.theta"].to(torch.float32).clone()
+        self.theta = tensors["server.theta"].to(self.settings.device, torch.float32, copy=True)
         coefs = tensors.get("server.history_coefs")
         if coefs is not None and coefs.dim() == 2:  # older checkpoints: one row per round
             coefs = coefs.flatten()

@@ -137,12 +137,13 @@ def settings_of(cfg: RunConfig) -> FedSettings:
                        batch_size=cfg.batch_size, seed=cfg.seed, weighting=cfg.weighting,
                        rounds=cfg.rounds, lr_schedule=cfg.lr_schedule,
                        weight_decay=cfg.weight_decay, downlink=cfg.downlink,
-                       clients_per_round=cfg.clients_per_round)
+                       clients_per_round=cfg.clients_per_round,
+                       device=cfg.server_device or cfg.device)
 
 
 def save_state(path: Path, theta: torch.Tensor, meta: dict[str, str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"theta": theta.contiguous()}, str(tmp), metadata=meta)
+    save_file({"theta": theta.cpu().contiguous()}, str(tmp), metadata=meta)
     _fsync_replace(tmp, path)
 
 
@@ -155,7 +156,8 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_VERSION = "1"
 # Keys a resumed run may change: they do not alter what the finished rounds computed.
-RESUMABLE_KEYS = ("rounds", "eval_every", "eval_batch_size", "threads", "device")
+# z and every update are bit-identical on any device, so the devices may change too.
+RESUMABLE_KEYS = ("rounds", "eval_every", "eval_batch_size", "threads", "device", "server_device")
 
 
 def save_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState]) -> None:
@@ -163,9 +165,9 @@ def save_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState])
     tensors, server_meta = server.state_dict()
     for s in states:
         if s.theta is not None:
-            tensors[f"client.{s.client_id}.theta"] = s.theta.contiguous()
+            tensors[f"client.{s.client_id}.theta"] = s.theta.cpu().contiguous()
         for name, t in s.extra.items():  # method state of the client (FedDyn's h_k)
-            tensors[f"client.{s.client_id}.extra.{name}"] = t.contiguous()
+            tensors[f"client.{s.client_id}.extra.{name}"] = t.cpu().contiguous()
     meta = {"server": server_meta,
             "clients": [{"pointer": s.pointer.state_dict(), "synced": s.synced} for s in states]}
     tmp = out / (CHECKPOINT + ".tmp")

@@ -28,7 +28,8 @@ def topk_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.T
     """Exact global top-k over several tensors without concatenating them all.
 
     The global top k are among each tensor's own top min(k, numel); only those candidates are
-    merged. Returns sorted flat indices per tensor (possibly empty).
+    merged. Works on any device (scores may even sit on different ones); returns sorted flat int64 CPU
+    indices per tensor (possibly empty).
     """
     names = list(scores)
     cand_vals, cand_tensor, cand_idx = [], [], []
@@ -38,13 +39,16 @@ def topk_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.T
         v, idx = torch.topk(flat, kk, sorted=False)
         cand_vals.append(v)
         cand_idx.append(idx)
-        cand_tensor.append(torch.full((kk,), i, dtype=torch.long))
-    vals = torch.cat(cand_vals)
+        cand_tensor.append(torch.full((kk,), i, dtype=torch.long, device=v.device))
+    device = cand_vals[0].device if cand_vals else torch.device("cpu")
+    vals = torch.cat([v.to(device) for v in cand_vals])
     if k > vals.numel():
         raise ValueError(f"k={k} exceeds the number of eligible weights {vals.numel()}")
     top = torch.topk(vals, k, sorted=False).indices
-    which, local = torch.cat(cand_tensor)[top], torch.cat(cand_idx)[top]
-    return {name: torch.sort(local[which == i]).values for i, name in enumerate(names)}
+    which = torch.cat([t.to(device) for t in cand_tensor])[top]
+    local = torch.cat([t.to(device) for t in cand_idx])[top]
+    # indices go back as CPU int64 (the mask file's layout), whatever device scored them
+    return {name: torch.sort(local[which == i]).values.cpu() for i, name in enumerate(names)}
 
 
 def compute_mask(

@@ -5,13 +5,17 @@ NeurIPS 2023. The paper's Full-FedZO baseline (Meerkat Sec. 3, Tables 15 and 23)
 run by every client, with the federated protocol of Meerkat (shared seeds, scalar uploads).
 
 - z is never materialised for the whole model: tensor i at step seed s gets
-  `draw_z(mix(s, i), numel_i)` on the CPU (float32, mt19937), regenerated each time it is
-  needed (perturb +eps, -2eps, +eps, update), so a client and the server agree bit for bit and
-  the memory is one model plus the z of one tensor.
-- The local step perturbs the model in place (MeZO): with float32 weights the +eps/-2eps/+eps
-  walk leaves a few-ulp drift, exactly as in MeZO. That drift stays inside the client: only the
+  `draw_z(mix(s, i), numel_i)` drawn on that tensor's device (zo/rng.py, the same bits on every
+  device), regenerated each time it is needed (perturb, perturb back, update), so a client and
+  the server agree bit for bit and the memory is one model plus the z of one tensor.
+- float32 models: the local step perturbs the model in place (MeZO): the +eps/-2eps/+eps walk
+  leaves a few-ulp drift, exactly as in MeZO. That drift stays inside the client: only the
   scalars g travel, and every copy of the global model (server's and clients') is updated by
   `apply_aggregate_dense`, identical float32 ops on every party.
+- bfloat16/float16 models: a walk in the model's dtype would lose most of eps*z and drift by
+  whole half-precision ulps, so the view keeps an fp32 master copy of every tensor on the
+  model's device (2x the half-precision model) and only ever writes `master ± eps*z` and
+  `master` into the model, rounded once.
 - The layout (`DenseSpace`) is every parameter of the model in `named_parameters()` order (tied
   weights once), flattened: theta[offsets[i]:offsets[i+1]] is tensor i.
 """
@@ -34,9 +38,10 @@ from fedmeerkat.zo.step import StepResult
 DENSE_FORMAT = "dense-1"
 
 
-def tensor_z(seed: int, index: int, n: int) -> torch.Tensor:
-    """z of tensor `index` for step seed `seed`: float32 CPU, a pure function of its inputs."""
-    return draw_z(mix(seed, index), n)
+def tensor_z(seed: int, index: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """z of tensor `index` for step seed `seed`: float32 on `device`, a pure function of the
+    integers (the same bits on every device)."""
+    return draw_z(mix(seed, index), n, device=device)
 
 
 @dataclass
@@ -104,12 +109,15 @@ def is_dense_file(path: str | Path) -> bool:
 
 class DenseView:
     """The model's parameters as the flat space (same interface as SparseView, plus per-tensor
-    access for the in-place step)."""
+    access for the in-place step). Half-precision tensors get an fp32 master copy."""
 
     def __init__(self, params: Mapping[str, torch.Tensor], space: DenseSpace):
         self.mask = space
         self.tensors: list[torch.Tensor] = [params[n].data for n in space.names]
         self.slices = [slice(space.offsets[i], space.offsets[i + 1]) for i in range(len(space.names))]
+        self.master: list[torch.Tensor | None] = [
+            None if p.dtype == torch.float32 else p.float() for p in self.tensors]
+        self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
 
     @property
     def nnz(self) -> int:
@@ -117,36 +125,61 @@ class DenseView:
 
     @torch.no_grad()
     def gather(self) -> torch.Tensor:
-        return torch.cat([p.reshape(-1).float().cpu() for p in self.tensors])
+        """The whole model as one float32 vector on its device (fp32 masters where kept)."""
+        return torch.cat([(p if m is None else m).reshape(-1).float()
+                          for p, m in zip(self.tensors, self.master, strict=True)])
 
     @torch.no_grad()
     def write(self, values: torch.Tensor) -> None:
         if values.numel() != self.nnz:
             raise ValueError(f"expected {self.nnz} values, got {values.numel()}")
-        for p, sl in zip(self.tensors, self.slices, strict=True):
-            p.copy_(values[sl].view(p.shape).to(device=p.device, dtype=p.dtype))
+        for i, (p, sl) in enumerate(zip(self.tensors, self.slices, strict=True)):
+            part = values[sl].view(p.shape).to(p.device)
+            m = self.master[i]
+            if m is not None:
+                m.copy_(part)
+            p.copy_(part)
 
     @torch.no_grad()
-    def _add_z(self, seed: int, scale: float) -> None:
+    def _perturb(self, seed: int, delta: float, at: float) -> None:
+        """float32 tensors: p += delta*z in place (MeZO's walk). Half-precision tensors: the
+        model gets master + at*z, computed in float32 and rounded once (master unchanged)."""
         for i, p in enumerate(self.tensors):
-            z = tensor_z(seed, i, p.numel()).view(p.shape).to(device=p.device, dtype=p.dtype)
-            p.add_(z, alpha=scale)
+            m = self.master[i]
+            if m is not None and at == 0.0:
+                p.copy_(m)
+                continue
+            z = tensor_z(seed, i, p.numel(), p.device).view(p.shape)
+            if m is None:
+                p.add_(z, alpha=delta)
+            else:
+                p.copy_(m + z * at)
+
+    @torch.no_grad()
+    def _update(self, seed: int, lr: float, g: float, weight_decay: float) -> None:
+        """w <- w*(1 - lr*wd) - lr*g*z on the masters (or in place on float32 tensors)."""
+        for i, p in enumerate(self.tensors):
+            m = self.master[i]
+            w = p if m is None else m
+            if weight_decay:
+                w.mul_(1.0 - lr * weight_decay)
+            w.add_(tensor_z(seed, i, p.numel(), p.device).view(p.shape), alpha=-lr * g)
+            if m is not None:
+                p.copy_(m)
 
 
 @torch.no_grad()
 def dense_zo_step(view: DenseView, seed: int, *, eps: float, lr: float,
                   loss_fn: Callable[[], float], weight_decay: float = 0.0) -> StepResult:
-    """MeZO step in place on the model: +eps z, f+, -2eps z, f-, +eps z, w -= lr*(g z + wd w)."""
-    view._add_z(seed, eps)
+    """MeZO step in place on the model: +eps z, f+, -2eps z, f-, +eps z, w -= lr*(g z + wd w).
+    Half-precision tensors take the same step on their fp32 masters (see DenseView)."""
+    view._perturb(seed, eps, eps)
     loss_plus = float(loss_fn())
-    view._add_z(seed, -2.0 * eps)
+    view._perturb(seed, -2.0 * eps, -eps)
     loss_minus = float(loss_fn())
-    view._add_z(seed, eps)
+    view._perturb(seed, eps, 0.0)
     g = to_float32((loss_plus - loss_minus) / (2.0 * eps))
-    if weight_decay:
-        for p in view.tensors:
-            p.mul_(1.0 - lr * weight_decay)
-    view._add_z(seed, -lr * g)
+    view._update(seed, lr, g, weight_decay)
     return StepResult(g=g, loss_plus=loss_plus, loss_minus=loss_minus)
 
 
@@ -163,5 +196,5 @@ def apply_aggregate_dense(theta: torch.Tensor, space: DenseSpace, agg) -> torch.
         c = torch.tensor(coef, dtype=torch.float32)
         for i in range(len(space.names)):
             part = theta[space.offsets[i]:space.offsets[i + 1]]
-            part.sub_(tensor_z(seed, i, part.numel()) * c)
+            part.sub_(tensor_z(seed, i, part.numel(), theta.device) * c)
     return theta

@@ -40,7 +40,7 @@ class _AbsScores(Mapping):
         self._params = dict(params)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._params[name].detach().float().abs().cpu()
+        return self._params[name].detach().float().abs()  # on the model's device
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._params)

@@ -40,11 +40,14 @@ def zo_step(
 ) -> StepResult:
     """One step: f(theta+eps z), f(theta-eps z), g, theta -= lr*g*z (in place), model synced.
 
+    `theta` (float32) lives on the model's device: z is drawn there, and the only host-device
+    traffic is reading the two losses. Outside the forwards the step is a fixed handful of
+    tensor ops (draw z, two perturbations, the update, three one-op writes).
     `loss_fn` evaluates the loss of the model as currently written, on a batch the caller fixed.
     `update(theta, z, g, lr)` replaces plain SGD for methods with extra terms (FedDyn); the
     server's replay must then run the same function.
     """
-    z = draw_z(seed, theta.numel())
+    z = draw_z(seed, theta.numel(), device=theta.device)  # on the model's device, no copies
     view.write(theta + eps * z)
     loss_plus = float(loss_fn())
     view.write(theta - eps * z)
@@ -70,7 +73,8 @@ def replay(
     lr: float | Sequence[float],
     weight_decay: float = 0.0,
 ) -> torch.Tensor:
-    """A client's final sparse vector from its start, seeds and uploaded scalars (no model)."""
+    """A client's final sparse vector from its start, seeds and uploaded scalars (no model).
+    Runs on theta0's device."""
     return replay_many(theta0, seeds, [scalars], lr, weight_decay=weight_decay)[0]
 
 
@@ -93,7 +97,7 @@ def replay_many(
     if steps > len(seeds):
         raise ValueError(f"a client reported {steps} scalars for {len(seeds)} seeds")
     for t in range(steps):
-        z = draw_z(seeds[t], theta0.numel())
+        z = draw_z(seeds[t], theta0.numel(), device=theta0.device)
         if on_step is not None:
             on_step(t, z)
         for theta, scalars in zip(thetas, scalars_per_client, strict=True):

@@ -28,10 +28,10 @@ from fedmeerkat.zo.step import StepResult
 
 
 def masked_gradient(params: dict[str, torch.nn.Parameter], mask, loss: torch.Tensor) -> torch.Tensor:
-    """d loss / d theta at the mask's coordinates, float32 CPU, in mask order."""
+    """d loss / d theta at the mask's coordinates, float32 on the model's device, in mask order."""
     tensors = [params[n] for n in mask.names]
     grads = torch.autograd.grad(loss, tensors)
-    return torch.cat([gr.reshape(-1)[idx.to(gr.device)].float().cpu()
+    return torch.cat([gr.reshape(-1)[idx.to(gr.device)].float()
                       for gr, (_, idx, _) in zip(grads, mask.slices(), strict=True)])
 
 
@@ -53,7 +53,7 @@ def run_client_backprop(
         raise ValueError("fedavg-backprop needs the global vector in the plan "
                          "(downlink=sparse-weights)")
     view, mask = model.view, model.view.mask
-    theta = plan.theta.clone()
+    theta = plan.theta.to(view.device, copy=True)
     view.write(theta)
     targets = [model.parameters[n] for n in mask.names]
     was = [p.requires_grad for p in targets]
@@ -105,6 +105,6 @@ class BackpropServer(MeerkatServer):
         if usable:
             new = torch.zeros_like(self.theta)
             for w, r in zip(self._weights([r.client_id for r in usable]), usable, strict=True):
-                new.add_(r.vector * torch.tensor(w, dtype=torch.float32))
+                new.add_(r.vector.to(new.device) * torch.tensor(w, dtype=torch.float32))
             self.theta = new
         return self._outcome(round_idx, replies, usable, dropped, lambda r: r.num_steps)

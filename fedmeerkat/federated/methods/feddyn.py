@@ -62,9 +62,12 @@ def feddyn_state_update(h: torch.Tensor, theta_k: torch.Tensor, theta_g: torch.T
     h.sub_((theta_k - theta_g) * _f32(alpha))
 
 
-def client_h(state: ClientState, n: int) -> torch.Tensor:
+def client_h(state: ClientState, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The client's h_k, on `device` (the model's)."""
     if H_KEY not in state.extra:
-        state.extra[H_KEY] = torch.zeros(n, dtype=torch.float32)
+        state.extra[H_KEY] = torch.zeros(n, dtype=torch.float32, device=device)
+    elif state.extra[H_KEY].device != torch.device(device):
+        state.extra[H_KEY] = state.extra[H_KEY].to(device)
     return state.extra[H_KEY]
 
 
@@ -83,8 +86,8 @@ def run_client_feddyn(
     """T two-point ZO steps with the FedDyn correction; updates h_k; uploads T scalars."""
     if plan.theta is None:
         raise ValueError("meerkat-feddyn needs the global vector in the plan (downlink=sparse-weights)")
-    theta_g = plan.theta
-    h = client_h(state, theta_g.numel())
+    theta_g = plan.theta.to(model.view.device)
+    h = client_h(state, theta_g.numel(), theta_g.device)
     final: list[torch.Tensor] = []  # the local vector, updated in place step by step
 
     def update(theta: torch.Tensor, z: torch.Tensor, g: float, lr_t: float) -> None:
@@ -106,8 +109,8 @@ def replay_feddyn(theta_g: torch.Tensor, seeds: Sequence[int], scalars: Sequence
     place exactly as the client did."""
     theta = theta_g.clone()
     for t, g in enumerate(scalars):
-        feddyn_update(theta, draw_z(seeds[t], theta.numel()), float(g), lrs[t], h, alpha,
-                      theta_g, weight_decay)
+        z = draw_z(seeds[t], theta.numel(), device=theta.device)
+        feddyn_update(theta, z, float(g), lrs[t], h, alpha, theta_g, weight_decay)
     feddyn_state_update(h, theta, theta_g, alpha)
     return theta
 
@@ -144,11 +147,12 @@ class FedDynServer(MeerkatServer):
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = super().state_dict()
-        tensors["server.feddyn_h"] = self.h.clone()
-        tensors["server.feddyn_h_clients"] = torch.stack(self.h_clients)
+        tensors["server.feddyn_h"] = self.h.cpu()
+        tensors["server.feddyn_h_clients"] = torch.stack(self.h_clients).cpu()
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         super().load_state_dict(tensors, meta)
-        self.h = tensors["server.feddyn_h"].clone()
-        self.h_clients = [h.clone() for h in tensors["server.feddyn_h_clients"]]
+        device = self.theta.device
+        self.h = tensors["server.feddyn_h"].to(device, copy=True)
+        self.h_clients = [h.to(device, copy=True) for h in tensors["server.feddyn_h_clients"]]

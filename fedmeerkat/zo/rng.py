@@ -1,0 +1,175 @@
+"""Portable seeded Gaussian z: `z_i = Z(seed, i)`, the same bits on every CPU, GPU and build.
+
+Two parts, both free of transcendental functions at run time:
+
+1. **Bits: Philox4x32-10** (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11),
+   the counter-based generator of cuRAND, JAX and Random123. Key = the 64-bit seed as two
+   32-bit words; counter = (i >> 2 as two 32-bit words, 0, STREAM); coordinate i takes word
+   i & 3 of the output. Everything is integer arithmetic on int64 tensors holding 32-bit
+   values; the 32x32 -> 64-bit products are split into 16-bit halves, so no int64 operation
+   ever overflows (signed overflow would be undefined behaviour in the kernels). Checked
+   against Random123's known-answer vectors (tests/test_rng.py).
+2. **Normal: a stored quantile table** (`normal_table.safetensors`, written once by
+   `make_normal_table`). Bit 31 of the word is the sign; the other 31 bits r pick |z| =
+   Phi^-1(1 - q/2) at tail probability q = r / 2^31, by linear interpolation in a table whose
+   cells are geometric in q (256 cells per octave, one exact entry per value below r = 512),
+   so the tails are as accurate as the centre: the largest |z| is 6.3 (q = 2.3e-10), the
+   interpolation error below 2e-6 everywhere (tests/test_rng.py). At run time: one binary
+   search in int64 (`torch.searchsorted`), two table look-ups, an exact int -> float32
+   conversion (< 2^22), then a multiply and an add as two separately rounded IEEE float32 ops
+   (two kernels: nothing can fuse them into an FMA).
+
+So the result depends on nothing but (seed, i): not on the instruction set (ATEN_CPU_CAPABILITY),
+the thread count, the torch build or the device. Drawn directly on the device where it is used,
+in chunks of `CHUNK` Philox counters (4 * CHUNK coordinates), which bounds the int64 scratch
+memory and keeps a CPU draw in cache.
+
+Why not torch.randn: its CPU kernel takes a vectorised log/cos path on AVX2/AVX-512 and a scalar
+one elsewhere (different last bits on ARM), and CUDA uses another generator altogether.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # multipliers (Random123)
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key bumps (golden ratio, sqrt(3)-1)
+PHILOX_ROUNDS = 10
+STREAM = 0x7A  # counter word 3: keeps z apart from any other use of the same key ("z")
+CHUNK = 1 << 16  # Philox counters per chunk (4x as many coordinates): 512 KiB per int64 array
+
+TABLE_FILE = Path(__file__).with_name("normal_table.safetensors")
+_TAIL_BITS = 31  # r in [0, 2^31)
+_EXACT = 512  # r below this: one table entry per value (the far tail)
+_CELLS_PER_OCTAVE = 256
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a * m for 32-bit a (int64 tensor) and constant m < 2^32,
+    without any intermediate reaching 2^63."""
+    p = a * (m & 0xFFFF)  # < 2^48
+    q = a * (m >> 16)  # < 2^48
+    t = p + ((q & 0xFFFF) << 16)  # < 2^49: low 48 bits of the product
+    lo = t & _M32
+    hi = (q >> 16) + (t >> 32)
+    return hi, lo
+
+
+def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
+               k0: int, k1: int, rounds: int = PHILOX_ROUNDS) -> list[torch.Tensor]:
+    """Philox4x32-`rounds` of counters (c0..c3, int64 tensors of 32-bit values) under key
+    (k0, k1): four int64 tensors of 32-bit output words."""
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + _PHILOX_W0) & _M32, (k1 + _PHILOX_W1) & _M32
+        hi0, lo0 = _mulhilo(c0, _PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = (hi1 ^ c1) ^ k0, lo1, (hi0 ^ c3) ^ k1, lo0
+    return [c0, c1, c2, c3]
+
+
+def make_normal_table() -> dict[str, torch.Tensor]:
+    """The quantile table, computed in float64 with the standard library (Wichura's AS241 in
+    `statistics.NormalDist`) and rounded to float32. Run once to write TABLE_FILE; the stored
+    file, not this function, defines z (libm may differ in a last float64 bit across
+    platforms). tests/test_rng.py checks that the file matches this function."""
+    from statistics import NormalDist
+
+    nd = NormalDist()
+    scale = float(1 << _TAIL_BITS)
+
+    def x(q: float) -> float:  # |z| with P(|Z| > |z|) = q
+        return 0.0 if q >= 1.0 else -nd.inv_cdf(q / 2.0)
+
+    starts, values, nexts = [], [], []
+    for r in range(_EXACT):  # far tail: the quantile at the middle of each value's interval
+        starts.append(r)
+        values.append(x((r + 0.5) / scale))
+        nexts.append(None)
+    shift = 1
+    while (_CELLS_PER_OCTAVE << shift) < (1 << _TAIL_BITS):  # octaves [2^(8+s), 2^(9+s))
+        for top in range(_CELLS_PER_OCTAVE, 2 * _CELLS_PER_OCTAVE):
+            starts.append(top << shift)
+            values.append(x((top << shift) / scale))
+            nexts.append(((top + 1) << shift, shift))
+        shift += 1
+    start = torch.tensor(starts, dtype=torch.int64)
+    value = torch.tensor(values, dtype=torch.float64).to(torch.float32)
+    slope = torch.zeros(len(starts), dtype=torch.float32)
+    for j, nxt in enumerate(nexts):
+        if nxt is not None:  # per unit of r: (x(end) - x(start)) / 2^shift, in float32
+            end, s = nxt
+            end_value = float(torch.tensor(x(end / scale), dtype=torch.float32))
+            slope[j] = (end_value - float(value[j])) / float(1 << s)
+    return {"start": start, "value": value, "slope": slope}
+
+
+@lru_cache(maxsize=None)
+def _table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    t = load_file(str(TABLE_FILE))
+    return (t["start"].to(device), t["value"].to(device), t["slope"].to(device))
+
+
+def _normal(words: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+            ) -> torch.Tensor:
+    """Standard normal float32 from 32-bit words (int64 tensor), by the stored table.
+
+    Cell of r: below 512 the value itself; above, 256 cells per octave. With s = bit length of
+    r >> 9 (0 below 512), the cell is j = 256 s + (r >> s) and r's offset in it the low s bits.
+    The bit length comes from frexp of an integer below 2^22, exact in float32.
+    """
+    _, value, slope = table
+    r = words & 0x7FFFFFFF
+    s = torch.frexp((r >> 9).to(torch.float32)).exponent.to(torch.int64)
+    top = r >> s
+    j = (s << 8) + top
+    frac = (r - (top << s)).to(torch.float32)  # < 2^22: exact
+    z = slope[j].mul_(frac)  # two separately rounded float32 ops, never an FMA
+    z.add_(value[j])
+    return torch.where(words >= 0x80000000, -z, z)
+
+
+def _key(seed: int) -> tuple[int, int]:
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    return seed & _M32, seed >> 32
+
+
+@torch.no_grad()
+def draw_z(seed: int, n: int, *, device: torch.device | str = "cpu", offset: int = 0,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """z_i = Z(seed, i) for i in [offset, offset + n): float32 on `device` (or into `out`).
+
+    A pure function of (seed, i): any split of a range into chunks gives the same values.
+    """
+    if n < 0 or offset < 0:
+        raise ValueError(f"n and offset must be non-negative, got n={n}, offset={offset}")
+    if out is None:
+        out = torch.empty(n, dtype=torch.float32, device=device)
+    elif out.numel() != n or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 with {n} values")
+    if n == 0:
+        return out
+    dev = out.device
+    table = _table(dev)
+    k0, k1 = _key(seed)
+    first, last = offset >> 2, (offset + n - 1) >> 2  # Philox blocks touched
+    flat = out.view(-1)
+    at = 0  # values written so far
+    for b0 in range(first, last + 1, CHUNK):
+        b1 = min(b0 + CHUNK, last + 1)
+        blocks = torch.arange(b0, b1, dtype=torch.int64, device=dev)
+        zero = torch.zeros_like(blocks)
+        words = philox4x32(blocks & _M32, blocks >> 32, zero, zero + STREAM, k0, k1)
+        z = _normal(torch.stack(words, dim=1).view(-1), table)  # coordinate 4b + w
+        lo = offset - 4 * b0 if b0 == first else 0
+        take = min(z.numel() - lo, n - at)
+        flat[at:at + take].copy_(z[lo:lo + take])
+        at += take
+    return out

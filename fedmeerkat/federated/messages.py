@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,12 +58,13 @@ def _u64(xs: list[int]) -> bytes:
     return np.asarray(xs, dtype="<u8").tobytes()
 
 
-def _f32(xs) -> bytes | memoryview:
+def _f32(xs) -> bytes:
     """Little-endian float32 bytes. A tensor (any device) is not copied here beyond the move to
     the CPU: the one copy is the caller's `b"".join`, so a model-size vector costs one copy."""
     if isinstance(xs, torch.Tensor):
         arr = xs.detach().to("cpu", torch.float32).contiguous().numpy()
-        return memoryview(arr.astype("<f4", copy=False)).cast("B")
+        view: Any = arr.astype("<f4", copy=False).data.cast("B")  # joins like bytes
+        return view
     return np.asarray(xs, dtype="<f4").tobytes()
 
 

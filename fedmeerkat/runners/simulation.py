@@ -41,6 +41,7 @@ from fedmeerkat.tasks.base import TaskData
 from fedmeerkat.zo import SparseMask, SparseView, StepResult
 from fedmeerkat.zo.dense import DenseSpace
 from fedmeerkat.zo.seeds import mix
+from fedmeerkat.zo.step import eps_resolution_warning
 
 
 def log(msg: str) -> None:
@@ -244,6 +245,10 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     log(f"trainable ({space.kind}): {mask.nnz:,} of {mask.eligible_numel:,} eligible values "
         f"(density {mask.density:.2e}), {mask_source}")
     theta0 = view.gather()
+    dtypes = {p.dtype for p in prep.model.parameters()}
+    warn = eps_resolution_warning(theta0, cfg.eps, min(dtypes, key=lambda d: torch.finfo(d).bits))
+    if warn:
+        log(f"warning: {warn}")
     keep_copy = cfg.downlink == "scalars"  # clients hold their own vector only in this mode
     states = [ClientState(k, np.asarray(p, dtype=np.int64),
                           ClientDataPointer(len(p), seed=mix(cfg.seed, 2, k)),

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedmeerkat.zo.perturb import draw_z, to_float32
+from fedmeerkat.zo.perturb import draw_z, sgd_update, to_float32
 from fedmeerkat.zo.seeds import mix
 from fedmeerkat.zo.step import StepResult
 
@@ -157,13 +157,12 @@ class DenseView:
 
     @torch.no_grad()
     def _update(self, seed: int, lr: float, g: float, weight_decay: float) -> None:
-        """w <- w*(1 - lr*wd) - lr*g*z on the masters (or in place on float32 tensors)."""
+        """w <- w*(1 - lr*wd) - lr*g*z on the masters (or in place on float32 tensors), as
+        separately rounded float32 ops (zo.perturb.sgd_update)."""
         for i, p in enumerate(self.tensors):
             m = self.master[i]
             w = p if m is None else m
-            if weight_decay:
-                w.mul_(1.0 - lr * weight_decay)
-            w.add_(tensor_z(seed, i, p.numel(), p.device).view(p.shape), alpha=-lr * g)
+            sgd_update(w, tensor_z(seed, i, p.numel(), p.device).view(p.shape), g, lr, weight_decay)
             if m is not None:
                 p.copy_(m)
 

@@ -30,7 +30,7 @@ one elsewhere (different last bits on ARM), and CUDA uses another generator alto
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -85,7 +85,9 @@ def make_normal_table() -> dict[str, torch.Tensor]:
     def x(q: float) -> float:  # |z| with P(|Z| > |z|) = q
         return 0.0 if q >= 1.0 else -nd.inv_cdf(q / 2.0)
 
-    starts, values, nexts = [], [], []
+    starts: list[int] = []
+    values: list[float] = []
+    nexts: list[tuple[int, int] | None] = []
     for r in range(_EXACT):  # far tail: the quantile at the middle of each value's interval
         starts.append(r)
         values.append(x((r + 0.5) / scale))
@@ -108,7 +110,7 @@ def make_normal_table() -> dict[str, torch.Tensor]:
     return {"start": start, "value": value, "slope": slope}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -64,8 +64,8 @@ class SparseView:
             flat, pos = [], []
             for n in names:
                 idx, sl = slices[n]
-                flat.append(idx.to(device) + params[n].storage_offset())
-                pos.append(torch.arange(sl.start, sl.stop, device=device))
+                flat.append(idx.to(device) + int(params[n].storage_offset()))
+                pos.append(torch.arange(int(sl.start), int(sl.stop), device=device))
             index = torch.cat(flat)
             whole = len(groups) == 1
             self._groups.append((buf, index, None if whole else torch.cat(pos)))

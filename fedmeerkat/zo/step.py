@@ -6,6 +6,7 @@ client's own bit for bit (tests/test_zo_core.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -104,3 +105,23 @@ def replay_many(
             if t < len(scalars):
                 sgd_update(theta, z, float(scalars[t]), _lr_at(lr, t), weight_decay)
     return thetas
+
+
+def eps_resolution_warning(theta: torch.Tensor, eps: float, dtype: torch.dtype) -> str | None:
+    """A warning when a model of `dtype` cannot resolve eps*z at typical masked weight sizes.
+
+    The model receives `theta ± eps*z` rounded to its dtype (the fp32 master copy stays
+    exact). When eps is below half the dtype's spacing at the median |w|, most perturbations
+    of a typical weight round away and the two losses compare nearly the same model.
+    """
+    if dtype == torch.float32 or theta.numel() == 0:
+        return None
+    med = float(theta.detach().abs().float().median())
+    if med == 0.0:
+        return None
+    spacing = float(torch.finfo(dtype).eps) * 2.0 ** math.floor(math.log2(med))
+    if eps >= spacing / 2:
+        return None
+    return (f"eps={eps:g} is below half the {str(dtype).removeprefix('torch.')} spacing "
+            f"({spacing:.2g}) at the median masked |w| ({med:.2g}): most perturbations round "
+            f"away in the model. Raise eps to at least {spacing:.2g} or use dtype=float32.")

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -111,7 +112,11 @@ def main() -> int:
             print(json.dumps(rows[-1]), file=sys.stderr)
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": ns.model or "tiny-llama(hidden=256, layers=4, random)",
+    from _common import machine
+
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    out.write_text(json.dumps({"command": command, "machine": machine(),
+                               "model": ns.model or "tiny-llama(hidden=256, layers=4, random)",
                                "batch": ns.batch, "seq": ns.seq, "steps": ns.steps,
                                "unit": "MiB peak RSS (ru_maxrss)", "results": rows}, indent=2)
                    + "\n")

@@ -258,6 +258,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     server = make_server(cfg.method, settings, theta0, [s.num_samples for s in states],
                          calib_grad=mask.calib_grad, **method_options(cfg),
                          **space.server_options)
+    del theta0  # the server holds its own copy: no spare model-size vector for full-fedzo
     shared = SharedModel(prep, view)
     metrics = MetricsLog(out / "metrics.jsonl")
 

@@ -146,9 +146,6 @@ class DenseView:
         model gets master + at*z, computed in float32 and rounded once (master unchanged)."""
         for i, p in enumerate(self.tensors):
             m = self.master[i]
-            if m is not None and at == 0.0:
-                p.copy_(m)
-                continue
             z = tensor_z(seed, i, p.numel(), p.device).view(p.shape)
             if m is None:
                 p.add_(z, alpha=delta)
@@ -156,14 +153,20 @@ class DenseView:
                 p.copy_(m + z * at)
 
     @torch.no_grad()
-    def _update(self, seed: int, lr: float, g: float, weight_decay: float) -> None:
-        """w <- w*(1 - lr*wd) - lr*g*z on the masters (or in place on float32 tensors), as
-        separately rounded float32 ops (zo.perturb.sgd_update)."""
+    def _restore_and_update(self, seed: int, eps: float, lr: float, g: float,
+                            weight_decay: float) -> None:
+        """Undo the last -eps z and take w <- w*(1 - lr*wd) - lr*g*z, with one draw of each
+        tensor's z for both (float32: in place, MeZO; half precision: on the fp32 master, then
+        written into the model rounded once). The update is zo.perturb.sgd_update, separately
+        rounded float32 ops."""
         for i, p in enumerate(self.tensors):
+            z = tensor_z(seed, i, p.numel(), p.device).view(p.shape)
             m = self.master[i]
-            w = p if m is None else m
-            sgd_update(w, tensor_z(seed, i, p.numel(), p.device).view(p.shape), g, lr, weight_decay)
-            if m is not None:
+            if m is None:
+                p.add_(z, alpha=eps)
+                sgd_update(p, z, g, lr, weight_decay)
+            else:
+                sgd_update(m, z, g, lr, weight_decay)
                 p.copy_(m)
 
 
@@ -176,9 +179,8 @@ def dense_zo_step(view: DenseView, seed: int, *, eps: float, lr: float,
     loss_plus = float(loss_fn())
     view._perturb(seed, -2.0 * eps, -eps)
     loss_minus = float(loss_fn())
-    view._perturb(seed, eps, 0.0)
     g = to_float32((loss_plus - loss_minus) / (2.0 * eps))
-    view._update(seed, lr, g, weight_decay)
+    view._restore_and_update(seed, eps, lr, g, weight_decay)  # z of each tensor drawn 3x a step
     return StepResult(g=g, loss_plus=loss_plus, loss_minus=loss_minus)
 
 

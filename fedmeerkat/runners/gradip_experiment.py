@@ -83,7 +83,8 @@ def run_gradip(cfg: RunConfig, *, steps: int = 100, label: int = 0, examples: in
     theta0 = view.gather()
     settings = FedSettings(local_steps=steps, lr=cfg.lr, eps=cfg.eps, batch_size=cfg.batch_size,
                            seed=cfg.seed, weighting="uniform", rounds=1,
-                           lr_schedule=cfg.lr_schedule, weight_decay=cfg.weight_decay)
+                           lr_schedule=cfg.lr_schedule, weight_decay=cfg.weight_decay,
+                           device=cfg.server_device or cfg.device)
     server = MeerkatServer(settings, theta0, [len(p) for p in parts])
     server.calib_grad = mask.calib_grad
     shared = SharedModel(prep, view)

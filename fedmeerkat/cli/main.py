@@ -7,6 +7,9 @@
     fedmeerkat eval RUN_DIR | [CONFIG.toml] [key=value ...]     accuracy of a run / zero-shot
     fedmeerkat gradip [CONFIG.toml] [key=value ...] [--steps N] GradIP of an IID vs a
                                                                 single-label client (Fig. 3)
+    fedmeerkat export RUN_DIR --out DIR                         a run's model as a HF folder,
+                                                                plus a small delta / adapter
+    fedmeerkat apply-delta DELTA [--model BASE] --out DIR       a delta on its base model
     fedmeerkat tasks                                            list the tasks
     fedmeerkat config                                           list every config key
 """
@@ -25,7 +28,14 @@ import sys  # noqa: E402
 import tomllib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from fedmeerkat.config import ConfigError, RunConfig, build_config, describe, load_config  # noqa: E402
+from fedmeerkat.config import (  # noqa: E402
+    DTYPES,
+    ConfigError,
+    RunConfig,
+    build_config,
+    describe,
+    load_config,
+)
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
@@ -118,18 +128,11 @@ def cmd_mask(ns: argparse.Namespace) -> int:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     from fedmeerkat.models.scoring import evaluate
-    from fedmeerkat.runners.simulation import prepare
+    from fedmeerkat.runners.simulation import load_run_config, prepare
 
     run_dir = Path(ns.args[0]) if ns.args and Path(ns.args[0]).is_dir() else None
     if run_dir is not None:
-        if not (run_dir / "config.toml").is_file():
-            raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
-        raw = tomllib.loads((run_dir / "config.toml").read_text())
-        raw.pop("mask", None)  # the run folder has its own copy of the mask
-        from fedmeerkat.config import parse_overrides
-
-        raw.update(parse_overrides(ns.args[1:]))
-        cfg = build_config(raw)
+        cfg = load_run_config(run_dir, ns.args[1:])
     else:
         cfg = _config(ns.args)
     prep = prepare(cfg)
@@ -144,6 +147,42 @@ def cmd_eval(ns: argparse.Namespace) -> int:
                       "test_accuracy": res.accuracy, "test_loss": res.loss,
                       "predicted_share": res.predicted_share, "examples": res.num_examples}))
     return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from fedmeerkat.runners.export import export_run, path_bytes
+
+    res = export_run(Path(ns.run_dir), Path(ns.out))
+    print(f"model:   {res.model}/  {_bytes(path_bytes(res.model))}  (Hugging Face folder with "
+          "tokenizer: AutoModelForCausalLM.from_pretrained)")
+    if res.delta is not None:
+        print(f"delta:   {res.delta}  {_bytes(path_bytes(res.delta))}  ({res.nnz:,} trained "
+              f"values in {res.tensors} tensors; fedmeerkat apply-delta)")
+    if res.adapter is not None:
+        print(f"adapter: {res.adapter}/  {_bytes(path_bytes(res.adapter))}  ({res.nnz:,} LoRA "
+              "values; peft PeftModel.from_pretrained(base, adapter))")
+    for note in res.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_apply_delta(ns: argparse.Namespace) -> int:
+    from fedmeerkat.runners.export import apply_delta, path_bytes
+
+    delta, base = apply_delta(Path(ns.delta), Path(ns.out), base=ns.model, dtype=ns.dtype)
+    print(f"wrote {delta.nnz:,} values in {len(delta.names)} tensors onto a copy of {base} -> "
+          f"{ns.out}/  {_bytes(path_bytes(Path(ns.out)))}")
+    return 0
+
+
+def _bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units)."""
+    unit = "B"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            break
+        n /= 1000
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def cmd_gradip(ns: argparse.Namespace) -> int:
@@ -218,6 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="table of a run: accuracy, bytes, dense comparison")
     rep.add_argument("run_dir")
     rep.set_defaults(fn=cmd_report)
+    x = sub.add_parser("export", help="a run's trained model as a Hugging Face folder, plus a "
+                       "small delta (mask runs) or a peft adapter (LoRA runs)")
+    x.add_argument("run_dir")
+    x.add_argument("--out", required=True, help="new or empty folder to write")
+    x.set_defaults(fn=cmd_export)
+    a = sub.add_parser("apply-delta", help="write an exported delta.safetensors into its base "
+                       "model and save the result as a Hugging Face folder")
+    a.add_argument("delta", help="delta.safetensors from `fedmeerkat export`")
+    a.add_argument("--model", help="base model: hub id, folder or smollm2-135m (default: the "
+                   "one the delta records); its fingerprint must match")
+    a.add_argument("--out", required=True, help="new or empty folder to write")
+    a.add_argument("--dtype", choices=DTYPES, help="dtype to load and save the "
+                   "model in (default: the run's)")
+    a.set_defaults(fn=cmd_apply_delta)
     sub.add_parser("tasks", help="list tasks").set_defaults(fn=cmd_tasks)
     sub.add_parser("config", help="list every config key and default").set_defaults(fn=cmd_config)
     return p
@@ -234,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         ns.args = list(ns.args) + extra
     from fedmeerkat.models.loading import ModelLoadError
     from fedmeerkat.models.scoring import LabelWordError
+    from fedmeerkat.runners.export import ExportError
     from fedmeerkat.zo import MaskMismatchError
 
     try:
@@ -242,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmeerkat: config error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, MaskMismatchError, LabelWordError,
-            ModelLoadError, NotImplementedError) as e:
+            ModelLoadError, NotImplementedError, ExportError) as e:
         print(f"fedmeerkat: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

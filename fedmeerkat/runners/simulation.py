@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from fedmeerkat.config import RunConfig
+from fedmeerkat.config import ConfigError, RunConfig, build_config, parse_overrides
 from fedmeerkat.data.partition import format_histogram, label_histogram, partition
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientState, FedSettings, RoundPlan
@@ -391,6 +392,17 @@ def _round(r: int, cfg: RunConfig, server: MeerkatServer, states: list[ClientSta
 
 def _fmt(share: list[float]) -> str:
     return "/".join(f"{s:.2f}" for s in share)
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
+    """A run folder's resolved config, with `key=value` overrides (eval, export). Its mask= is
+    dropped: the folder has its own copy of the mask."""
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
+    raw = tomllib.loads((run_dir / "config.toml").read_text())
+    raw.pop("mask", None)
+    raw.update(parse_overrides(overrides or []))
+    return build_config(raw)
 
 
 def load_run_state(run_dir: Path) -> tuple[SparseMask | DenseSpace, torch.Tensor]:

@@ -27,13 +27,20 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 _LORA_INIT_TAG = 7
 
 
+def lora_config(*, rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS):
+    """The peft LoraConfig of the adapter (also what an exported adapter folder declares)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]  # peft takes floats
+                      lora_dropout=0.0, target_modules=list(targets), bias="none")
+
+
 def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, seed: int,
              targets: tuple[str, ...] = LORA_TARGETS) -> None:
     """Inject a LoRA adapter into `model` in place, deterministically from `seed`."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]  # peft takes floats
-                     lora_dropout=0.0, target_modules=list(targets), bias="none")
+    cfg = lora_config(rank=rank, alpha=alpha, targets=targets)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(mix(seed, _LORA_INIT_TAG))

@@ -7,11 +7,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fedmeerkat.cli.main import main
 from fedmeerkat.data.pointer import ClientDataPointer
-from fedmeerkat.federated import ClientState, FedSettings, MeerkatServer, RoundPlan, run_client
+from fedmeerkat.federated import (
+    ClientState,
+    FedSettings,
+    MeerkatServer,
+    RoundPlan,
+    run_client,
+    sync_client,
+)
 from fedmeerkat.federated.aggregate import aggregate_scalars, apply_aggregate
 from fedmeerkat.federated.schedule import lr_at
 from fedmeerkat.zo import replay_many, round_seeds
@@ -172,6 +180,13 @@ def test_interrupted_run_resumes_bit_identical(tiny_model_dir, sentiment_csv, ca
     assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, cut, *extra)) == 130
     monkeypatch.setattr(sim, "save_checkpoint", real)
     assert not (cut / "final_state.safetensors").exists()
+    # 4 clients, 3 per round: their copies are stored once per round they hold, not per client
+    with safe_open(str(cut / "checkpoint.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        synced = {c["synced"] for c in json.loads(f.metadata()["state"])["clients"]}
+    copies = [k for k in keys if k.startswith("clients.theta.round")]
+    assert sorted(copies) == sorted(f"clients.theta.round{r}" for r in synced) and len(copies) < 4
+    assert not any(k.startswith("client.") and k.endswith(".theta") for k in keys)
     assert main(["run", "--resume", str(cut), "--quiet"]) == 0
 
     a = load_file(str(full / "final_state.safetensors"))["theta"]
@@ -184,3 +199,28 @@ def test_interrupted_run_resumes_bit_identical(tiny_model_dir, sentiment_csv, ca
     capsys.readouterr()
     assert main(["run", "--resume", str(cut), "lr=1"]) == 2
     assert "cannot change on --resume" in capsys.readouterr().err
+
+
+def test_clients_at_the_same_round_share_one_copy():
+    """Simulation memory flat in K: copies are shared per round, never changed in place."""
+    from fedmeerkat.federated import share_copies
+
+    server, states, _ = _simulate("scalars", k=8, per_round=3, rounds=4)
+    before = {s.client_id: s.theta.clone() for s in states}
+    pool = share_copies(states)
+    assert len({id(s.theta) for s in states}) == len(pool) == len({s.synced for s in states})
+    assert all(torch.equal(s.theta, before[s.client_id]) for s in states)
+    # catching up gives the client a new tensor: its peers at the old round keep theirs
+    old = {id(s.theta): s.theta.clone() for s in states}
+    for plan in server.plan_round(5):
+        st = states[plan.client_id]
+        shared = st.theta
+        sync_client(st, RoundPlan.from_bytes(plan.to_bytes()))
+        assert st.theta is not shared and torch.equal(shared, old[id(shared)])
+        assert torch.equal(st.theta, server.theta)
+    broken = states[0]
+    broken.theta = broken.theta + 1
+    peers = [s for s in states if s.synced == broken.synced and s is not broken]
+    if peers:
+        with pytest.raises(RuntimeError, match="another vector"):
+            share_copies([peers[0], broken])

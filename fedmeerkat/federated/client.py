@@ -51,7 +51,8 @@ def sync_client(state: ClientState, plan: RoundPlan,
     (`apply` applies one aggregate in place; dense methods pass their per-tensor version).
 
     With `device`, the vector and the client's own copy live there (the model's device), so
-    catch-up draws z where it is used."""
+    catch-up draws z where it is used. The client's copy is never changed in place (catch-up
+    works on a new tensor), so clients at the same round may share one (`share_copies`)."""
     if plan.theta is not None:
         theta = plan.theta if device is None else plan.theta.to(device)
         if state.theta is not None:
@@ -65,12 +66,34 @@ def sync_client(state: ClientState, plan: RoundPlan,
     if rounds != list(range(state.synced + 1, plan.round)):
         raise ValueError(f"client {state.client_id} holds round {state.synced}; "
                          f"cannot reach round {plan.round - 1} with aggregates of rounds {rounds}")
-    if device is not None and state.theta.device != torch.device(device):
-        state.theta = state.theta.to(device)  # e.g. after a resume (checkpoints hold CPU copies)
+    # copy on write: another client may hold this very tensor (a resume may also bring it from
+    # the CPU)
+    theta = state.theta.to(device if device is not None else state.theta.device, copy=True)
     for agg in plan.catchup:
-        apply(state.theta, agg)
+        apply(theta, agg)
+    state.theta = theta
     state.synced = plan.round - 1
     return state.theta
+
+
+def share_copies(states: list[ClientState],
+                 pool: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """Let clients that hold the global vector of the same round share one tensor, so a
+    simulation's memory does not grow with K (each client's copy is the global vector of the
+    round it last synced, bit-identical across those clients). Checks the equality it relies
+    on. `pool` (round -> the shared tensor, returned) carries the copies already shared, so a
+    runner can share each client's copy right after its turn without comparing all pairs."""
+    by_round: dict[int, torch.Tensor] = {} if pool is None else pool
+    for s in states:
+        if s.theta is None:
+            continue
+        first = by_round.setdefault(s.synced, s.theta)
+        if s.theta is not first:
+            if not torch.equal(s.theta, first.to(s.theta.device)):
+                raise RuntimeError(f"client {s.client_id} holds another vector for round "
+                                   f"{s.synced} than its peers")
+            s.theta = first
+    return by_round
 
 
 def run_client(

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from fedmeerkat.config import ConfigError, RunConfig, build_config, parse_overrides
 from fedmeerkat.data.partition import format_histogram, label_histogram, partition
 from fedmeerkat.data.pointer import ClientDataPointer
-from fedmeerkat.federated import ClientState, FedSettings, RoundPlan
+from fedmeerkat.federated import ClientState, FedSettings, RoundPlan, share_copies
 from fedmeerkat.federated.methods import client_routine, make_server, method_options
 from fedmeerkat.federated.server import MeerkatServer
 from fedmeerkat.models.loading import load_model
@@ -156,7 +156,7 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
 
 
 CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_VERSION = "1"
+CHECKPOINT_VERSION = "2"  # 2: client copies stored once per round (1, a copy per client, loads)
 # Keys a resumed run may change: they do not alter what the finished rounds computed.
 # z and every update are bit-identical on any device, so the devices may change too.
 RESUMABLE_KEYS = ("rounds", "eval_every", "eval_batch_size", "threads", "device", "server_device")
@@ -166,8 +166,9 @@ def save_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState])
     """Everything needed to continue bit-identically, in one atomically replaced file."""
     tensors, server_meta = server.state_dict()
     for s in states:
-        if s.theta is not None:
-            tensors[f"client.{s.client_id}.theta"] = s.theta.cpu().contiguous()
+        # clients at the same round share one copy (share_copies): stored once per round
+        if s.theta is not None and f"clients.theta.round{s.synced}" not in tensors:
+            tensors[f"clients.theta.round{s.synced}"] = s.theta.cpu().contiguous()
         for name, t in s.extra.items():  # method state of the client (FedDyn's h_k)
             tensors[f"client.{s.client_id}.extra.{name}"] = t.cpu().contiguous()
     meta = {"server": server_meta,
@@ -185,7 +186,7 @@ def load_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState])
     with safe_open(str(path), framework="pt") as f:
         meta_raw = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta_raw.get("version") != CHECKPOINT_VERSION:
+    if meta_raw.get("version") not in ("1", CHECKPOINT_VERSION):  # 1: a copy per client
         raise ValueError(f"{path}: unknown checkpoint version {meta_raw.get('version')!r}")
     meta = json.loads(meta_raw["state"])
     if len(meta["clients"]) != len(states):
@@ -194,8 +195,9 @@ def load_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState])
     for s, c in zip(states, meta["clients"], strict=True):
         s.pointer = ClientDataPointer.from_state(c["pointer"])
         s.synced = int(c["synced"])
-        key = f"client.{s.client_id}.theta"
-        s.theta = tensors[key].clone() if key in tensors else None
+        key = f"clients.theta.round{s.synced}"
+        key = key if key in tensors else f"client.{s.client_id}.theta"
+        s.theta = tensors[key] if key in tensors else None  # shared per round (read only)
         pre = f"client.{s.client_id}.extra."
         s.extra = {k[len(pre):]: v.clone() for k, v in tensors.items() if k.startswith(pre)}
 
@@ -251,9 +253,10 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     if warn:
         log(f"warning: {warn}")
     keep_copy = cfg.downlink == "scalars"  # clients hold their own vector only in this mode
+    shared0 = theta0.clone() if keep_copy else None  # one copy for all: see share_copies
     states = [ClientState(k, np.asarray(p, dtype=np.int64),
                           ClientDataPointer(len(p), seed=mix(cfg.seed, 2, k)),
-                          theta0.clone() if keep_copy else None)
+                          shared0 if keep_copy else None)
               for k, p in enumerate(parts)]
     settings = settings_of(cfg)
     server = make_server(cfg.method, settings, theta0, [s.num_samples for s in states],
@@ -265,6 +268,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
 
     if resume:
         load_checkpoint(out, server, states)
+        share_copies(states)  # a version-1 checkpoint holds a copy per client
         records = [r for r in metrics.read() if r["round"] <= server.round]
         metrics.rewrite(records)  # drop a line written after the last checkpoint, if any
         initial = EvalResult(records[0]["test_accuracy"], records[0]["test_loss"],
@@ -345,6 +349,7 @@ def _round(r: int, cfg: RunConfig, server: MeerkatServer, states: list[ClientSta
     # the bar assumed round 1's step count for every round; VP's early stops change it
     bar.total += sum(p.num_steps for p in plans) - expected_steps
     run_client = client_routine(cfg)
+    pool = share_copies(states)  # round -> the one copy of that round's global vector
 
     def on_step(res: StepResult) -> None:
         bar.update(1)
@@ -355,6 +360,7 @@ def _round(r: int, cfg: RunConfig, server: MeerkatServer, states: list[ClientSta
         reply = run_client(states[plan.client_id], RoundPlan.from_bytes(blob), shared,
                            eps=settings.eps, lr=lrs, batch_size=settings.batch_size,
                            weight_decay=settings.weight_decay, on_step=on_step)
+        share_copies([states[plan.client_id]], pool)  # memory flat in K (scalars downlink)
         rblob = reply.to_bytes()
         sizes[plan.client_id] = [len(rblob), len(blob)]
         replies.append(type(reply).from_bytes(rblob))  # ClientReply, or VectorReply (backprop)

@@ -1,7 +1,7 @@
 """Simulation memory against the number of clients K, in both downlink modes.
 
 Each (downlink, K) runs in a fresh process: one round of Meerkat on the packaged SmolLM2 (a
-random mask at density 1e-3, so no calibration pass; 1 local step of batch 1 per client; 50
+random mask at density 1e-3 with a 2-sequence GradIP reference pass; 1 local step of batch 1 per client; 50
 test examples), then reads the process's peak RSS. With `downlink=scalars` every client keeps
 the global vector of the round it last synced; clients at the same round share one copy
 (`federated.client.share_copies`), so the peak should not grow with K. Target: peak at K=100
@@ -31,6 +31,7 @@ def child(model: str, downlink: str, k: int, out: str) -> dict:
     cfg = load_config(None, [f"model={model}", "task=rotten_tomatoes", f"clients={k}",
                              "rounds=1", "local_steps=1", "batch_size=1", "max_length=32",
                              "max_test=50", "mask_kind=random", "density=1e-3", "eval_every=0",
+                             "calib_sequences=2", "calib_seq_len=32",
                              f"downlink={downlink}", "partition=iid", f"out={out}"])
     run(cfg, quiet=True)
     return {"downlink": downlink, "clients": k,

@@ -14,6 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Each constant has one home in the layer that uses it; the config reads them from there.
+from fedmeerkat.federated.gradip import GRADIP_UNITS
+from fedmeerkat.federated.schedule import SCHEDULES
+from fedmeerkat.federated.server import DOWNLINKS
+from fedmeerkat.models.loading import DTYPES as _MODEL_DTYPES
+from fedmeerkat.zo.mask import DEFAULT_ELIGIBLE
+
 METHODS = (
     "meerkat",                # sparse ZO, paper Algorithm 2 (and 3 with T=1, downlink=scalars)
     "meerkat-vp",             # + virtual-path client selection (paper Algorithm 1)
@@ -24,15 +31,12 @@ METHODS = (
     "meerkat-feddyn",         # FedDyn adapted to Meerkat
 )
 PARTITIONS = ("iid", "dirichlet", "dirichlet-client", "single-label", "mixed-single-label")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(_MODEL_DTYPES)
 WEIGHTINGS = ("samples", "uniform")
 MASK_KINDS = ("calibration", "weight-magnitude", "random", "task", "union")
-DOWNLINKS = ("sparse-weights", "scalars")
-SCHEDULES = ("constant", "linear", "cosine")
 TRAINABLES = ("mask", "lora")
 # Methods whose global update is not along seeded directions: they need the vector downlink.
 VECTOR_DOWNLINK_ONLY = ("fedavg-backprop", "meerkat-feddyn")
-GRADIP_UNITS = ("calib-unit", "raw")  # = federated.gradip.GRADIP_UNITS
 
 
 class ConfigError(ValueError):
@@ -96,7 +100,7 @@ class RunConfig:
     density: float = _f(1e-3, "share of eligible weights in the mask", gt=0, max=1)
     mask: str = _f("", "mask file to use; empty = compute (or reuse the cached one)")
     mask_kind: str = _f("calibration", "how a computed mask picks weights: calibration (general-text squared gradient) | weight-magnitude | random (run seed) | task (training texts) | union (of per-client task masks)", choices=MASK_KINDS)
-    eligible: str = _f(r"(^|\.)layers\.\d+\..*\.weight$", "regex of 2-D weights the mask may pick")
+    eligible: str = _f(DEFAULT_ELIGIBLE, "regex of 2-D weights the mask may pick")
     calib_corpus: str = _f("news", "general text for the mask: 'news' (packaged), 'c4' (hub) or a path")
     calib_sequences: int = _f(128, "calibration sequences", min=1)
     calib_seq_len: int = _f(512, "tokens per calibration sequence (longer texts are cut)", min=8)

@@ -1,8 +1,9 @@
 """Client logic: get the global model, run the round's plan on local data, return scalars.
 
 A client is its data (global example ids), its data pointer and, in the scalar-downlink mode,
-its own copy of the global sparse vector. The runner lends it the one shared model through
-`LocalModel`, which keeps memory flat in the number of clients.
+its copy of the global sparse vector (shared with the clients synced to the same round). The
+runner lends it the one shared model through `LocalModel`, which keeps memory flat in the
+number of clients.
 """
 
 from __future__ import annotations

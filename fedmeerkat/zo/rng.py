@@ -21,8 +21,8 @@ Two parts, both free of transcendental functions at run time:
 
 So the result depends on nothing but (seed, i): not on the instruction set (ATEN_CPU_CAPABILITY),
 the thread count, the torch build or the device. Drawn directly on the device where it is used,
-in chunks of `CHUNK` Philox counters (4 * CHUNK coordinates), which bounds the int64 scratch
-memory and keeps a CPU draw in cache.
+in chunks of Philox counters (CHUNK on the CPU, DEVICE_CHUNK elsewhere; 4 coordinates each),
+which bounds the int64 scratch memory.
 
 Why not torch.randn: its CPU kernel takes a vectorised log/cos path on AVX2/AVX-512 and a scalar
 one elsewhere (different last bits on ARM), and CUDA uses another generator altogether.
@@ -40,7 +40,11 @@ _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # multipliers (Random123)
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key bumps (golden ratio, sqrt(3)-1)
 PHILOX_ROUNDS = 10
 STREAM = 0x7A  # counter word 3: keeps z apart from any other use of the same key ("z")
-CHUNK = 1 << 16  # Philox counters per chunk (4x as many coordinates): 512 KiB per int64 array
+# Philox counters per chunk (4x as many coordinates). CPU: 512 KiB per int64 array, so a draw
+# stays in cache. Accelerators: 8 MiB per array (about 0.1 GB of scratch), so a 1.5B model's
+# mask (1.3M coordinates) is one chunk of about 250 kernel launches. The bits do not depend on it.
+CHUNK = 1 << 16
+DEVICE_CHUNK = 1 << 20
 
 TABLE_FILE = Path(__file__).with_name("normal_table.safetensors")
 _TAIL_BITS = 31  # r in [0, 2^31)
@@ -164,8 +168,9 @@ def draw_z(seed: int, n: int, *, device: torch.device | str = "cpu", offset: int
     first, last = offset >> 2, (offset + n - 1) >> 2  # Philox blocks touched
     flat = out.view(-1)
     at = 0  # values written so far
-    for b0 in range(first, last + 1, CHUNK):
-        b1 = min(b0 + CHUNK, last + 1)
+    chunk = CHUNK if dev.type == "cpu" else DEVICE_CHUNK
+    for b0 in range(first, last + 1, chunk):
+        b1 = min(b0 + chunk, last + 1)
         blocks = torch.arange(b0, b1, dtype=torch.int64, device=dev)
         zero = torch.zeros_like(blocks)
         words = philox4x32(blocks & _M32, blocks >> 32, zero, zero + STREAM, k0, k1)

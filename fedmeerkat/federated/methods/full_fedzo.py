@@ -17,9 +17,10 @@ the scalar aggregate (federated/aggregate.py), which equals the FedAvg of the re
 math and up to float32 summation order in floats.
 Memory (simulation): the one model is every client's working copy (in-place MeZO steps); the
 server's global model is one flat float32 copy, written back into the model before each client
-and after each round. With downlink=scalars every client also holds its own float32 copy of the
-global model (K copies in a simulation): use few clients or downlink=sparse-weights for large
-models.
+and after each round. With downlink=scalars each client's copy of the global model is the one of
+the round it last synced, shared by every client at that round (federated.client.share_copies),
+so a simulation holds one dense float32 copy per distinct round, not K; a client catching up
+works on a transient copy.
 """
 
 from __future__ import annotations

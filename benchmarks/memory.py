@@ -38,8 +38,8 @@ def child(method: str, model_spec: str, batch: int, seq: int, steps: int) -> dic
     import torch
 
     from fedmeerkat.federated.methods.backprop import masked_gradient
-    from fedmeerkat.federated.methods.lora_fedzo import add_lora, lora_mask
     from fedmeerkat.models.loading import load_model
+    from fedmeerkat.models.lora import add_lora, lora_mask
     from fedmeerkat.zo import SparseView, sgd_update, zo_step
     from fedmeerkat.zo.dense import DenseSpace, DenseView, dense_zo_step
     from fedmeerkat.zo.mask_kinds import random_mask

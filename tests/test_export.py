@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fedmeerkat.cli.main import main
 from fedmeerkat.models.loading import load_model, model_fingerprint
 from fedmeerkat.models.tiny import save_tiny_llama
-from fedmeerkat.runners.simulation import load_run_state
+from fedmeerkat.runners.run_folder import load_run_state
 
 WORDS = ("the movie was great terrible good bad fun dull boring lovely awful plot actors "
          "film it is a an and but so very not review").split()

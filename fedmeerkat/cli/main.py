@@ -52,7 +52,7 @@ def _config(args: list[str]) -> RunConfig:
 
 def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     from fedmeerkat.config import parse_overrides
-    from fedmeerkat.runners.simulation import RESUMABLE_KEYS
+    from fedmeerkat.runners.run_folder import RESUMABLE_KEYS
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from fedmeerkat.config import ConfigError, RunConfig
 from fedmeerkat.models.loading import DTYPES, load_model, model_fingerprint
-from fedmeerkat.runners.simulation import load_run_config, load_run_state
+from fedmeerkat.runners.run_folder import load_run_config, load_run_state
 from fedmeerkat.runners.spaces import restore_run_weights, space_kind
 from fedmeerkat.zo import SparseMask, SparseView
 
@@ -168,7 +168,7 @@ def _export_lora(cfg: RunConfig, space: SparseMask, theta: torch.Tensor, model, 
     """The adapter as a peft folder, and the base with the adapter merged in as model/."""
     from peft import get_peft_model
 
-    from fedmeerkat.federated.methods.lora_fedzo import lora_config
+    from fedmeerkat.models.lora import lora_config
 
     with torch.random.fork_rng(devices=[]):  # peft's init draws; theta overwrites all of it
         peft_model = get_peft_model(model, lora_config(rank=cfg.lora_rank, alpha=cfg.lora_alpha))

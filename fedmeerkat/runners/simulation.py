@@ -7,26 +7,17 @@ the byte counts are those of the real wire format and the simulation exercises i
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomli_w
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from fedmeerkat.config import ConfigError, RunConfig, build_config, parse_overrides
+from fedmeerkat.config import RunConfig
 from fedmeerkat.data.partition import format_histogram, label_histogram, partition
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientState, FedSettings, RoundPlan, share_copies
@@ -36,11 +27,23 @@ from fedmeerkat.models.loading import load_model
 from fedmeerkat.models.scoring import EvalResult, LabelScorer, encode_prompts, evaluate
 from fedmeerkat.report import MetricsLog, plot_accuracy, write_json_atomic
 from fedmeerkat.runners.masks import obtain_mask
-from fedmeerkat.runners.spaces import build_space, load_space
+from fedmeerkat.runners.run_folder import (  # noqa: F401  (re-exported: tests patch them here)
+    CHECKPOINT,
+    FINAL_STATE,
+    RESUMABLE_KEYS,
+    _open_run_folder,
+    default_out,
+    load_checkpoint,
+    load_run_config,
+    load_run_state,
+    save_checkpoint,
+    save_state,
+    save_trajectories,
+)
+from fedmeerkat.runners.spaces import build_space
 from fedmeerkat.tasks import load_task
 from fedmeerkat.tasks.base import TaskData
 from fedmeerkat.zo import SparseMask, SparseView, StepResult
-from fedmeerkat.zo.dense import DenseSpace
 from fedmeerkat.zo.seeds import mix
 from fedmeerkat.zo.step import eps_resolution_warning
 
@@ -130,10 +133,6 @@ def get_mask(cfg: RunConfig, prep: Prepared, parts: list[np.ndarray],
                        client_texts=None if texts is None else [[texts[i] for i in p] for p in parts])
 
 
-def default_out(cfg: RunConfig) -> Path:
-    return Path("runs") / f"{cfg.task}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
 def settings_of(cfg: RunConfig) -> FedSettings:
     return FedSettings(local_steps=cfg.local_steps, lr=cfg.lr, eps=cfg.eps,
                        batch_size=cfg.batch_size, seed=cfg.seed, weighting=cfg.weighting,
@@ -143,82 +142,8 @@ def settings_of(cfg: RunConfig) -> FedSettings:
                        device=cfg.server_device or cfg.device)
 
 
-def save_state(path: Path, theta: torch.Tensor, meta: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"theta": theta.cpu().contiguous()}, str(tmp), metadata=meta)
-    _fsync_replace(tmp, path)
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_VERSION = "2"  # 2: client copies stored once per round (1, a copy per client, loads)
-# Keys a resumed run may change: they do not alter what the finished rounds computed.
-# z and every update are bit-identical on any device, so the devices may change too.
-RESUMABLE_KEYS = ("rounds", "eval_every", "eval_batch_size", "threads", "device", "server_device")
-
-
-def save_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState]) -> None:
-    """Everything needed to continue bit-identically, in one atomically replaced file."""
-    tensors, server_meta = server.state_dict()
-    for s in states:
-        # clients at the same round share one copy (share_copies): stored once per round
-        if s.theta is not None and f"clients.theta.round{s.synced}" not in tensors:
-            tensors[f"clients.theta.round{s.synced}"] = s.theta.cpu().contiguous()
-        for name, t in s.extra.items():  # method state of the client (FedDyn's h_k)
-            tensors[f"client.{s.client_id}.extra.{name}"] = t.cpu().contiguous()
-    meta = {"server": server_meta,
-            "clients": [{"pointer": s.pointer.state_dict(), "synced": s.synced} for s in states]}
-    tmp = out / (CHECKPOINT + ".tmp")
-    save_file(tensors, str(tmp), metadata={"version": CHECKPOINT_VERSION,
-                                           "state": json.dumps(meta)})
-    _fsync_replace(tmp, out / CHECKPOINT)
-
-
-def load_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState]) -> None:
-    path = out / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"{out} holds no {CHECKPOINT}: nothing to resume")
-    with safe_open(str(path), framework="pt") as f:
-        meta_raw = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta_raw.get("version") not in ("1", CHECKPOINT_VERSION):  # 1: a copy per client
-        raise ValueError(f"{path}: unknown checkpoint version {meta_raw.get('version')!r}")
-    meta = json.loads(meta_raw["state"])
-    if len(meta["clients"]) != len(states):
-        raise ValueError(f"{path}: checkpoint has {len(meta['clients'])} clients, run has {len(states)}")
-    server.load_state_dict(tensors, meta["server"])
-    for s, c in zip(states, meta["clients"], strict=True):
-        s.pointer = ClientDataPointer.from_state(c["pointer"])
-        s.synced = int(c["synced"])
-        key = f"clients.theta.round{s.synced}"
-        key = key if key in tensors else f"client.{s.client_id}.theta"
-        s.theta = tensors[key] if key in tensors else None  # shared per round (read only)
-        pre = f"client.{s.client_id}.extra."
-        s.extra = {k[len(pre):]: v.clone() for k, v in tensors.items() if k.startswith(pre)}
-
-
 def _eval(prep: Prepared, cfg: RunConfig) -> EvalResult:
     return evaluate(prep.scorer, prep.test_ids, prep.test_labels, cfg.eval_batch_size)
-
-
-def _open_run_folder(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path]:
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    if resume:
-        if not (out / CHECKPOINT).is_file():
-            raise FileNotFoundError(f"{out} holds no {CHECKPOINT}: nothing to resume")
-        return cfg, out
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"run folder {out} exists and is not empty; choose another out= "
-                              "or continue it with `fedmeerkat run --resume RUN_DIR`")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(cfg, out=str(out))
-    (out / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
-    return cfg, out
 
 
 def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -296,15 +221,12 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
             record, last, arrays = _round(r, cfg, server, states, shared, prep, bar, last,
                                           per_round)
             if arrays:  # compact per-round trajectories (e.g. GradIP per client and step)
-                traj = out / "trajectories"
-                traj.mkdir(exist_ok=True)
-                save_file({k: v.contiguous() for k, v in arrays.items()},
-                          str(traj / f"round_{r:05d}.safetensors"))
+                save_trajectories(out, r, arrays)
             metrics.append(record)
             save_checkpoint(out, server, states)
     finally:
         bar.close()
-    save_state(out / "final_state.safetensors", server.theta,
+    save_state(out / FINAL_STATE, server.theta,
                {"round": str(server.round), "nnz": str(mask.nnz), "method": cfg.method})
     records = metrics.read()
     client_rounds = sum(len(r.get("bytes", {})) for r in records[1:])
@@ -398,27 +320,3 @@ def _round(r: int, cfg: RunConfig, server: MeerkatServer, states: list[ClientSta
 
 def _fmt(share: list[float]) -> str:
     return "/".join(f"{s:.2f}" for s in share)
-
-
-def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
-    """A run folder's resolved config, with `key=value` overrides (eval, export). Its mask= is
-    dropped: the folder has its own copy of the mask."""
-    if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
-    raw = tomllib.loads((run_dir / "config.toml").read_text())
-    raw.pop("mask", None)
-    raw.update(parse_overrides(overrides or []))
-    return build_config(raw)
-
-
-def load_run_state(run_dir: Path) -> tuple[SparseMask | DenseSpace, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state = run_dir / "final_state.safetensors"
-    if not state.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no final_state.safetensors (did the run finish?)")
-    mask = load_space(run_dir / "mask.safetensors")
-    theta = load_file(str(state))["theta"]
-    if theta.numel() != mask.nnz or not math.isfinite(float(theta.sum())):
-        raise ValueError(f"{state}: state does not fit the run's mask")
-    return mask, theta

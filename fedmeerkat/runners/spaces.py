@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from fedmeerkat.config import RunConfig
-from fedmeerkat.federated.methods.lora_fedzo import LORA_TARGETS, add_lora, lora_mask
 from fedmeerkat.models.loading import model_fingerprint
+from fedmeerkat.models.lora import LORA_TARGETS, add_lora, lora_mask
+from fedmeerkat.runners.run_folder import MASK_FILE, load_run_state
 from fedmeerkat.zo import SparseMask, SparseView
-from fedmeerkat.zo.dense import DenseSpace, DenseView, is_dense_file
-
-MASK_FILE = "mask.safetensors"
+from fedmeerkat.zo.dense import DenseSpace, DenseView
 
 
 @dataclass
@@ -88,8 +87,6 @@ def build_space(cfg: RunConfig, model, folder: Path, *, resume: bool,
 def restore_run_weights(run_dir: Path, cfg: RunConfig, model) -> None:
     """Write a finished run's final_state.safetensors into `model` (adds the LoRA adapter for
     LoRA runs first), for `fedmeerkat eval RUN_DIR`."""
-    from fedmeerkat.runners.simulation import load_run_state
-
     space, theta = load_run_state(run_dir)
     if space_kind(cfg) == "lora":
         _add_lora(cfg, model)
@@ -100,7 +97,3 @@ def restore_run_weights(run_dir: Path, cfg: RunConfig, model) -> None:
     else:
         space.check_model(params, {} if space_kind(cfg) == "lora" else model_fingerprint(model))
         SparseView(params, space).write(theta)
-
-
-def load_space(path: Path) -> SparseMask | DenseSpace:
-    return DenseSpace.load(path) if is_dense_file(path) else SparseMask.load(path)

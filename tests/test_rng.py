@@ -126,16 +126,6 @@ def test_golden_hashes_hold_under_every_cpu_capability_and_thread_count(capabili
         assert info["hashes"] == GOLDEN, (capability, threads)
 
 
-def test_torch_randn_is_what_we_replaced():
-    """Context for the tests above: torch's own CPU normal changes with the instruction set on
-    this CPU (reported, not required: a later torch may fix it)."""
-    caps = supported_capabilities()
-    if len(caps) < 2:
-        pytest.skip("this CPU offers a single ATEN_CPU_CAPABILITY")
-    seen = {c: _probe(c, "hash", "1")["randn"] for c in caps}
-    print(f"torch.randn hash by capability: {seen}")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA draw is "
                     "checked against the golden values only where one is present")
 def test_golden_hashes_on_cuda():

@@ -128,7 +128,8 @@ def cmd_mask(ns: argparse.Namespace) -> int:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     from fedmeerkat.models.scoring import evaluate
-    from fedmeerkat.runners.simulation import load_run_config, prepare
+    from fedmeerkat.runners.run_folder import load_run_config
+    from fedmeerkat.runners.simulation import prepare
 
     run_dir = Path(ns.args[0]) if ns.args and Path(ns.args[0]).is_dir() else None
     if run_dir is not None:

@@ -111,7 +111,7 @@ def load_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState])
         s.extra = {k[len(pre):]: v.clone() for k, v in tensors.items() if k.startswith(pre)}
 
 
-def _open_run_folder(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path]:
+def open_run_folder(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path]:
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if resume:
         if not (out / CHECKPOINT).is_file():

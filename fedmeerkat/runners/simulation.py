@@ -27,15 +27,10 @@ from fedmeerkat.models.loading import load_model
 from fedmeerkat.models.scoring import EvalResult, LabelScorer, encode_prompts, evaluate
 from fedmeerkat.report import MetricsLog, plot_accuracy, write_json_atomic
 from fedmeerkat.runners.masks import obtain_mask
-from fedmeerkat.runners.run_folder import (  # noqa: F401  (re-exported: tests patch them here)
-    CHECKPOINT,
+from fedmeerkat.runners.run_folder import (
     FINAL_STATE,
-    RESUMABLE_KEYS,
-    _open_run_folder,
-    default_out,
     load_checkpoint,
-    load_run_config,
-    load_run_state,
+    open_run_folder,
     save_checkpoint,
     save_state,
     save_trajectories,
@@ -153,7 +148,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     checkpointed round and ends bit-identical to a run that was never interrupted.
     """
     start = time.time()
-    cfg, out = _open_run_folder(cfg, resume)
+    cfg, out = open_run_folder(cfg, resume)
     prep = prepare(cfg)
     parts = partition(prep.train_labels, cfg.clients, cfg.partition, alpha=cfg.alpha,
                       seed=cfg.seed, num_classes=prep.task.spec.num_classes,

@@ -42,8 +42,9 @@ def zo_step(
     """One step: f(theta+eps z), f(theta-eps z), g, theta -= lr*g*z (in place), model synced.
 
     `theta` (float32) lives on the model's device: z is drawn there, and the only host-device
-    traffic is reading the two losses. Outside the forwards the step is a fixed handful of
-    tensor ops (draw z, two perturbations, the update, three one-op writes).
+    traffic is reading the two losses. Outside the forwards the step's op count does not depend
+    on how many matrices the mask touches: the z draw, two perturbations, the update and three
+    one-op writes.
     `loss_fn` evaluates the loss of the model as currently written, on a batch the caller fixed.
     `update(theta, z, g, lr)` replaces plain SGD for methods with extra terms (FedDyn); the
     server's replay must then run the same function.

@@ -3,6 +3,9 @@
 A run is described by a TOML file plus `key=value` overrides. `load_config` validates all of it
 before any model or data is touched; a bad key or value raises ConfigError with one line that
 names it. Values are plain scalars or lists, so the resolved config round-trips through TOML.
+The keys of one method only (VP's thresholds, the LoRA rank, ...) are declared by that method's
+module (federated/methods/) and sit flat beside these in files; `RunConfig.method_settings`
+holds them, typed.
 """
 
 from __future__ import annotations
@@ -15,39 +18,29 @@ from pathlib import Path
 from typing import Any
 
 # Each constant has one home in the layer that uses it; the config reads them from there.
-from fedmeerkat.federated.gradip import GRADIP_UNITS
+from fedmeerkat.federated.methods import get_method, ordered
 from fedmeerkat.federated.schedule import SCHEDULES
 from fedmeerkat.federated.server import DOWNLINKS
 from fedmeerkat.models.loading import DTYPES as _MODEL_DTYPES
+from fedmeerkat.options import (
+    ConfigError,
+    build,
+    check,
+    coerce,
+    default_of,
+    keys_of,
+    to_keys,
+)
+from fedmeerkat.options import setting as _f
 from fedmeerkat.zo.mask import DEFAULT_ELIGIBLE
 
-METHODS = (
-    "meerkat",                # sparse ZO, paper Algorithm 2 (and 3 with T=1, downlink=scalars)
-    "meerkat-vp",             # + virtual-path client selection (paper Algorithm 1)
-    "meerkat-random-select",  # baseline: early-stop as many clients as VP, chosen at random
-    "full-fedzo",             # ZO on every weight, MeZO style
-    "lora-fedzo",             # ZO on LoRA adapters
-    "fedavg-backprop",        # first-order local training of the same trainable set
-    "meerkat-feddyn",         # FedDyn adapted to Meerkat
-)
+METHODS = tuple(m.name for m in ordered())  # the registry's, in its order
 PARTITIONS = ("iid", "dirichlet", "dirichlet-client", "single-label", "mixed-single-label")
 DTYPES = tuple(_MODEL_DTYPES)
 WEIGHTINGS = ("samples", "uniform")
 MASK_KINDS = ("calibration", "weight-magnitude", "random", "task", "union")
-TRAINABLES = ("mask", "lora")
-# Methods whose global update is not along seeded directions: they need the vector downlink.
-VECTOR_DOWNLINK_ONLY = ("fedavg-backprop", "meerkat-feddyn")
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message is one line naming it."""
-
-
-def _f(default: Any, help: str, **check: Any) -> Any:
-    meta = {"help": help, **check}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+__all__ = ["ConfigError", "RunConfig", "build_config", "describe", "load_config"]
 
 
 @dataclass
@@ -79,19 +72,6 @@ class RunConfig:
     downlink: str = _f("sparse-weights", "server -> client: the averaged sparse vector (paper) or T+1 aggregated scalars", choices=DOWNLINKS)
     lr_schedule: str = _f("constant", "lr over all rounds x steps", choices=SCHEDULES)
     weight_decay: float = _f(0.0, "decoupled weight decay on the masked weights", min=0)
-    # Meerkat-VP (paper Algorithm 1; defaults from Tables 3 and 5)
-    vp_calibration_steps: int = _f(100, "local steps each client runs in the VP calibration phase", min=1)
-    vp_init_steps: int = _f(20, "earliest calibration steps averaged for the initial GradIP", min=1)
-    vp_later_steps: int = _f(20, "latest calibration steps averaged for the later GradIP", min=1)
-    vp_threshold: float = _f(1.0, "GradIP below this counts as quiescent (convergence threshold sigma)", min=0)
-    vp_quiescent_ratio: float = _f(0.5, "flag a client whose share of quiescent later steps exceeds this", min=0, max=1)
-    vp_later_ratio: float = _f(5.0, "flag a client whose initial/later mean GradIP ratio exceeds this", gt=0)
-    vp_gradip_units: str = _f("calib-unit", "units of |GradIP| for vp_threshold: calib-unit (GradIP / ||calibration gradient||) or raw", choices=GRADIP_UNITS)
-    # baselines
-    lora_rank: int = _f(16, "LoRA rank (lora-fedzo, fedavg-backprop on LoRA)", min=1)
-    lora_alpha: float = _f(16.0, "LoRA alpha", gt=0)
-    feddyn_alpha: float = _f(0.01, "FedDyn regularisation strength (meerkat-feddyn)", gt=0)
-    trainable: str = _f("mask", "what fedavg-backprop trains: the Meerkat mask's weights or the LoRA adapter", choices=TRAINABLES)
     # data split over clients
     partition: str = _f("dirichlet", "iid | dirichlet (per class over clients, Flower) | dirichlet-client (per client over classes) | single-label | mixed-single-label (client 0 single-label, the rest IID)", choices=PARTITIONS)
     alpha: float = _f(0.5, "Dirichlet concentration", gt=0)
@@ -110,53 +90,34 @@ class RunConfig:
     eval_batch_size: int = _f(32, "batch size for evaluation", min=1)
     out: str = _f("", "run folder; empty = runs/<task>-<method>-<time>")
     threads: int = _f(0, "torch CPU threads (0 = torch default)", min=0)
+    round_timeout: float = _f(0.0, "seconds a round waits for replies; later ones leave their client out of the round (0 = wait for all)", min=0)
+
+    # The typed settings of `method` (its own keys, declared by its module under
+    # federated/methods/); not a key itself: in files its keys sit flat beside the others.
+    method_settings: Any = field(default=None, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        if self.method_settings is None:
+            self.method_settings = get_method(self.method).settings()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Flat {key: value}: the common keys, then the method's own (round-trips via TOML)."""
+        out = {k: getattr(self, k) for k in COMMON}
+        out.update(to_keys(self.method_settings))
+        return out
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Turn a TOML value or an override string into the key's type, or say why not."""
-    kind = type(default)
-    if isinstance(value, str) and kind is not str:
-        text = value.strip()
-        try:
-            if kind is bool:
-                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                return text.lower() in ("true", "1", "yes")
-            if kind is list:
-                parsed = tomllib.loads(f"v = {text}")["v"] if text.startswith("[") else [
-                    s for s in text.split(",") if s]
-                return list(parsed)
-            return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
-        except (ValueError, tomllib.TOMLDecodeError):
-            raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}") from None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
-    return value
-
-
-_BOUNDS = {
-    "min": (">=", lambda v, b: v >= b),
-    "max": ("<=", lambda v, b: v <= b),
-    "gt": (">", lambda v, b: v > b),
-    "lt": ("<", lambda v, b: v < b),
-}
-
-
-def _check(key: str, value: Any) -> None:
-    meta = FIELDS[key].metadata
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(meta['choices'])}")
-    for op, (sign, ok) in _BOUNDS.items():
-        if op in meta and not ok(value, meta[op]):
-            raise ConfigError(f"{key}: must be {sign} {meta[op]}, got {value!r}")
+COMMON = {f.name: f for f in dataclasses.fields(RunConfig) if not f.metadata.get("internal")}
+# Method keys: every registered method's settings. A key read by several methods (lora_rank)
+# must be one declaration (a shared settings class); this checks it.
+METHOD_KEYS: dict[str, dataclasses.Field] = {}
+READ_BY: dict[str, list[str]] = {}
+for _m in ordered():
+    for _key, _field in keys_of(_m.settings).items():
+        if _key in COMMON or METHOD_KEYS.setdefault(_key, _field).metadata != _field.metadata:
+            raise RuntimeError(f"config key {_key!r} is declared twice with different meanings")
+        READ_BY.setdefault(_key, []).append(_m.name)
+FIELDS = {**COMMON, **METHOD_KEYS}
 
 
 def _unknown(key: str) -> ConfigError:
@@ -190,21 +151,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def build_config(raw: dict[str, Any]) -> RunConfig:
-    values = {}
-    defaults = RunConfig()
+    values, own = {}, {}
     for key, value in raw.items():
         if key not in FIELDS:
             raise _unknown(key)
-        v = _coerce(key, value, getattr(defaults, key))
-        _check(key, v)
-        values[key] = v
-    cfg = RunConfig(**values)
+        if key in COMMON:
+            v = coerce(key, value, default_of(COMMON[key]))
+            check(key, v, COMMON[key].metadata)
+            values[key] = v
+        else:
+            own[key] = value
+    method = get_method(values.get("method", default_of(COMMON["method"])))
+    mine = keys_of(method.settings)
+    for key, value in own.items():
+        f = METHOD_KEYS[key]
+        # another method's key: harmless at its default (resolved configs written before the
+        # registry list every key), an error otherwise, since this method would ignore it
+        if key not in mine and coerce(key, value, default_of(f)) != default_of(f):
+            raise ConfigError(f"{key}: read by method {' / '.join(READ_BY[key])} only, "
+                              f"not by method={method.name}")
+    settings = build(method.settings, {k: v for k, v in own.items() if k in mine})
+    cfg = RunConfig(**values, method_settings=settings)
     validate_combination(cfg)
     return cfg
 
 
 def validate_combination(cfg: RunConfig) -> None:
-    """Checks that involve several keys."""
+    """Checks that involve several keys (a method's own ones are its settings' __post_init__)."""
     if cfg.task == "local" and not cfg.data_files:
         raise ConfigError("data_files: required when task = 'local'")
     if cfg.task == "local" and (not cfg.template or not cfg.label_words):
@@ -215,25 +188,19 @@ def validate_combination(cfg: RunConfig) -> None:
         raise ConfigError(f"mask: file not found: {cfg.mask}")
     if cfg.mask and cfg.mask_kind != "calibration":
         raise ConfigError(f"mask_kind: {cfg.mask_kind!r} picks a computed mask; it cannot apply to mask={cfg.mask}")
-    if (cfg.method in ("meerkat-vp", "meerkat-random-select")
-            and cfg.vp_init_steps + cfg.vp_later_steps > cfg.vp_calibration_steps):
-        raise ConfigError(f"vp_init_steps + vp_later_steps: {cfg.vp_init_steps} + "
-                          f"{cfg.vp_later_steps} exceed vp_calibration_steps={cfg.vp_calibration_steps}")
     if cfg.template and "{" not in cfg.template:
         raise ConfigError(f"template: {cfg.template!r} names no field, e.g. '{{sentence}} It was'")
-    if cfg.trainable != "mask" and cfg.method != "fedavg-backprop":
-        raise ConfigError(f"trainable: {cfg.trainable!r} applies to method=fedavg-backprop only "
-                          "(use method=lora-fedzo for ZO on LoRA)")
-    if cfg.method in VECTOR_DOWNLINK_ONLY and cfg.downlink != "sparse-weights":
-        raise ConfigError(f"downlink: method {cfg.method} needs downlink=sparse-weights (its update "
-                          "is not along seeded directions, so scalars cannot carry it)")
+    downlinks = get_method(cfg.method).downlinks
+    if cfg.downlink not in downlinks:
+        raise ConfigError(f"downlink: method {cfg.method} needs downlink={' or '.join(downlinks)} "
+                          "(its update is not along seeded directions, so scalars cannot carry it)")
 
 
 def describe() -> str:
-    """All keys with defaults and help (for `fedmeerkat run --help-config`)."""
-    lines = []
-    defaults = RunConfig()
-    for name, f in FIELDS.items():
-        default = getattr(defaults, name)
-        lines.append(f"{name:<20} = {default!r:<28} {f.metadata['help']}")
+    """All keys with defaults and help (`fedmeerkat config`); method keys name their methods."""
+    lines = [f"{name:<20} = {default_of(f)!r:<28} {f.metadata['help']}"
+             for name, f in COMMON.items()]
+    lines.append("# keys of one method (federated/methods/), read only by the methods named")
+    lines += [f"{name:<20} = {default_of(f)!r:<28} [{', '.join(READ_BY[name])}] "
+              f"{f.metadata['help']}" for name, f in METHOD_KEYS.items()]
     return "\n".join(lines)

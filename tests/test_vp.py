@@ -16,7 +16,8 @@ from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientState, FedSettings, run_client
 from fedmeerkat.federated.gradip import VPRatios, vp_ratios
 from fedmeerkat.federated.methods import make_server
-from fedmeerkat.federated.methods.vp import RandomSelectServer, VPServer, VPSettings
+from fedmeerkat.federated.methods.random_select import RandomSelectServer
+from fedmeerkat.federated.methods.vp import VPServer, VPSettings
 from fedmeerkat.zo import SparseView
 from tests.test_cli import _args
 from tests.test_zo_core import tiny_mask
@@ -60,7 +61,7 @@ def test_vp_settings_and_config_checks():
     with pytest.raises(ConfigError, match="vp_gradip_units"):
         load_config(None, ["vp_gradip_units=cm"])
     server = make_server(cfg.method, FedSettings(2, 0.1, 1e-3, 4, 0), torch.zeros(5), [3, 3],
-                         vp=VPSettings.from_config(cfg))
+                         method_settings=cfg.method_settings)
     assert isinstance(server, RandomSelectServer) and server.vp.units == "raw"
 
 
@@ -116,7 +117,7 @@ def _cls_setup(seed: int, *, with_single_label: bool, cls=VPServer, vp=VP_TEST):
     server = make_server(cls.method, settings, model.view.gather(), [len(p) for p in parts],
                          calib_grad=torch.randn(model.view.gather().numel(),
                                                 generator=torch.Generator().manual_seed(9 + seed)),
-                         vp=vp)
+                         method_settings=vp)
     return model, states, server
 
 

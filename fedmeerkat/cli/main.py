@@ -189,7 +189,9 @@ def _bytes(n: float) -> str:
 def cmd_gradip(ns: argparse.Namespace) -> int:
     if ns.steps < 1 or ns.window < 1 or ns.examples < 0:
         raise ConfigError("--steps and --window must be >= 1, --examples >= 0")
-    cfg = _config(ns.args)
+    path, overrides = _split(ns.args)
+    # the VP detector's verdict reads the vp_* keys, which belong to method meerkat-vp
+    cfg = load_config(path, ["method=meerkat-vp", *overrides])
     from fedmeerkat.runners.gradip_experiment import run_gradip
 
     res = run_gradip(cfg, steps=ns.steps, label=ns.label, examples=ns.examples,
@@ -220,6 +222,13 @@ def cmd_tasks(ns: argparse.Namespace) -> int:
     from fedmeerkat.tasks import describe_tasks
 
     print(describe_tasks())
+    return 0
+
+
+def cmd_methods(ns: argparse.Namespace) -> int:
+    from fedmeerkat.federated.registry import markdown_table
+
+    print(markdown_table())
     return 0
 
 
@@ -274,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_apply_delta)
     sub.add_parser("tasks", help="list tasks").set_defaults(fn=cmd_tasks)
     sub.add_parser("config", help="list every config key and default").set_defaults(fn=cmd_config)
+    sub.add_parser("methods", help="list the methods (the README's table)").set_defaults(
+        fn=cmd_methods)
     return p
 
 

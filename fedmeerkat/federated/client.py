@@ -63,14 +63,17 @@ def sync_client(state: ClientState, plan: RoundPlan,
     if state.theta is None:
         raise ValueError(f"client {state.client_id}: plan carries no vector and the client "
                          "holds no copy of the model")
-    rounds = [a.round for a in plan.catchup]
-    if rounds != list(range(state.synced + 1, plan.round)):
-        raise ValueError(f"client {state.client_id} holds round {state.synced}; "
-                         f"cannot reach round {plan.round - 1} with aggregates of rounds {rounds}")
+    # aggregates the client already applied are skipped: the server counts a client as synced
+    # only once its reply arrived, so after a lost reply it sends some of them again
+    todo = [a for a in plan.catchup if a.round > state.synced]
+    if [a.round for a in todo] != list(range(state.synced + 1, plan.round)):
+        raise ValueError(f"client {state.client_id} holds round {state.synced}; cannot reach "
+                         f"round {plan.round - 1} with aggregates of rounds "
+                         f"{[a.round for a in plan.catchup]}")
     # copy on write: another client may hold this very tensor (a resume may also bring it from
     # the CPU)
     theta = state.theta.to(device if device is not None else state.theta.device, copy=True)
-    for agg in plan.catchup:
+    for agg in todo:
         apply(theta, agg)
     state.theta = theta
     state.synced = plan.round - 1

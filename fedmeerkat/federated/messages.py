@@ -33,13 +33,16 @@ WIRE_VERSION = 1
 
 class _Reader:
     def __init__(self, blob: bytes, kind: bytes):
-        if blob[:3] != MAGIC or blob[3] != WIRE_VERSION or blob[4:5] != kind:
+        if blob[:3] != MAGIC or blob[3:4] != bytes([WIRE_VERSION]) or blob[4:5] != kind:
             raise ValueError(f"expected a v{WIRE_VERSION} {kind.decode()!r} message, got header "
                              f"{blob[:5]!r}")
         self.blob, self.pos = blob, 5
 
     def take(self, fmt: str) -> tuple:
-        vals = struct.unpack_from("<" + fmt, self.blob, self.pos)
+        try:
+            vals = struct.unpack_from("<" + fmt, self.blob, self.pos)
+        except struct.error:
+            raise ValueError(f"message truncated at byte {self.pos} of {len(self.blob)}") from None
         self.pos += struct.calcsize("<" + fmt)
         return vals
 
@@ -148,6 +151,16 @@ class ClientReply:
         scalars = [float(g) for g in r.array("f4", n)]
         r.done()
         return cls(round_idx, client, scalars, n_samples, float(loss))
+
+
+def reply_from_bytes(blob: bytes) -> ClientReply | VectorReply:
+    """A client's reply of either kind (the kind byte says which); ValueError if malformed."""
+    if len(blob) < len(MAGIC) + 2:
+        raise ValueError(f"reply of {len(blob)} bytes is too short")
+    kind = blob[len(MAGIC) + 1:len(MAGIC) + 2]
+    if kind == b"V":
+        return VectorReply.from_bytes(blob)
+    return ClientReply.from_bytes(blob)
 
 
 @dataclass

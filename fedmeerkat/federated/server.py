@@ -54,11 +54,15 @@ class FedSettings:
     clients_per_round: int = 0  # 0 = every client every round
     device: str = "cpu"  # where the server's vectors live and its z is drawn (any device)
 
-    def lrs(self, round_idx: int) -> list[float]:
-        """Learning rate of each local step of a round."""
+    def lrs(self, round_idx: int, num_seeds: int | None = None) -> list[float]:
+        """Learning rate of each local step of a round with `num_seeds` seeds (default T): the
+        schedule counts T steps per round, and steps beyond T (Meerkat-VP's calibration round)
+        keep the round's last value. Client and server both derive it from the plan."""
         first = (round_idx - 1) * self.local_steps
         total = self.rounds * self.local_steps
-        return [lr_at(self.lr, self.lr_schedule, first + t, total) for t in range(self.local_steps)]
+        base = [lr_at(self.lr, self.lr_schedule, first + t, total) for t in range(self.local_steps)]
+        n = self.local_steps if num_seeds is None else num_seeds
+        return (base + [base[-1]] * max(0, n - len(base)))[:n]
 
 
 @dataclass
@@ -74,12 +78,16 @@ class RoundOutcome:
 
 class MeerkatServer:
     method = "meerkat"
+    # Downlinks that can carry this method's update: the scalar one only when every update is
+    # along seeded directions.
+    downlinks: tuple[str, ...] = DOWNLINKS
 
     def __init__(self, settings: FedSettings, theta0: torch.Tensor, client_sizes: list[int]):
         if not client_sizes or min(client_sizes) <= 0:
             raise ValueError("every client needs at least one example")
-        if settings.downlink not in DOWNLINKS:
-            raise ValueError(f"downlink must be one of {DOWNLINKS}, got {settings.downlink!r}")
+        if settings.downlink not in self.downlinks:
+            raise ValueError(f"{self.method} needs downlink in {self.downlinks}, "
+                             f"got {settings.downlink!r}")
         if settings.clients_per_round > len(client_sizes):
             raise ValueError(f"clients_per_round={settings.clients_per_round} exceeds "
                              f"{len(client_sizes)} clients")
@@ -117,8 +125,8 @@ class MeerkatServer:
         return round_seeds(self.settings.seed, round_idx, self.settings.local_steps)
 
     def lrs(self, round_idx: int) -> list[float]:
-        """Learning rate of each local step (one per seed); clients get the same list."""
-        return self.settings.lrs(round_idx)
+        """Learning rate of each local step (one per seed); clients derive the same list."""
+        return self.settings.lrs(round_idx, len(self.seeds(round_idx)))
 
     def plan_round(self, round_idx: int) -> list[RoundPlan]:
         if round_idx != self.round + 1:
@@ -130,7 +138,6 @@ class MeerkatServer:
             plan = RoundPlan(round_idx, k, seeds, self.steps_for(round_idx, k), self.theta)
             if self.settings.downlink == "scalars":
                 plan = self._cheaper_sync(plan, k)
-            self.synced[k] = round_idx - 1
             plans.append(plan)
         return plans
 
@@ -167,6 +174,9 @@ class MeerkatServer:
         for r in replies:
             if r.round != round_idx:
                 raise ValueError(f"reply of client {r.client_id} is for round {r.round}")
+            # a client that replied holds round r-1's model; one that did not is caught up
+            # from where it was (sync_client skips aggregates it already applied)
+            self.synced[r.client_id] = round_idx - 1
         usable = [r for r in replies if usable_if(r)]
         return replies, usable, [r.client_id for r in replies if r not in usable]
 

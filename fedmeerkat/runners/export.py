@@ -171,7 +171,8 @@ def _export_lora(cfg: RunConfig, space: SparseMask, theta: torch.Tensor, model, 
     from fedmeerkat.models.lora import lora_config
 
     with torch.random.fork_rng(devices=[]):  # peft's init draws; theta overwrites all of it
-        peft_model = get_peft_model(model, lora_config(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
+        peft_model = get_peft_model(model, lora_config(rank=cfg.method_settings.lora_rank,
+                                                         alpha=cfg.method_settings.lora_alpha))
     params = dict(peft_model.base_model.model.named_parameters())  # the names training used
     space.check_model(params, {})
     SparseView(params, space).write(theta)

@@ -17,7 +17,6 @@ trajectory with the config's vp_* settings (when steps >= vp_init_steps + vp_lat
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from datetime import datetime
@@ -30,6 +29,7 @@ from fedmeerkat.config import RunConfig
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientReply, ClientState, FedSettings, RoundPlan, run_client
 from fedmeerkat.federated.gradip import moving_average, vp_ratios
+from fedmeerkat.federated.methods.vp import VPSettings
 from fedmeerkat.federated.server import MeerkatServer
 from fedmeerkat.report import write_json_atomic
 from fedmeerkat.zo import SparseView
@@ -102,6 +102,8 @@ def run_gradip(cfg: RunConfig, *, steps: int = 100, label: int = 0, examples: in
     losses = {r.client_id: r.losses for r in replies}  # local, not on the wire
     outcome = server.apply(1, [ClientReply.from_bytes(r.to_bytes()) for r in replies])
     arr = outcome.arrays
+    # the detector's settings: the config's vp_* keys (the CLI reads them as method=meerkat-vp)
+    vp = cfg.method_settings if isinstance(cfg.method_settings, VPSettings) else VPSettings()
     c_norm = float(arr["calib_norm"][0])
     clients = []
     for i, k in enumerate(arr["clients"].tolist()):
@@ -113,21 +115,21 @@ def run_gradip(cfg: RunConfig, *, steps: int = 100, label: int = 0, examples: in
             "loss": losses[k],
             "gradip_abs_moving_average": moving_average(np.abs(gradip), window).tolist(),
         }
-        if steps >= cfg.vp_init_steps + cfg.vp_later_steps:
-            scale = c_norm if cfg.vp_gradip_units == "calib-unit" else 1.0
-            entry["vp"] = vp_ratios(gradip[: min(steps, cfg.vp_calibration_steps)],
-                                    init_steps=cfg.vp_init_steps, later_steps=cfg.vp_later_steps,
-                                    threshold=cfg.vp_threshold, later_ratio=cfg.vp_later_ratio,
-                                    quiescent_ratio=cfg.vp_quiescent_ratio, scale=scale).to_dict()
+        if steps >= vp.init_steps + vp.later_steps:
+            scale = c_norm if vp.units == "calib-unit" else 1.0
+            entry["vp"] = vp_ratios(gradip[: min(steps, vp.calibration_steps)],
+                                    init_steps=vp.init_steps, later_steps=vp.later_steps,
+                                    threshold=vp.threshold, later_ratio=vp.later_ratio,
+                                    quiescent_ratio=vp.quiescent_ratio, scale=scale).to_dict()
         clients.append(entry)
     result = {
         "model": cfg.model, "task": cfg.task, "steps": steps, "label": label,
         "class_names": list(prep.task.spec.class_names), "density": mask.density,
         "mask_nnz": mask.nnz, "mask_source": source, "lr": cfg.lr, "eps": cfg.eps,
         "batch_size": cfg.batch_size, "seed": cfg.seed, "calib_grad_norm": c_norm,
-        "vp_gradip_units": cfg.vp_gradip_units, "moving_average_window": window,
+        "vp_gradip_units": vp.units, "moving_average_window": window,
         "clients": clients, "wall_seconds": round(time.time() - start, 1),
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.to_dict(),
     }
     write_json_atomic(out / "gradip.json", result)
     plot_gradip(result, out / "gradip.png")

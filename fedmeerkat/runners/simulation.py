@@ -21,11 +21,13 @@ from fedmeerkat.config import RunConfig
 from fedmeerkat.data.partition import format_histogram, label_histogram, partition
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientState, FedSettings, RoundPlan, share_copies
-from fedmeerkat.federated.methods import client_routine, make_server, method_options
-from fedmeerkat.federated.server import MeerkatServer
+from fedmeerkat.federated.methods import get_method, make_server
 from fedmeerkat.models.loading import load_model
 from fedmeerkat.models.scoring import EvalResult, LabelScorer, encode_prompts, evaluate
 from fedmeerkat.report import MetricsLog, plot_accuracy, write_json_atomic
+from fedmeerkat.runners.client_host import ClientHost
+from fedmeerkat.runners.driver import RoundDriver
+from fedmeerkat.runners.inprocess import InProcessTransport
 from fedmeerkat.runners.masks import obtain_mask
 from fedmeerkat.runners.run_folder import (
     FINAL_STATE,
@@ -180,10 +182,9 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
               for k, p in enumerate(parts)]
     settings = settings_of(cfg)
     server = make_server(cfg.method, settings, theta0, [s.num_samples for s in states],
-                         calib_grad=mask.calib_grad, **method_options(cfg),
+                         method_settings=cfg.method_settings, calib_grad=mask.calib_grad,
                          **space.server_options)
     del theta0  # the server holds its own copy: no spare model-size vector for full-fedzo
-    shared = SharedModel(prep, view)
     metrics = MetricsLog(out / "metrics.jsonl")
 
     if resume:
@@ -207,18 +208,39 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
                         "bytes_up": 0, "bytes_down": 0})
         save_checkpoint(out, server, states)
 
-    remaining = range(server.round + 1, cfg.rounds + 1)
     per_round = sum(server.steps_for(1, k) for k in server.participants(1))
-    bar = tqdm(total=per_round * len(remaining), desc="training", unit="step", disable=quiet,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=per_round * (cfg.rounds - server.round), desc="training", unit="step",
+               disable=quiet, file=sys.stderr, dynamic_ncols=True)
+    step_losses: list[float] = []
+
+    def on_step(res: StepResult) -> None:
+        bar.update(1)
+        step_losses.append(res.loss)
+        bar.set_postfix(loss=f"{np.mean(step_losses[-10:]):.4f}", acc=f"{last.accuracy:.3f}")
+
+    def on_plans(plans: list[RoundPlan]) -> None:
+        # the bar assumed round 1's step count for every round; VP's early stops change it
+        bar.total += sum(p.num_steps for p in plans) - per_round
+
+    def evaluate(r: int) -> dict[str, Any] | None:
+        nonlocal last
+        if not (r == cfg.rounds or (cfg.eval_every and r % cfg.eval_every == 0)):
+            return None
+        view.write(server.theta)
+        last = _eval(prep, cfg)
+        return {"test_accuracy": last.accuracy, "test_loss": last.loss,
+                "predicted_share": last.predicted_share}
+
+    host = ClientHost(get_method(cfg.method), cfg.method_settings, settings,
+                      SharedModel(prep, view), {s.client_id: s for s in states}, on_step)
+    driver = RoundDriver(server, InProcessTransport(host, on_plans),
+                         append_metrics=metrics.append,
+                         save_arrays=lambda r, arrays: save_trajectories(out, r, arrays),
+                         checkpoint=lambda: save_checkpoint(out, server, states),
+                         evaluate=evaluate, log=lambda m: bar.write(m, file=sys.stderr),
+                         round_timeout=cfg.round_timeout)
     try:
-        for r in remaining:
-            record, last, arrays = _round(r, cfg, server, states, shared, prep, bar, last,
-                                          per_round)
-            if arrays:  # compact per-round trajectories (e.g. GradIP per client and step)
-                save_trajectories(out, r, arrays)
-            metrics.append(record)
-            save_checkpoint(out, server, states)
+        driver.run(cfg.rounds)
     finally:
         bar.close()
     save_state(out / FINAL_STATE, server.theta,
@@ -253,64 +275,6 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
                   f"{cfg.method} on {cfg.task}: K={cfg.clients}, T={cfg.local_steps}, "
                   f"{cfg.partition}, density {mask.density:.0e}")
     return summary
-
-
-def _round(r: int, cfg: RunConfig, server: MeerkatServer, states: list[ClientState],
-           shared: SharedModel, prep: Prepared, bar: tqdm, last: EvalResult,
-           expected_steps: int) -> tuple[dict[str, Any], EvalResult, dict[str, torch.Tensor]]:
-    """One round: plans out, clients run, replies in, aggregate, maybe evaluate."""
-    settings = server.settings
-    replies, sizes, step_losses = [], {}, []
-    lrs = server.lrs(r)  # methods may plan more steps than T in a round (Meerkat-VP)
-    plans = server.plan_round(r)
-    # the bar assumed round 1's step count for every round; VP's early stops change it
-    bar.total += sum(p.num_steps for p in plans) - expected_steps
-    run_client = client_routine(cfg)
-    pool = share_copies(states)  # round -> the one copy of that round's global vector
-
-    def on_step(res: StepResult) -> None:
-        bar.update(1)
-        step_losses.append(res.loss)
-
-    for plan in plans:
-        blob = plan.to_bytes()
-        reply = run_client(states[plan.client_id], RoundPlan.from_bytes(blob), shared,
-                           eps=settings.eps, lr=lrs, batch_size=settings.batch_size,
-                           weight_decay=settings.weight_decay, on_step=on_step)
-        share_copies([states[plan.client_id]], pool)  # memory flat in K (scalars downlink)
-        rblob = reply.to_bytes()
-        sizes[plan.client_id] = [len(rblob), len(blob)]
-        replies.append(type(reply).from_bytes(rblob))  # ClientReply, or VectorReply (backprop)
-        bar.set_postfix(round=r, loss=f"{np.mean(step_losses[-10:]):.4f}", acc=f"{last.accuracy:.3f}")
-    outcome = server.apply(r, replies)
-    shared.view.write(server.theta)
-    record: dict[str, Any] = {
-        "round": r, "train_loss": outcome.train_loss, "test_accuracy": None,
-        "bytes_up": sum(u for u, _ in sizes.values()),
-        "bytes_down": sum(d for _, d in sizes.values()),
-        "bytes": {str(k): v for k, v in sizes.items()},  # client -> [up, down]
-        "client_steps": outcome.client_steps, "dropped": outcome.dropped, **outcome.extra,
-    }
-    if server.catchup_choices:
-        record["sync"] = {str(k): v for k, v in server.catchup_choices.items()}
-        # scalars:0 (round 1) and scalars:1 (took part last round) are the normal case
-        lagging = {k: v for k, v in server.catchup_choices.items()
-                   if v not in ("scalars:0", "scalars:1")}
-        if lagging:
-            bar.write(f"round {r}: catch-up {lagging}", file=sys.stderr)
-    if outcome.extra.get("log"):  # a method's one-line note (e.g. Meerkat-VP's flagged clients)
-        bar.write(f"round {r}: {outcome.extra['log']}", file=sys.stderr)
-    if outcome.dropped:
-        bar.write(f"round {r}: left out clients {outcome.dropped} (non-finite scalars)",
-                  file=sys.stderr)
-    if r == cfg.rounds or (cfg.eval_every and r % cfg.eval_every == 0):
-        last = _eval(prep, cfg)
-        record.update(test_accuracy=last.accuracy, test_loss=last.loss,
-                      predicted_share=last.predicted_share)
-        bar.write(f"round {r}: train loss {outcome.train_loss:.4f}, test accuracy "
-                  f"{last.accuracy:.4f} (predicted share {_fmt(last.predicted_share)})",
-                  file=sys.stderr)
-    return record, last, outcome.arrays
 
 
 def _fmt(share: list[float]) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeerkat.config import RunConfig
+from fedmeerkat.federated.methods import get_method
 from fedmeerkat.models.loading import model_fingerprint
 from fedmeerkat.models.lora import LORA_TARGETS, add_lora, lora_mask
 from fedmeerkat.runners.run_folder import MASK_FILE, load_run_state
@@ -37,15 +38,13 @@ class Space:
 
 
 def space_kind(cfg: RunConfig) -> str:
-    if cfg.method == "full-fedzo":
-        return "dense"
-    if cfg.method == "lora-fedzo" or (cfg.method == "fedavg-backprop" and cfg.trainable == "lora"):
-        return "lora"
-    return "mask"
+    """What `cfg.method` trains: "mask", "lora" or "dense" (the method's registry entry says)."""
+    return get_method(cfg.method).space(cfg.method_settings)
 
 
 def _add_lora(cfg: RunConfig, model) -> None:
-    add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
+    s = cfg.method_settings  # LoraSettings or a subclass: the lora space exists only there
+    add_lora(model, rank=s.lora_rank, alpha=s.lora_alpha, seed=cfg.seed)
 
 
 def build_space(cfg: RunConfig, model, folder: Path, *, resume: bool,
@@ -68,12 +67,13 @@ def build_space(cfg: RunConfig, model, folder: Path, *, resume: bool,
     if kind == "lora":
         _add_lora(cfg, model)
         params = dict(model.named_parameters())
-        mask = lora_mask(model, {"lora_rank": str(cfg.lora_rank), "lora_alpha": repr(cfg.lora_alpha),
+        rank, alpha = cfg.method_settings.lora_rank, cfg.method_settings.lora_alpha
+        mask = lora_mask(model, {"lora_rank": str(rank), "lora_alpha": repr(alpha),
                                  "lora_targets": ",".join(LORA_TARGETS)})
         if resume:
             mask = SparseMask.load(path)
             mask.check_model(params, {})
-        source = f"LoRA adapter r={cfg.lora_rank}, alpha={cfg.lora_alpha} on {','.join(LORA_TARGETS)}"
+        source = f"LoRA adapter r={rank}, alpha={alpha} on {','.join(LORA_TARGETS)}"
     elif resume:
         mask, source = SparseMask.load(path), "run folder (resumed)"
         mask.check_model(params, model_fingerprint(model))

@@ -1,57 +1,30 @@
-"""One module per federated method; `make_server` picks the server class by name."""
+"""One module per federated method. Importing this package imports every module in it, and each
+registers its `Method` (federated/registry.py): a new method is a new module here."""
 
 from __future__ import annotations
 
-from functools import partial
+import importlib
+import pkgutil
 
 import torch
 
-from fedmeerkat.federated.client import run_client
-from fedmeerkat.federated.methods.backprop import BackpropServer, run_client_backprop
-from fedmeerkat.federated.methods.feddyn import FedDynServer, run_client_feddyn
-from fedmeerkat.federated.methods.full_fedzo import FullFedZOServer, run_client_dense
-from fedmeerkat.federated.methods.lora_fedzo import LoraFedZOServer
-from fedmeerkat.federated.methods.vp import RandomSelectServer, VPServer, VPSettings
+from fedmeerkat.federated.registry import METHODS, Method, get_method, ordered
 from fedmeerkat.federated.server import FedSettings, MeerkatServer
 
-SERVERS: dict[str, type[MeerkatServer]] = {
-    "meerkat": MeerkatServer,
-    "meerkat-vp": VPServer,
-    "meerkat-random-select": RandomSelectServer,
-    "full-fedzo": FullFedZOServer,
-    "lora-fedzo": LoraFedZOServer,
-    "fedavg-backprop": BackpropServer,
-    "meerkat-feddyn": FedDynServer,
-}
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
 
-
-def method_options(cfg) -> dict:
-    """Keyword options of `cfg.method`'s server, taken from the run config."""
-    if cfg.method in ("meerkat-vp", "meerkat-random-select"):
-        return {"vp": VPSettings.from_config(cfg)}
-    if cfg.method == "meerkat-feddyn":
-        return {"alpha": cfg.feddyn_alpha}
-    return {}
-
-
-def client_routine(cfg):
-    """The client procedure of `cfg.method`, called as run_client(state, plan, model, *, eps,
-    lr, batch_size, weight_decay, on_step); it returns the reply message to send."""
-    if cfg.method == "full-fedzo":
-        return run_client_dense
-    if cfg.method == "fedavg-backprop":
-        return run_client_backprop
-    if cfg.method == "meerkat-feddyn":
-        return partial(run_client_feddyn, alpha=cfg.feddyn_alpha)
-    return run_client
+__all__ = ["METHODS", "Method", "get_method", "make_server", "ordered"]
 
 
 def make_server(method: str, settings: FedSettings, theta0: torch.Tensor, client_sizes: list[int],
-                *, calib_grad: torch.Tensor | None = None, **method_options) -> MeerkatServer:
-    """The server of `method`. `calib_grad` is the mask's mean calibration gradient (GradIP)."""
-    if method not in SERVERS:
-        raise NotImplementedError(f"method {method!r} is not available; "
-                                  f"choose one of {', '.join(SERVERS)}")
-    server = SERVERS[method](settings, theta0, client_sizes, **method_options)
+                *, method_settings=None, calib_grad: torch.Tensor | None = None,
+                **runtime_options) -> MeerkatServer:
+    """The server of `method`, with its settings (default: the method's defaults).
+    `calib_grad` is the mask's mean calibration gradient (GradIP); `runtime_options` are what
+    the trainable space adds (full-fedzo's dense layout)."""
+    m = get_method(method)
+    opts = m.settings() if method_settings is None else method_settings
+    server = m.server(settings, theta0, client_sizes, **m.server_options(opts), **runtime_options)
     server.calib_grad = calib_grad
     return server

@@ -17,13 +17,17 @@ downlink cannot carry it. Server: FedAvg (sample- or uniform-weighted) of the cl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fedmeerkat.federated.client import ClientState
 from fedmeerkat.federated.messages import RoundPlan, VectorReply
-from fedmeerkat.federated.server import FedSettings, MeerkatServer, RoundOutcome
+from fedmeerkat.federated.methods.lora_fedzo import LoraSettings
+from fedmeerkat.federated.registry import Method, register
+from fedmeerkat.federated.server import MeerkatServer, RoundOutcome
+from fedmeerkat.options import setting
 from fedmeerkat.zo.step import StepResult
 
 
@@ -84,12 +88,7 @@ def run_client_backprop(
 
 class BackpropServer(MeerkatServer):
     method = "fedavg-backprop"
-
-    def __init__(self, settings: FedSettings, theta0: torch.Tensor, client_sizes: list[int]):
-        if settings.downlink != "sparse-weights":
-            raise ValueError("fedavg-backprop needs downlink=sparse-weights (first-order updates "
-                             "are not along seeded directions)")
-        super().__init__(settings, theta0, client_sizes)
+    downlinks = ("sparse-weights",)  # a first-order update is not along seeded directions
 
     def _usable(self, round_idx: int, r: VectorReply) -> bool:
         want = self.steps_for(round_idx, r.client_id)
@@ -108,3 +107,16 @@ class BackpropServer(MeerkatServer):
                 new.add_(r.vector.to(new.device) * torch.tensor(w, dtype=torch.float32))
             self.theta = new
         return self._outcome(round_idx, replies, usable, dropped, lambda r: r.num_steps)
+
+
+@dataclass(frozen=True)
+class BackpropSettings(LoraSettings):
+    trainable: str = setting("mask", "what fedavg-backprop trains: the Meerkat mask's weights or "
+                             "the LoRA adapter (lora_rank, lora_alpha)", choices=("mask", "lora"))
+
+
+METHOD = register(Method(
+    "fedavg-backprop", server=BackpropServer, settings=BackpropSettings, order=5,
+    client=lambda s: run_client_backprop, space=lambda s: s.trainable, spaces=("mask", "lora"),
+    summary="first-order local SGD of the same trainable set (`trainable=mask` or `lora`)",
+    reference="paper Table 24 upper bound"))

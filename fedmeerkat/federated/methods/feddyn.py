@@ -25,13 +25,17 @@ so the scalar downlink cannot carry it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
 from fedmeerkat.federated.client import ClientState, run_client
 from fedmeerkat.federated.messages import ClientReply, RoundPlan
+from fedmeerkat.federated.registry import Method, register
 from fedmeerkat.federated.server import FedSettings, MeerkatServer, RoundOutcome
+from fedmeerkat.options import setting
 from fedmeerkat.zo import draw_z
 from fedmeerkat.zo.step import StepResult
 
@@ -117,12 +121,10 @@ def replay_feddyn(theta_g: torch.Tensor, seeds: Sequence[int], scalars: Sequence
 
 class FedDynServer(MeerkatServer):
     method = "meerkat-feddyn"
+    downlinks = ("sparse-weights",)  # the server's h/alpha correction is not along seeded directions
 
     def __init__(self, settings: FedSettings, theta0: torch.Tensor, client_sizes: list[int],
                  *, alpha: float = 0.01):
-        if settings.downlink != "sparse-weights":
-            raise ValueError("meerkat-feddyn needs downlink=sparse-weights (the server's h/alpha "
-                             "correction is not along seeded directions)")
         super().__init__(settings, theta0, client_sizes)
         self.alpha = float(alpha)
         self.h = torch.zeros_like(self.theta)
@@ -156,3 +158,15 @@ class FedDynServer(MeerkatServer):
         device = self.theta.device
         self.h = tensors["server.feddyn_h"].to(device, copy=True)
         self.h_clients = [h.to(device, copy=True) for h in tensors["server.feddyn_h_clients"]]
+
+
+@dataclass(frozen=True)
+class FedDynSettings:
+    alpha: float = setting(0.01, "FedDyn regularisation strength", key="feddyn_alpha", gt=0)
+
+
+METHOD = register(Method(
+    "meerkat-feddyn", server=FedDynServer, settings=FedDynSettings, order=6,
+    client=lambda s: partial(run_client_feddyn, alpha=s.alpha),
+    server_options=lambda s: {"alpha": s.alpha},
+    summary="FedDyn adapted to Meerkat", reference="Acar et al. 2021; paper Table 24"))

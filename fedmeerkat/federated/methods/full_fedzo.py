@@ -34,6 +34,7 @@ import torch
 from fedmeerkat.federated.aggregate import aggregate_scalars
 from fedmeerkat.federated.client import ClientState, sync_client
 from fedmeerkat.federated.messages import ClientReply, RoundPlan
+from fedmeerkat.federated.registry import Method, register
 from fedmeerkat.federated.server import FedSettings, MeerkatServer, RoundOutcome
 from fedmeerkat.zo.dense import DenseSpace, DenseView, apply_aggregate_dense, dense_zo_step
 from fedmeerkat.zo.step import StepResult
@@ -94,3 +95,9 @@ def run_client_dense(
                        num_samples=state.num_samples,
                        train_loss=float(np.mean(losses)) if losses else float("nan"),
                        losses=losses)
+
+
+METHOD = register(Method(
+    "full-fedzo", server=FullFedZOServer, client=lambda s: run_client_dense, order=3,
+    space=lambda s: "dense", spaces=("dense",),
+    summary="ZO on every weight, MeZO style", reference="Malladi et al. 2023"))

@@ -17,13 +17,28 @@ format apply unchanged; the downlink in sparse-weights mode is the adapter (floa
 
 from __future__ import annotations
 
-from fedmeerkat.federated.server import MeerkatServer
-from fedmeerkat.models.lora import LORA_TARGETS, add_lora, lora_config, lora_mask
+from dataclasses import dataclass
 
-__all__ = ["LORA_TARGETS", "LoraFedZOServer", "add_lora", "lora_config", "lora_mask"]
+from fedmeerkat.federated.registry import Method, register
+from fedmeerkat.federated.server import MeerkatServer
+from fedmeerkat.options import setting
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapter's shape (also read by fedavg-backprop with trainable=lora)."""
+
+    lora_rank: int = setting(16, "LoRA rank", min=1)
+    lora_alpha: float = setting(16.0, "LoRA alpha", gt=0)
 
 
 class LoraFedZOServer(MeerkatServer):
     """Meerkat's server, unchanged: the space (the adapter) is all that differs."""
 
     method = "lora-fedzo"
+
+
+METHOD = register(Method(
+    "lora-fedzo", server=LoraFedZOServer, settings=LoraSettings, order=4,
+    space=lambda s: "lora", spaces=("lora",),
+    summary="ZO on LoRA adapters (r=16, alpha=16)", reference="paper baseline"))

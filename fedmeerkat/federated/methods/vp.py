@@ -1,4 +1,4 @@
-"""Meerkat-VP (paper Algorithm 1) and its Random Client Selection baseline.
+"""Meerkat-VP (paper Algorithm 1): virtual-path client selection.
 
 Meerkat-VP = Meerkat + Virtual Path Client Selection: the server reads every client's GradIP
 trajectory off its virtual path (federated/gradip.py), flags extreme non-IID clients and
@@ -42,11 +42,7 @@ Decisions the paper leaves open (also in the README):
     1". In "raw" units sigma would also scale with ||c||, a property of the reference gradient,
     not of the client. rho_later is unit-free either way.
 
-Random Client Selection (`meerkat-random-select`, the paper's baseline): the same calibration
-round and the same detection give the NUMBER n of clients VP would flag; the server then
-early-stops n clients drawn uniformly from all clients (seeded: mix(seed, 5, round)). It may
-or may not draw the flagged ones. With partial participation the count grows as clients
-calibrate, and each growth draws the missing number among the clients not yet stopped.
+Random Client Selection (`meerkat-random-select`) is in random_select.py.
 
 State (calibration results, detected and stopped clients) is JSON metadata in
 state_dict/load_state_dict, so a resumed run continues bit-identically.
@@ -58,27 +54,27 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedmeerkat.federated.gradip import GRADIP_UNITS, VPRatios, vp_ratios
 from fedmeerkat.federated.messages import ClientReply
+from fedmeerkat.federated.registry import Method, register
 from fedmeerkat.federated.server import FedSettings, MeerkatServer, RoundOutcome
+from fedmeerkat.options import setting
 from fedmeerkat.zo import round_seeds
-from fedmeerkat.zo.seeds import mix
-
-_RANDOM_SELECT_TAG = 5
 
 
 @dataclass(frozen=True)
 class VPSettings:
-    calibration_steps: int = 100  # T_cali
-    init_steps: int = 20  # T_init
-    later_steps: int = 20  # T_later
-    threshold: float = 1.0  # sigma, in `units`
-    quiescent_ratio: float = 0.5  # rho_quie
-    later_ratio: float = 5.0  # rho_later
-    units: str = "calib-unit"  # "calib-unit": GradIP / ||c||; "raw"
+    """The config keys of Meerkat-VP (defaults from the paper's Tables 3 and 5)."""
+
+    calibration_steps: int = setting(100, "local steps each client runs in the VP calibration phase (T_cali)", key="vp_calibration_steps", min=1)
+    init_steps: int = setting(20, "earliest calibration steps averaged for the initial GradIP (T_init)", key="vp_init_steps", min=1)
+    later_steps: int = setting(20, "latest calibration steps averaged for the later GradIP (T_later)", key="vp_later_steps", min=1)
+    threshold: float = setting(1.0, "GradIP below this counts as quiescent (convergence threshold sigma)", key="vp_threshold", min=0)
+    quiescent_ratio: float = setting(0.5, "flag a client whose share of quiescent later steps exceeds this (rho_quie)", key="vp_quiescent_ratio", min=0, max=1)
+    later_ratio: float = setting(5.0, "flag a client whose initial/later mean GradIP ratio exceeds this (rho_later)", key="vp_later_ratio", gt=0)
+    units: str = setting("calib-unit", "units of |GradIP| for vp_threshold: calib-unit (GradIP / ||calibration gradient||) or raw", key="vp_gradip_units", choices=GRADIP_UNITS)
 
     def __post_init__(self):
         if self.units not in GRADIP_UNITS:
@@ -89,12 +85,6 @@ class VPSettings:
             raise ValueError(f"vp_init_steps + vp_later_steps ({self.init_steps} + "
                              f"{self.later_steps}) exceed vp_calibration_steps "
                              f"({self.calibration_steps})")
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> VPSettings:
-        return cls(cfg.vp_calibration_steps, cfg.vp_init_steps, cfg.vp_later_steps,
-                   cfg.vp_threshold, cfg.vp_quiescent_ratio, cfg.vp_later_ratio,
-                   cfg.vp_gradip_units)
 
 
 class VPServer(MeerkatServer):
@@ -127,11 +117,6 @@ class VPServer(MeerkatServer):
     def seeds(self, round_idx: int) -> list[int]:
         n = self.calibration_len if self._calibrating(round_idx) else self.settings.local_steps
         return round_seeds(self.settings.seed, round_idx, n)
-
-    def lrs(self, round_idx: int) -> list[float]:
-        base = self.settings.lrs(round_idx)
-        n = len(self.seeds(round_idx))
-        return base + [base[-1]] * (n - len(base))
 
     # ---- detection ---------------------------------------------------------------------
     def apply(self, round_idx: int, replies: list[ClientReply]) -> RoundOutcome:
@@ -201,17 +186,8 @@ class VPServer(MeerkatServer):
         self.stopped = [int(k) for k in vp["stopped"]]
 
 
-class RandomSelectServer(VPServer):
-    """Early-stops as many clients as VP flags, drawn at random (the paper's baseline)."""
-
-    method = "meerkat-random-select"
-    selection = "random"
-
-    def _select(self, round_idx: int) -> None:
-        need = len(self.detected) - len(self.stopped)
-        if need <= 0:
-            return
-        pool = [k for k in range(self.num_clients) if k not in self.stopped]
-        rng = np.random.default_rng(mix(self.settings.seed, _RANDOM_SELECT_TAG, round_idx))
-        picked = rng.choice(pool, size=need, replace=False)
-        self.stopped = sorted(self.stopped + [int(k) for k in picked])
+METHOD = register(Method(
+    "meerkat-vp", server=VPServer, settings=VPSettings, order=1,
+    server_options=lambda s: {"vp": s},
+    summary="+ virtual-path client selection: GradIP calibration flags extreme non-IID clients, "
+            "which then run one step per round", reference="paper Algorithm 1"))

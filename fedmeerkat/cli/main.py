@@ -89,7 +89,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
           f"{_share(s['final_predicted_share'])}")
     print(f"bytes per client per round: up {s['upload_bytes_per_client']:.0f}, "
           f"down {s['download_bytes_per_client']:.0f}; wall {s['wall_seconds']:.0f} s")
-    print(f"run folder: {s['out']}")
+    from fedmeerkat.report import plot_run
+
+    plot_run(Path(s["out"]))
+    print(f"run folder: {s['out']} (plot: accuracy.png)")
     return 0
 
 
@@ -206,15 +209,21 @@ def cmd_gradip(ns: argparse.Namespace) -> int:
             line += (f"; VP rho_later {v['rho_later']:.2f}, rho_quie {v['rho_quie']:.2f} "
                      f"-> {'flagged' if v['flagged'] else 'not flagged'}")
         print(line)
+    from fedmeerkat.report.gradip_plot import plot_gradip
+
+    png = Path(res["paths"]["json"]).with_name("gradip.png")
+    plot_gradip(res, png)
     print(f"gradip json: {res['paths']['json']}")
-    print(f"gradip plot: {res['paths']['png']}")
+    print(f"gradip plot: {png}")
     return 0
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
+    from fedmeerkat.report import plot_run
     from fedmeerkat.report.table import run_report
 
     print(run_report(Path(ns.run_dir)))
+    print(f"plot: {plot_run(Path(ns.run_dir))}")
     return 0
 
 
@@ -226,7 +235,7 @@ def cmd_tasks(ns: argparse.Namespace) -> int:
 
 
 def cmd_methods(ns: argparse.Namespace) -> int:
-    from fedmeerkat.federated.registry import markdown_table
+    from fedmeerkat.federated.methods import markdown_table
 
     print(markdown_table())
     return 0

@@ -47,6 +47,9 @@ class _Reader:
         return vals
 
     def array(self, dtype: str, n: int) -> np.ndarray:
+        if self.pos + n * np.dtype(dtype).itemsize > len(self.blob):
+            raise ValueError(f"message truncated: {n} x {dtype} at byte {self.pos} of "
+                             f"{len(self.blob)}")
         arr = np.frombuffer(self.blob, dtype=np.dtype(dtype).newbyteorder("<"), count=n,
                             offset=self.pos)
         self.pos += arr.nbytes

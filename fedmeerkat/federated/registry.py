@@ -6,7 +6,8 @@ adapter or every weight), the downlinks its update can travel by, and the typed 
 reads from the run config. The config's list of methods and its method-specific keys and
 checks, `fedmeerkat config`, `fedmeerkat methods` and the README's methods table all derive from
 here. Adding a method is one module under federated/methods/ that calls `register` (see
-random_select.py, the smallest), plus its tests.
+random_select.py, the smallest), plus its tests. Import the registry's lookups from
+`fedmeerkat.federated.methods`, which imports (and so registers) every method first.
 """
 
 from __future__ import annotations
@@ -74,14 +75,3 @@ def get_method(name: str) -> Method:
         raise NotImplementedError(f"method {name!r} is not available; choose one of "
                                   f"{', '.join(m.name for m in ordered())}")
     return METHODS[name]
-
-
-def markdown_table() -> str:
-    """The README's methods table."""
-    rows = ["| `method=` | what | space | downlinks | keys | reference |",
-            "|---|---|---|---|---|---|"]
-    for m in ordered():
-        keys = ", ".join(f"`{k}`" for k in m.keys()) or "-"
-        rows.append(f"| `{m.name}` | {m.summary} | {'/'.join(m.spaces)} | "
-                    f"{', '.join(m.downlinks)} | {keys} | {m.reference} |")
-    return "\n".join(rows)

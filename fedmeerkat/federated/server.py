@@ -69,7 +69,6 @@ class FedSettings:
 class RoundOutcome:
     round: int
     train_loss: float  # sample-weighted mean of the clients' round losses
-    client_losses: dict[int, float]
     client_steps: dict[int, int]
     dropped: list[int] = field(default_factory=list)  # clients whose reply was unusable
     extra: dict[str, Any] = field(default_factory=dict)  # method metrics, into metrics.jsonl
@@ -188,7 +187,6 @@ class MeerkatServer:
         total = sum(sizes.values())
         loss = sum(r.train_loss * sizes[r.client_id] for r in usable) / total if total else math.nan
         return RoundOutcome(round=round_idx, train_loss=loss,
-                            client_losses={r.client_id: r.train_loss for r in replies},
                             client_steps={r.client_id: steps_of(r) for r in replies},
                             dropped=dropped)
 
@@ -251,8 +249,6 @@ class MeerkatServer:
         self.synced = [int(x) for x in meta["synced"]]
         self.theta = tensors["server.theta"].to(self.settings.device, torch.float32, copy=True)
         coefs = tensors.get("server.history_coefs")
-        if coefs is not None and coefs.dim() == 2:  # older checkpoints: one row per round
-            coefs = coefs.flatten()
         self.history = {}
         at = 0
         for h in meta["history"]:

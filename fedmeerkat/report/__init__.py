@@ -1,5 +1,5 @@
-"""Metrics files, summaries and plots."""
+"""Reports and plots of finished run folders (the top layer: reads what runners wrote)."""
 
-from fedmeerkat.report.metrics import MetricsLog, plot_accuracy, write_json_atomic
+from fedmeerkat.report.metrics import plot_accuracy, plot_run
 
-__all__ = ["MetricsLog", "plot_accuracy", "write_json_atomic"]
+__all__ = ["plot_accuracy", "plot_run"]

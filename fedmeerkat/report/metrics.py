@@ -1,59 +1,23 @@
-"""Run folder outputs: metrics.jsonl (one line per round), summary.json, accuracy.png."""
+"""The accuracy plot of a run folder (accuracy.png), drawn from its metrics.jsonl and summary."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from pathlib import Path
 from typing import Any
 
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN; null reads as "not measured"
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_clean(x) for x in v]
-    return v
+from fedmeerkat.runners.run_folder import MetricsLog
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """temp file, fsync, rename: a crash leaves the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(_clean(data), f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def plot_run(run_dir: Path) -> Path:
+    """Draw run_dir/accuracy.png from the run's metrics and summary; returns its path."""
+    import json
 
-
-class MetricsLog:
-    """Appends one JSON object per line and flushes it, so a crash loses at most one line."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def rewrite(self, records: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(_clean(r)) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    s = json.loads((run_dir / "summary.json").read_text())
+    title = (f"{s['method']} on {s['task']}: K={s['clients']}, T={s['local_steps']}, "
+             f"{s['partition']}, density {s['density']:.0e}")
+    path = run_dir / "accuracy.png"
+    plot_accuracy(MetricsLog(run_dir / "metrics.jsonl").read(), path, title)
+    return path
 
 
 def plot_accuracy(records: list[dict[str, Any]], path: Path, title: str) -> None:

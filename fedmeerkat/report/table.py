@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedmeerkat.report.metrics import MetricsLog
+from fedmeerkat.runners.run_folder import MetricsLog
 
 
 def human(n: float) -> str:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from fedmeerkat.federated import MeerkatServer, RoundOutcome
+from fedmeerkat.federated import MeerkatServer
 from fedmeerkat.federated.messages import reply_from_bytes
 
 
@@ -46,7 +46,6 @@ class RoundDriver:
     evaluate: Callable[[int], dict[str, Any] | None] = lambda r: None
     log: Callable[[str], None] = print
     round_timeout: float = 0.0  # seconds a round waits for replies (0 = no deadline)
-    last_outcome: RoundOutcome | None = field(default=None, init=False)
 
     def run(self, last_round: int) -> None:
         for r in range(self.server.round + 1, last_round + 1):
@@ -75,7 +74,6 @@ class RoundDriver:
             replies.append(reply)
         missing = sorted(set(blobs) - set(got))
         outcome = self.server.apply(r, replies)
-        self.last_outcome = outcome
         record: dict[str, Any] = {
             "round": r, "train_loss": outcome.train_loss, "test_accuracy": None,
             "bytes_up": sum(u for u, _ in sizes.values()),

@@ -31,7 +31,7 @@ from fedmeerkat.federated import ClientReply, ClientState, FedSettings, RoundPla
 from fedmeerkat.federated.gradip import moving_average, vp_ratios
 from fedmeerkat.federated.methods.vp import VPSettings
 from fedmeerkat.federated.server import MeerkatServer
-from fedmeerkat.report import write_json_atomic
+from fedmeerkat.runners.run_folder import write_json_atomic
 from fedmeerkat.zo import SparseView
 from fedmeerkat.zo.seeds import mix
 
@@ -62,8 +62,8 @@ def default_examples(labels: np.ndarray, label: int, steps: int, batch_size: int
 
 def run_gradip(cfg: RunConfig, *, steps: int = 100, label: int = 0, examples: int = 0,
                window: int = 10, quiet: bool = False) -> dict[str, Any]:
-    """Run the experiment; returns a summary with the written paths."""
-    from fedmeerkat.report.gradip_plot import plot_gradip
+    """Run the experiment; returns the result (also written to out/gradip.json) with its path.
+    The plot (gradip.png) is the CLI's: report.gradip_plot.plot_gradip."""
     from fedmeerkat.runners.simulation import SharedModel, get_mask, prepare
 
     start = time.time()
@@ -132,6 +132,5 @@ def run_gradip(cfg: RunConfig, *, steps: int = 100, label: int = 0, examples: in
         "config": cfg.to_dict(),
     }
     write_json_atomic(out / "gradip.json", result)
-    plot_gradip(result, out / "gradip.png")
-    result["paths"] = {"json": str(out / "gradip.json"), "png": str(out / "gradip.png")}
+    result["paths"] = {"json": str(out / "gradip.json")}
     return result

@@ -3,11 +3,11 @@
     config.toml               the resolved config (written once; `load_run_config`)
     mask.safetensors          the trainable space (mask, LoRA index or dense names/shapes)
     partition.json            the clients' label histogram
-    metrics.jsonl             one line per round (report.MetricsLog)
+    metrics.jsonl             one line per round (`MetricsLog`)
     checkpoint.safetensors    everything to continue bit-identically (`save_checkpoint`)
     trajectories/round_N.safetensors   per-round arrays (GradIP per client and step)
     final_state.safetensors   the final trainable vector (`save_state`, `load_run_state`)
-    summary.json, accuracy.png
+    summary.json              (`write_json_atomic`); accuracy.png is drawn by report.plot_run
 
 Writes go to a temp file, are fsynced and renamed, so a crash leaves the previous file whole.
 Only safetensors and JSON/TOML are read: no pickle.
@@ -22,6 +22,7 @@ import os
 import tomllib
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 import torch
@@ -34,6 +35,54 @@ from fedmeerkat.federated import ClientState
 from fedmeerkat.federated.server import MeerkatServer
 from fedmeerkat.zo import SparseMask
 from fedmeerkat.zo.dense import DenseSpace, is_dense_file
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN; null reads as "not measured"
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_clean(x) for x in v]
+    return v
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """temp file, fsync, rename: a crash leaves the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(_clean(data), f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends one JSON object per line and flushes it, so a crash loses at most one line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_clean(record)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(_clean(r)) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
 
 MASK_FILE = "mask.safetensors"
 FINAL_STATE = "final_state.safetensors"
@@ -95,8 +144,11 @@ def load_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState])
     with safe_open(str(path), framework="pt") as f:
         meta_raw = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta_raw.get("version") not in ("1", CHECKPOINT_VERSION):  # 1: a copy per client
-        raise ValueError(f"{path}: unknown checkpoint version {meta_raw.get('version')!r}")
+    if meta_raw.get("version") != CHECKPOINT_VERSION:
+        # version 1 (a copy per client) never shipped in a release and predates portable z:
+        # a run it started cannot continue bit-identically, so it is refused, not converted
+        raise ValueError(f"{path}: checkpoint version {meta_raw.get('version')!r}, this "
+                         f"fedmeerkat reads version {CHECKPOINT_VERSION}; start the run again")
     meta = json.loads(meta_raw["state"])
     if len(meta["clients"]) != len(states):
         raise ValueError(f"{path}: checkpoint has {len(meta['clients'])} clients, run has {len(states)}")
@@ -104,9 +156,8 @@ def load_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState])
     for s, c in zip(states, meta["clients"], strict=True):
         s.pointer = ClientDataPointer.from_state(c["pointer"])
         s.synced = int(c["synced"])
-        key = f"clients.theta.round{s.synced}"
-        key = key if key in tensors else f"client.{s.client_id}.theta"
-        s.theta = tensors[key] if key in tensors else None  # shared per round (read only)
+        # shared by the clients of that round (read only: sync_client copies on write)
+        s.theta = tensors.get(f"clients.theta.round{s.synced}")
         pre = f"client.{s.client_id}.extra."
         s.extra = {k[len(pre):]: v.clone() for k, v in tensors.items() if k.startswith(pre)}
 

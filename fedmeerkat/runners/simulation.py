@@ -20,22 +20,23 @@ from tqdm import tqdm
 from fedmeerkat.config import RunConfig
 from fedmeerkat.data.partition import format_histogram, label_histogram, partition
 from fedmeerkat.data.pointer import ClientDataPointer
-from fedmeerkat.federated import ClientState, FedSettings, RoundPlan, share_copies
+from fedmeerkat.federated import ClientState, FedSettings, RoundPlan
 from fedmeerkat.federated.methods import get_method, make_server
 from fedmeerkat.models.loading import load_model
 from fedmeerkat.models.scoring import EvalResult, LabelScorer, encode_prompts, evaluate
-from fedmeerkat.report import MetricsLog, plot_accuracy, write_json_atomic
 from fedmeerkat.runners.client_host import ClientHost
 from fedmeerkat.runners.driver import RoundDriver
 from fedmeerkat.runners.inprocess import InProcessTransport
 from fedmeerkat.runners.masks import obtain_mask
 from fedmeerkat.runners.run_folder import (
     FINAL_STATE,
+    MetricsLog,
     load_checkpoint,
     open_run_folder,
     save_checkpoint,
     save_state,
     save_trajectories,
+    write_json_atomic,
 )
 from fedmeerkat.runners.spaces import build_space
 from fedmeerkat.tasks import load_task
@@ -189,7 +190,6 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
 
     if resume:
         load_checkpoint(out, server, states)
-        share_copies(states)  # a version-1 checkpoint holds a copy per client
         records = [r for r in metrics.read() if r["round"] <= server.round]
         metrics.rewrite(records)  # drop a line written after the last checkpoint, if any
         initial = EvalResult(records[0]["test_accuracy"], records[0]["test_loss"],
@@ -271,9 +271,6 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
         **server.summary_extra(),
     }
     write_json_atomic(out / "summary.json", summary)
-    plot_accuracy(records, out / "accuracy.png",
-                  f"{cfg.method} on {cfg.task}: K={cfg.clients}, T={cfg.local_steps}, "
-                  f"{cfg.partition}, density {mask.density:.0e}")
     return summary
 
 

@@ -14,7 +14,7 @@ from fedmeerkat.federated.server import FedSettings, MeerkatServer
 for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["METHODS", "Method", "get_method", "make_server", "ordered"]
+__all__ = ["METHODS", "Method", "get_method", "make_server", "markdown_table", "ordered"]
 
 
 def make_server(method: str, settings: FedSettings, theta0: torch.Tensor, client_sizes: list[int],
@@ -28,3 +28,14 @@ def make_server(method: str, settings: FedSettings, theta0: torch.Tensor, client
     server = m.server(settings, theta0, client_sizes, **m.server_options(opts), **runtime_options)
     server.calib_grad = calib_grad
     return server
+
+
+def markdown_table() -> str:
+    """The README's methods table."""
+    rows = ["| `method=` | what | space | downlinks | keys | reference |",
+            "|---|---|---|---|---|---|"]
+    for m in ordered():
+        keys = ", ".join(f"`{k}`" for k in m.keys()) or "-"
+        rows.append(f"| `{m.name}` | {m.summary} | {'/'.join(m.spaces)} | "
+                    f"{', '.join(m.downlinks)} | {keys} | {m.reference} |")
+    return "\n".join(rows)

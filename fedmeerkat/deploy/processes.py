@@ -71,6 +71,8 @@ def stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
         while time.monotonic() < deadline:
             for p in procs:
                 p.poll()  # reap the leaders, or their zombies keep the group "alive"
+            if os.getpid() == 1:  # PID 1 of a namespace inherits the orphans: reap them too
+                reap_orphans()
             if not any(group_alive(p.pid) for p in procs):
                 return
             time.sleep(0.1)
@@ -79,6 +81,16 @@ def stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
     wait_all(grace_s)
     signal_all(signal.SIGKILL)
     wait_all(5.0)
+
+
+def reap_orphans() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def group_alive(pgid: int) -> bool:

@@ -23,7 +23,8 @@ def deployment(tmp_path_factory):
     if why:
         pytest.skip(f"no private namespaces for the deployment test ({why})")
     workdir = tmp_path_factory.mktemp("deploy") / "run"
-    result = selftest.launch(workdir, ["--rounds", str(ROUNDS), "--intruder"], timeout_s=150)
+    result = selftest.launch(workdir, ["--rounds", str(ROUNDS), "--intruder", "--late"],
+                             timeout_s=150)
     assert result["returncode"] == 0, result.get("error") or result["output"]
     assert result["netns_pid"] == 1  # it really ran in its own PID namespace
     return result
@@ -31,7 +32,7 @@ def deployment(tmp_path_factory):
 
 def test_every_round_reaches_one_resident_trainer_per_site(deployment):
     assert deployment["job_status"] == "FINISHED:COMPLETED"
-    rounds = deployment["echo"]["rounds"]
+    rounds = deployment["echo"]["rounds"][:ROUNDS]
     assert [r["round"] for r in rounds] == list(range(ROUNDS))
     pids: dict[str, set[int]] = {}
     for r in rounds:
@@ -43,6 +44,19 @@ def test_every_round_reaches_one_resident_trainer_per_site(deployment):
             pids.setdefault(site, set()).add(reply["pid"])
     assert all(len(p) == 1 for p in pids.values()), pids  # one trainer PID per site, all rounds
     assert len({p for ps in pids.values() for p in ps}) == len(selftest.SITES)
+
+
+def test_a_late_site_is_left_out_of_its_round_and_answers_the_next(deployment):
+    late, after = deployment["echo"]["rounds"][ROUNDS:]
+    others = set(selftest.SITES) - {selftest.LATE_SITE}
+    assert set(late["replies"]) == others  # the deadline passed without the late site
+    assert late["seconds"] < late["timeout_s"] + 0.5
+    assert set(after["replies"]) == set(selftest.SITES)
+    reply = after["replies"][selftest.LATE_SITE]
+    # Its trainer did handle the late round (count), in the same process, and moved on.
+    assert reply["round"] == ROUNDS + 1 and reply["count"] == ROUNDS + 2
+    first = deployment["echo"]["rounds"][0]["replies"][selftest.LATE_SITE]
+    assert reply["pid"] == first["pid"]
 
 
 def test_kits_of_another_project_are_refused(deployment):

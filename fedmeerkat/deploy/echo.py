@@ -22,6 +22,7 @@ def echo_handler(site: str, site_arg: str) -> Callable[[bytes], bytes]:
         nonlocal count
         count += 1
         head = json.loads(payload.split(b"\n", 1)[0])
+        time.sleep(head.get("sleep_s", 0.0))  # to miss a deadline on purpose
         return json.dumps({"site": site, "site_arg": site_arg, "pid": os.getpid(), "count": count,
                            "round": head["round"], "payload_bytes": len(payload)}).encode()
 
@@ -29,15 +30,23 @@ def echo_handler(site: str, site_arg: str) -> Callable[[bytes], bytes]:
 
 
 def echo_driver(transport: Transport, rounds: int = 3, payload_bytes: int = 0,
-                out: str = "echo.json") -> None:
-    """Server side: `rounds` exchanges; writes per-round times and replies to out_dir/out."""
+                out: str = "echo.json", late_site: str | None = None, late_sleep_s: float = 2.0,
+                late_timeout_s: float = 1.0) -> None:
+    """Server side: `rounds` exchanges; writes per-round times and replies to out_dir/out.
+
+    With late_site, two more rounds: in the first, late_site sleeps late_sleep_s before
+    answering and the exchange waits only late_timeout_s; the second is a normal round.
+    """
+    plan = [(r, {}, None) for r in range(rounds)]
+    if late_site:
+        plan += [(rounds, {late_site: late_sleep_s}, late_timeout_s), (rounds + 1, {}, None)]
     records = []
-    for r in range(rounds):
-        payloads = {s: json.dumps({"round": r}).encode() + b"\n" + b"x" * payload_bytes
-                    for s in transport.sites}
+    for r, sleeps, timeout_s in plan:
+        payloads = {s: json.dumps({"round": r, "sleep_s": sleeps.get(s, 0.0)}).encode()
+                    + b"\n" + b"x" * payload_bytes for s in transport.sites}
         t = time.perf_counter()
-        replies = transport.exchange(r, payloads)
-        records.append({"round": r, "seconds": time.perf_counter() - t,
+        replies = transport.exchange(r, payloads, timeout_s)
+        records.append({"round": r, "seconds": time.perf_counter() - t, "timeout_s": timeout_s,
                         "replies": {s: json.loads(b) for s, b in replies.items()}})
     (transport.out_dir / out).write_text(json.dumps({"sites": transport.sites,
                                                      "rounds": records}, indent=1))

@@ -5,7 +5,8 @@
 Provisions a project (server on 127.0.0.1, site-1, site-2, an admin) on free ports, starts the
 server and both sites as separate processes with mutual TLS, runs the echo job for --rounds
 rounds through the admin API, downloads its result and writes WORKDIR/result.json: every round's
-replies and time, startup and job times, and the connected sites. With --intruder it also
+replies and time, startup and job times, and the connected sites. With --late, two more rounds:
+one where site-2 answers after the deadline, then a normal one. With --intruder it also
 provisions a second project (its own root CA) with two sites that point at the same server:
 "intruder" holds that project's kit as is; "impostor" holds it with our project's rootCA.pem
 (public in every kit), so it trusts our server and only its own certificate can betray it. The
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 SITES = {"site-1": "clients=0,1", "site-2": "clients=2"}
+LATE_SITE = "site-2"
 INTRUDERS = ("intruder", "impostor")
 NETNS = ["unshare", "-rnpf", "--kill-child", "--mount-proc"]
 
@@ -67,7 +69,7 @@ def console_lines(kit: Path, needle: str) -> list[str]:
     return [line[-200:] for line in lines if needle in line][-3:]
 
 
-def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool,
+def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bool,
         job_timeout_s: float) -> dict:
     from fedmeerkat.deploy import admin, processes
     from fedmeerkat.deploy.job import make_job
@@ -91,7 +93,8 @@ def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool,
             result["sites_ready_s"] = admin.wait_for_sites(s, list(SITES)) + time.monotonic() - t0
             job = make_job("echo", SITES, "fedmeerkat.deploy.echo:echo_driver",
                            "fedmeerkat.deploy.echo:echo_handler",
-                           {"rounds": rounds, "payload_bytes": payload_bytes})
+                           {"rounds": rounds, "payload_bytes": payload_bytes,
+                            "late_site": LATE_SITE if late else None})
             job.export_job(str(workdir / "jobs"))
             t = time.monotonic()
             job_id, meta, out = admin.run_job(s, workdir / "jobs" / "echo", workdir / "results",
@@ -117,12 +120,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--payload-bytes", type=int, default=0)
     ap.add_argument("--intruder", action="store_true")
+    ap.add_argument("--late", action="store_true",
+                    help="then a round site-2 answers too late, then a normal round")
     ap.add_argument("--job-timeout", type=float, default=180.0)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     result: dict = {"netns_pid": os.getpid()}  # 1 inside launch()'s PID namespace
     try:
-        result |= run(args.workdir, args.rounds, args.payload_bytes, args.intruder,
+        result |= run(args.workdir, args.rounds, args.payload_bytes, args.intruder, args.late,
                       args.job_timeout)
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"

@@ -37,7 +37,7 @@ def echo_driver(transport: Transport, rounds: int = 3, payload_bytes: int = 0,
     With late_site, two more rounds: in the first, late_site sleeps late_sleep_s before
     answering and the exchange waits only late_timeout_s; the second is a normal round.
     """
-    plan = [(r, {}, None) for r in range(rounds)]
+    plan: list[tuple[int, dict[str, float], float | None]] = [(r, {}, None) for r in range(rounds)]
     if late_site:
         plan += [(rounds, {late_site: late_sleep_s}, late_timeout_s), (rounds + 1, {}, None)]
     records = []

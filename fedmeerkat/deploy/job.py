@@ -45,9 +45,11 @@ class FlareTransport:
 
     def exchange(self, round_idx: int, payloads: dict[str, bytes],
                  timeout_s: float | None = None) -> dict[str, bytes]:
-        # FLARE's task timeout is whole seconds; the same deadline bounds our wait, so a reply
-        # after it never reaches a callback of this round.
-        timeout = max(1, math.ceil(timeout_s or self.round_timeout_s))
+        wait_s = timeout_s or self.round_timeout_s
+        # FLARE's task timeout is whole seconds: round up, so FLARE never drops a task we still
+        # wait for. A reply after our deadline lands in this call's own dict, never in a later
+        # round's; FLARE ignores one after its own.
+        timeout = max(1, math.ceil(wait_s))
         replies: dict[str, bytes] = {}
         arrived = threading.Condition()
 
@@ -64,7 +66,7 @@ class FlareTransport:
             self.controller.send_model(task_name=TASK, targets=[site], timeout=timeout,
                                        data=FLModel(params={"blob": blob}, current_round=round_idx),
                                        callback=on_reply(site))
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_s
         with arrived:
             while len(replies) < len(payloads):
                 if self.controller.abort_signal.triggered:

@@ -60,7 +60,11 @@ def stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
     moment. Never raises.
     """
     def signal_all(sig: int) -> None:
+        # Linux does not hand out a PID while a group of that ID has members, so signalling a
+        # live group cannot hit a stranger; a gone group is skipped.
         for p in procs:
+            if not group_alive(p.pid):
+                continue
             try:
                 os.killpg(p.pid, sig)  # pgid == pid: each leads its own session
             except (ProcessLookupError, PermissionError):

@@ -1,0 +1,140 @@
+"""End-to-end check of a provisioned deployment on this machine, as one command.
+
+    python -m fedmeerkat.deploy.selftest WORKDIR [--rounds 3] [--payload-bytes 0] [--intruder]
+
+Provisions a project (server on 127.0.0.1, site-1, site-2, an admin) on free ports, starts the
+server and both sites as separate processes with mutual TLS, runs the echo job for --rounds
+rounds through the admin API, downloads its result and writes WORKDIR/result.json: every round's
+replies and time, startup and job times, and the connected sites. With --late, two more rounds:
+one where site-2 answers after the deadline, then a normal one. With --intruder it also
+provisions a second project (its own root CA) with two sites that point at the same server:
+"intruder" holds that project's kit as is; "impostor" holds it with our project's rootCA.pem
+(public in every kit), so it trusts our server and only its own certificate can betray it. The
+result records whether either ever registered and the TLS handshake failures in their output.
+
+`launch()` runs this command inside private user, network and PID namespaces
+(`unshare -rnpf --kill-child --mount-proc`, then `ip link set lo up`): no traffic can leave the
+machine, FLARE's local-address probe falls back to 127.0.0.1, and however the command ends (even
+SIGKILL from a timeout), the kernel kills every process it started along with the namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SITES = {"site-1": "clients=0,1", "site-2": "clients=2"}
+LATE_SITE = "site-2"
+INTRUDERS = ("intruder", "impostor")
+NETNS = ["unshare", "-rnpf", "--kill-child", "--mount-proc"]
+
+
+def netns_available() -> str | None:
+    """None if launch() can use private namespaces here, else why not."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "unshare or ip not installed"
+    try:
+        r = subprocess.run([*NETNS, "ip", "link", "set", "lo", "up"], capture_output=True,
+                           timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unshare failed: {e}"
+    return None if r.returncode == 0 else f"unshare failed: {r.stderr.decode().strip()}"
+
+
+def launch(workdir: str | Path, args: list[str], timeout_s: float = 240.0,
+           netns: bool = True) -> dict:
+    """Run the selftest in a subprocess (in private namespaces if netns), return its result.json
+    with "returncode" and "output" (the command's last lines) added."""
+    workdir = Path(workdir)
+    cmd = [sys.executable, "-m", "fedmeerkat.deploy.selftest", str(workdir), *args]
+    if netns:
+        cmd = [*NETNS, "bash", "-c", 'ip link set lo up && exec "$@"', "selftest", *cmd]
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=timeout_s)
+    output = r.stdout.decode(errors="replace")[-4000:]
+    path = workdir / "result.json"
+    if not path.exists():
+        raise RuntimeError(f"selftest wrote no result (rc {r.returncode}):\n{output}")
+    return json.loads(path.read_text()) | {"returncode": r.returncode, "output": output}
+
+
+def console_lines(kit: Path, needle: str) -> list[str]:
+    lines = (kit / "console.txt").read_text(errors="replace").splitlines()
+    return [line[-200:] for line in lines if needle in line][-3:]
+
+
+def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bool,
+        job_timeout_s: float) -> dict:
+    from fedmeerkat.deploy import admin, processes
+    from fedmeerkat.deploy.job import make_job
+    from fedmeerkat.deploy.provision import provision
+
+    t0 = time.monotonic()
+    fl_port, admin_port = processes.free_ports(2)
+    kits = provision(workdir / "kits", "fedmeerkat_selftest", list(SITES), fl_port=fl_port,
+                     admin_port=admin_port)
+    extra = {}
+    if intruder:  # same server address, different project, hence a different root CA
+        other = provision(workdir / "other_kits", "other_project", list(INTRUDERS),
+                          fl_port=fl_port, admin_port=admin_port)
+        extra = dict(other.sites)
+        shutil.copy(kits.server / "startup" / "rootCA.pem",
+                    extra["impostor"] / "startup" / "rootCA.pem")
+    result: dict = {"sites": SITES, "rounds_asked": rounds, "provision_s": time.monotonic() - t0}
+    with processes.running(kits, extra_sites=extra) as procs:
+        result["pids"] = {name: p.pid for name, p in procs.items()}
+        with admin.session(kits) as s:
+            result["sites_ready_s"] = admin.wait_for_sites(s, list(SITES)) + time.monotonic() - t0
+            job = make_job("echo", SITES, "fedmeerkat.deploy.echo:echo_driver",
+                           "fedmeerkat.deploy.echo:echo_handler",
+                           {"rounds": rounds, "payload_bytes": payload_bytes,
+                            "late_site": LATE_SITE if late else None})
+            job.export_job(str(workdir / "jobs"))
+            t = time.monotonic()
+            job_id, meta, out = admin.run_job(s, workdir / "jobs" / "echo", workdir / "results",
+                                              timeout_s=job_timeout_s)
+            result["job_s"] = time.monotonic() - t
+            result["job_id"], result["job_status"] = job_id, meta.get("status")
+            echo = out / "workspace" / "fedmeerkat" / "echo.json"
+            result["echo"] = json.loads(echo.read_text()) if echo.exists() else None
+            # By now the intruder has been trying to register for the whole job.
+            result["connected"] = admin.connected_sites(s)
+            result["intruders"] = {
+                name: {"running": procs[name].poll() is None,
+                       "handshake_failures": console_lines(kit, "Handshake failed"),
+                       "certificate_errors": console_lines(kit, "CERTIFICATE")}
+                for name, kit in extra.items()}
+    result["total_s"] = time.monotonic() - t0
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("workdir", type=Path)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--payload-bytes", type=int, default=0)
+    ap.add_argument("--intruder", action="store_true")
+    ap.add_argument("--late", action="store_true",
+                    help="then a round site-2 answers too late, then a normal round")
+    ap.add_argument("--job-timeout", type=float, default=180.0)
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"netns_pid": os.getpid()}  # 1 inside launch()'s PID namespace
+    try:
+        result |= run(args.workdir, args.rounds, args.payload_bytes, args.intruder, args.late,
+                      args.job_timeout)
+    except Exception as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        (args.workdir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,10 @@ import pytest
 
 pytest.importorskip("nvflare", reason="nvflare not installed (pip install nvflare==2.9.0)")
 
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
 from fedmeerkat.deploy import selftest  # noqa: E402  (after the skip: it needs nvflare)
 
 pytestmark = pytest.mark.deploy
@@ -66,3 +70,70 @@ def test_kits_of_another_project_are_refused(deployment):
     assert all(i["running"] for i in intruders.values()), intruders
     # Another project's kit as is: it cannot verify our server's certificate (other root CA).
     assert intruders["intruder"]["handshake_failures"], intruders["intruder"]
+
+
+# ---- the real thing: Meerkat on the tiny model, deployed vs in process --------------------
+DOWNLINKS = ("sparse-weights", "scalars")
+
+
+def _base(root, tiny_model_dir):
+    import random
+
+    rng = random.Random(0)
+    pos, neg = ["great", "good", "fun", "lovely"], ["terrible", "bad", "dull", "awful"]
+    rows = ["sentence,label"] + [
+        f"the film was {rng.choice(pos if i % 2 else neg)} and {rng.choice(pos if i % 2 else neg)},{i % 2}"
+        for i in range(60)]
+    (root / "r.csv").write_text("\n".join(rows) + "\n")
+    (root / "c.txt").write_text((" ".join(["the film was a very good film and the actors were lovely"] * 3) + "\n") * 8)
+    return [f"model={tiny_model_dir}", "task=local", f"data_files={root / 'r.csv'}",
+            "template={sentence} It was", "label_words=[' good',' bad']",
+            f"calib_corpus={root / 'c.txt'}", "calib_sequences=4", "calib_seq_len=16",
+            "clients=3", "rounds=3", "local_steps=2", "batch_size=4", "lr=0.05", "eps=0.01",
+            "density=0.05", "eval_every=1", "partition=iid"]
+
+
+@pytest.fixture(scope="module")
+def deployed_runs(tmp_path_factory, tiny_model_dir):
+    """Prepared runs (one per downlink) run as FLARE jobs on one deployment, and the same
+    configs run in process."""
+    why = selftest.netns_available()
+    if why:
+        pytest.skip(f"no private namespaces for the deployment test ({why})")
+    from fedmeerkat.config import load_config
+    from fedmeerkat.deploy.meerkat import prepare_run
+    from fedmeerkat.runners.simulation import run
+
+    root = tmp_path_factory.mktemp("meerkat")
+    base = _base(root, tiny_model_dir)
+    runs = {d: prepare_run(load_config(None, [*base, f"downlink={d}", f"out={root / d}"]), quiet=True)
+            for d in DOWNLINKS}
+    result = selftest.launch(root / "deploy", ["--rounds", "1",
+                                               "--runs", ",".join(str(p) for p in runs.values())],
+                             timeout_s=240)
+    assert result["returncode"] == 0, result.get("error") or result["output"]
+    local = {d: Path(run(load_config(None, [*base, f"downlink={d}", f"mask={runs[d] / 'mask.safetensors'}",
+                                           f"out={root / ('local-' + d)}"]), quiet=True)["out"])
+             for d in DOWNLINKS}
+    return runs, local, result
+
+
+@pytest.mark.parametrize("downlink", DOWNLINKS)
+def test_deployed_meerkat_is_bit_identical_to_the_in_process_run(deployed_runs, downlink):
+    import json
+
+    from safetensors.torch import load_file
+
+    runs, local, result = deployed_runs
+    assert result["runs"][str(runs[downlink])]["status"] == "FINISHED:COMPLETED"
+    deployed = load_file(str(runs[downlink] / "final_state.safetensors"))["theta"]
+    here = load_file(str(local[downlink] / "final_state.safetensors"))["theta"]
+    assert torch.equal(deployed, here)
+    assert not torch.equal(deployed, load_file(str(runs[downlink] / "initial_state.safetensors"))["theta"])
+    read = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (runs[downlink], local[downlink])]
+    keys = ("round", "train_loss", "test_accuracy", "bytes_up", "bytes_down", "bytes", "client_steps")
+    assert [{k: r.get(k) for k in keys} for r in read[0]] == [{k: r.get(k) for k in keys} for r in read[1]]
+    assert len(read[0]) == 4  # round 0 and three rounds
+    summary = json.loads((runs[downlink] / "summary.json").read_text())
+    assert summary["transport"] == "nvflare" and summary["rounds"] == 3

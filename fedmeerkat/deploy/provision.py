@@ -12,6 +12,7 @@ sites' ClientAPIExecutor (the trainer launcher, not on FLARE's default list).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -98,4 +99,21 @@ def provision(workspace: str | Path, project: str, sites: list[str], host: str =
     for kit in (kits.server, *kits.sites.values()):
         set_log_level(kit, log_level)
         allow_classes(kit, SERVER_CLASSES if kit == kits.server else SITE_CLASSES)
+    (ws / KITS_FILE).write_text(json.dumps(
+        {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(kits).items()}
+        | {"sites": {s: str(p) for s, p in kits.sites.items()}}, indent=1))
     return kits
+
+
+KITS_FILE = "kits.json"
+
+
+def load_kits(workspace: str | Path) -> Kits:
+    """The kits `provision` made in `workspace` (for the `fedmeerkat deploy` commands)."""
+    path = Path(workspace) / KITS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{workspace} holds no {KITS_FILE}: run `fedmeerkat deploy "
+                                "provision` first")
+    d = json.loads(path.read_text())
+    return Kits(d["project"], d["host"], d["fl_port"], d["admin_port"], Path(d["server"]),
+                {s: Path(p) for s, p in d["sites"].items()}, Path(d["admin"]), d["admin_user"])

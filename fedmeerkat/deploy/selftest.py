@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 SITES = {"site-1": "clients=0,1", "site-2": "clients=2"}
+MEERKAT_SITES = {"site-1": [0, 1], "site-2": [2]}  # --runs: which clients each site hosts
 LATE_SITE = "site-2"
 INTRUDERS = ("intruder", "impostor")
 NETNS = ["unshare", "-rnpf", "--kill-child", "--mount-proc"]
@@ -70,7 +71,7 @@ def console_lines(kit: Path, needle: str) -> list[str]:
 
 
 def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bool,
-        job_timeout_s: float) -> dict:
+        job_timeout_s: float, runs: list[str] | None = None) -> dict:
     from fedmeerkat.deploy import admin, processes
     from fedmeerkat.deploy.job import make_job
     from fedmeerkat.deploy.provision import provision
@@ -103,6 +104,17 @@ def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bo
             result["job_id"], result["job_status"] = job_id, meta.get("status")
             echo = out / "workspace" / "fedmeerkat" / "echo.json"
             result["echo"] = json.loads(echo.read_text()) if echo.exists() else None
+            result["runs"] = {}
+            for run_dir in runs or []:  # prepared Meerkat runs (fedmeerkat.deploy.meerkat)
+                from fedmeerkat.deploy.meerkat import deploy_job
+
+                name = Path(run_dir).name.replace(".", "_")
+                deploy_job(run_dir, MEERKAT_SITES).export_job(str(workdir / "jobs"))
+                t = time.monotonic()
+                job_id, meta, _ = admin.run_job(s, workdir / "jobs" / name,
+                                                workdir / "results" / name, timeout_s=job_timeout_s)
+                result["runs"][run_dir] = {"job_id": job_id, "status": meta.get("status"),
+                                           "seconds": time.monotonic() - t}
             # By now the intruder has been trying to register for the whole job.
             result["connected"] = admin.connected_sites(s)
             result["intruders"] = {
@@ -123,12 +135,14 @@ def main() -> None:
     ap.add_argument("--late", action="store_true",
                     help="then a round site-2 answers too late, then a normal round")
     ap.add_argument("--job-timeout", type=float, default=180.0)
+    ap.add_argument("--runs", default="", help="comma-separated prepared run folders to run "
+                    "as Meerkat jobs on the same deployment (sites: MEERKAT_SITES)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     result: dict = {"netns_pid": os.getpid()}  # 1 inside launch()'s PID namespace
     try:
         result |= run(args.workdir, args.rounds, args.payload_bytes, args.intruder, args.late,
-                      args.job_timeout)
+                      args.job_timeout, [r for r in args.runs.split(",") if r])
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
         raise

@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config", help="list every config key and default").set_defaults(fn=cmd_config)
     sub.add_parser("methods", help="list the methods (the README's table)").set_defaults(
         fn=cmd_methods)
+    from fedmeerkat.cli.deploy import add_parser as add_deploy  # nvflare loads only when used
+
+    add_deploy(sub)
     return p
 
 

@@ -43,10 +43,12 @@ def cmd_provision(ns: argparse.Namespace) -> int:
 
 
 def cmd_prepare(ns: argparse.Namespace) -> int:
-    from fedmeerkat.cli.main import _config
+    from fedmeerkat.config import load_config
     from fedmeerkat.deploy.meerkat import prepare_run
 
-    out = prepare_run(_config(ns.args), quiet=ns.quiet)
+    args = list(ns.args)  # [CONFIG.toml] key=value ...
+    path = args.pop(0) if args and "=" not in args[0] else None
+    out = prepare_run(load_config(path, args), quiet=ns.quiet)
     print(f"run folder: {out}  (copy config.toml and mask.safetensors to every site)")
     return 0
 

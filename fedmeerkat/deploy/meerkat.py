@@ -30,7 +30,7 @@ import json
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ class SiteTransport:
         self.flare, self.site_clients = flare, site_clients
         self.site_of = {k: s for s, ks in site_clients.items() for k in ks}
 
-    def exchange(self, round_idx: int, plans: dict[int, bytes],
+    def exchange(self, round_idx: int, plans: Mapping[int, bytes],
                  deadline: float | None) -> dict[int, bytes]:
         by_site: dict[str, dict[int, bytes]] = {}
         for k, blob in plans.items():

@@ -15,18 +15,35 @@ and why.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from fedmeerkat.federated import MeerkatServer
+from fedmeerkat.federated import MeerkatServer, RoundPlan
 from fedmeerkat.federated.messages import reply_from_bytes
 
 
+class PlanBytes(Mapping[int, bytes]):
+    """client id -> plan bytes, serialized when read: in the sparse-weights mode each plan
+    carries the global vector, so K serialized plans held at once would grow with K."""
+
+    def __init__(self, plans: list[RoundPlan]):
+        self.plans = {p.client_id: p for p in plans}
+
+    def __getitem__(self, k: int) -> bytes:
+        return self.plans[k].to_bytes()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.plans)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+
 class Transport(Protocol):
-    def exchange(self, round_idx: int, plans: dict[int, bytes],
+    def exchange(self, round_idx: int, plans: Mapping[int, bytes],
                  deadline: float | None) -> dict[int, bytes]:
         """Deliver plans (client id -> plan bytes); return the reply bytes that arrived by
         `deadline` (time.monotonic(); None = wait for all), client id -> bytes."""
@@ -46,6 +63,7 @@ class RoundDriver:
     evaluate: Callable[[int], dict[str, Any] | None] = lambda r: None
     log: Callable[[str], None] = print
     round_timeout: float = 0.0  # seconds a round waits for replies (0 = no deadline)
+    on_plans: Callable[[list[RoundPlan]], object] = lambda plans: None  # e.g. a progress bar
 
     def run(self, last_round: int) -> None:
         for r in range(self.server.round + 1, last_round + 1):
@@ -53,7 +71,8 @@ class RoundDriver:
 
     def run_round(self, r: int) -> dict[str, Any]:
         plans = self.server.plan_round(r)
-        blobs = {p.client_id: p.to_bytes() for p in plans}
+        self.on_plans(plans)
+        blobs = PlanBytes(plans)
         deadline = time.monotonic() + self.round_timeout if self.round_timeout > 0 else None
         got = self.transport.exchange(r, blobs, deadline)
         replies: list[Any] = []  # ClientReply, or VectorReply (first-order baselines)
@@ -70,7 +89,7 @@ class RoundDriver:
             except ValueError as e:
                 rejected[k] = str(e)
                 continue
-            sizes[k] = [len(got[k]), len(blobs[k])]
+            sizes[k] = [len(got[k]), blobs.plans[k].nbytes()]  # nbytes == len(to_bytes())
             replies.append(reply)
         missing = sorted(set(blobs) - set(got))
         outcome = self.server.apply(r, replies)

@@ -233,12 +233,12 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
 
     host = ClientHost(get_method(cfg.method), cfg.method_settings, settings,
                       SharedModel(prep, view), {s.client_id: s for s in states}, on_step)
-    driver = RoundDriver(server, InProcessTransport(host, on_plans),
+    driver = RoundDriver(server, InProcessTransport(host),
                          append_metrics=metrics.append,
                          save_arrays=lambda r, arrays: save_trajectories(out, r, arrays),
                          checkpoint=lambda: save_checkpoint(out, server, states),
                          evaluate=evaluate, log=lambda m: bar.write(m, file=sys.stderr),
-                         round_timeout=cfg.round_timeout)
+                         round_timeout=cfg.round_timeout, on_plans=on_plans)
     try:
         driver.run(cfg.rounds)
     finally:

@@ -18,8 +18,10 @@ from fedmeerkat.federated.messages import ClientReply, VectorReply
 from fedmeerkat.federated.methods.feddyn import (
     H_KEY,
     FedDynServer,
+    PENDING_KEY,
     replay_feddyn,
     run_client_feddyn,
+    settle_pending,
 )
 from fedmeerkat.federated.methods.full_fedzo import FullFedZOServer, run_client_dense
 from fedmeerkat.zo import draw_z, eligible_parameters, round_seeds
@@ -232,8 +234,12 @@ def test_feddyn_server_replay_equals_client_result():
             h = h_before[reply.client_id].clone()
             got = replay_feddyn(theta_g, plan.seeds, reply.scalars, settings.lrs(r), h, 0.1, 0.01)
             assert torch.equal(got, finals[reply.client_id])
-            assert torch.equal(h, states[reply.client_id].extra[H_KEY])
+            # the client's h_k update waits for the server's acknowledgement (pending)
+            pending = states[reply.client_id].extra[PENDING_KEY]
+            assert torch.equal(h, h_before[reply.client_id] - pending)
         server.apply(r, replies)
+        for s in states:  # what each client's next plan acknowledges: every reply applied
+            settle_pending(s, server.applied[s.client_id])
         for s in states:  # the server's mirror of every h_k equals the client's own, bit for bit
             assert torch.equal(server.h_clients[s.client_id],
                                s.extra.get(H_KEY, torch.zeros_like(theta0)))

@@ -17,8 +17,8 @@ from fedmeerkat.federated import ClientState, FedSettings, RoundPlan
 from fedmeerkat.federated.messages import ClientReply, VectorReply
 from fedmeerkat.federated.methods.feddyn import (
     H_KEY,
-    FedDynServer,
     PENDING_KEY,
+    FedDynServer,
     replay_feddyn,
     run_client_feddyn,
     settle_pending,

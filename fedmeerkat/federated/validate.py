@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedmeerkat.federated.messages import ClientReply, VectorReply
 
@@ -86,15 +87,12 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _values(reply: Any) -> Sequence[float] | np.ndarray:
-    if isinstance(reply, VectorReply):
-        return reply.vector.detach().cpu().numpy()
-    return reply.scalars
-
-
 def _finite(reply: Any) -> bool:
-    vals = np.asarray(_values(reply), dtype=np.float64)
-    return bool(np.isfinite(vals).all()) and math.isfinite(reply.train_loss)
+    if isinstance(reply, VectorReply):
+        ok = bool(torch.isfinite(reply.vector).all())
+    else:
+        ok = all(math.isfinite(g) for g in reply.scalars)
+    return ok and math.isfinite(reply.train_loss)
 
 
 def _wire(reply: Any) -> bytes:
@@ -141,7 +139,7 @@ def screen_replies(
         if k not in expected_steps:
             out.rejected[k] = "not planned this round"
             continue
-        if len({_wire(r) for r in mine}) > 1:
+        if len(mine) > 1 and len({_wire(r) for r in mine}) > 1:
             out.rejected[k] = f"{len(mine)} conflicting replies"
             continue
         r = mine[0]

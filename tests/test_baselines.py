@@ -89,8 +89,9 @@ def test_method_runs_end_to_end_with_honest_bytes(method, extra, tiny_model_dir,
     for rec in records[1:]:
         assert rec["client_steps"] == {str(k): T for k in range(4)}
         for up, down in rec["bytes"].values():
-            # downlink sparse-weights: seeds + the whole trainable vector in float32
-            assert down == _plan_bytes(T, nnz)
+            # downlink sparse-weights: seeds + the whole trainable vector in float32; FedDyn's
+            # plans add the acknowledgement of the client's last applied round (u32, wire v2)
+            assert down == _plan_bytes(T, nnz) + (4 if method == "meerkat-feddyn" else 0)
             if method == "fedavg-backprop":  # header 5, IIQfHI 26, the vector
                 assert up == 5 + 26 + 4 * nnz
             else:  # header 5, IIQfH 22, T scalars

@@ -21,6 +21,7 @@ from typing import Any
 from fedmeerkat.federated.methods import get_method, ordered
 from fedmeerkat.federated.schedule import SCHEDULES
 from fedmeerkat.federated.server import DOWNLINKS
+from fedmeerkat.federated.validate import REPLY_ACTIONS
 from fedmeerkat.models.loading import DTYPES as _MODEL_DTYPES
 from fedmeerkat.options import (
     ConfigError,
@@ -91,6 +92,12 @@ class RunConfig:
     out: str = _f("", "run folder; empty = runs/<task>-<method>-<time>")
     threads: int = _f(0, "torch CPU threads (0 = torch default)", min=0)
     round_timeout: float = _f(0.0, "seconds a round waits for replies; later ones leave their client out of the round (0 = wait for all)", min=0)
+    # replies and dropouts (federated/validate.py, runners/driver.py, docs/reliability.md)
+    reply_bound: float = _f(100.0, "leave out (or clip) a reply whose max |g| exceeds this many times the round's median max |g| (applies with >= 3 valid replies; 0 = off)", min=0)
+    reply_bound_abs: float = _f(0.0, "fixed cap on a reply's max |g| (vector replies: max |v - theta|); 0 = off", min=0)
+    reply_bound_action: str = _f("reject", "a reply above the bound: reject (leave the client out of the round) or clip (every scalar to the bound; meerkat-feddyn always rejects)", choices=REPLY_ACTIONS)
+    min_clients: int = _f(1, "usable replies a round needs; with fewer it is retried, then the run stops (resumable)", min=1)
+    round_retries: int = _f(2, "times a round below min_clients is planned again before the run stops", min=0)
 
     # The typed settings of `method` (its own keys, declared by its module under
     # federated/methods/); not a key itself: in files its keys sit flat beside the others.
@@ -190,6 +197,13 @@ def validate_combination(cfg: RunConfig) -> None:
         raise ConfigError(f"mask_kind: {cfg.mask_kind!r} picks a computed mask; it cannot apply to mask={cfg.mask}")
     if cfg.template and "{" not in cfg.template:
         raise ConfigError(f"template: {cfg.template!r} names no field, e.g. '{{sentence}} It was'")
+    if 0 < cfg.reply_bound < 1:
+        raise ConfigError(f"reply_bound: must be 0 (off) or >= 1, got {cfg.reply_bound!r} "
+                          "(below 1 it would leave out half of every round)")
+    per_round = cfg.clients_per_round or cfg.clients
+    if cfg.min_clients > per_round:
+        raise ConfigError(f"min_clients: {cfg.min_clients} exceeds the {per_round} clients "
+                          "planned per round")
     downlinks = get_method(cfg.method).downlinks
     if cfg.downlink not in downlinks:
         raise ConfigError(f"downlink: method {cfg.method} needs downlink={' or '.join(downlinks)} "

@@ -17,9 +17,11 @@ from fedmeerkat.federated import ClientState, FedSettings, RoundPlan
 from fedmeerkat.federated.messages import ClientReply, VectorReply
 from fedmeerkat.federated.methods.feddyn import (
     H_KEY,
+    PENDING_KEY,
     FedDynServer,
     replay_feddyn,
     run_client_feddyn,
+    settle_pending,
 )
 from fedmeerkat.federated.methods.full_fedzo import FullFedZOServer, run_client_dense
 from fedmeerkat.zo import draw_z, eligible_parameters, round_seeds
@@ -87,8 +89,9 @@ def test_method_runs_end_to_end_with_honest_bytes(method, extra, tiny_model_dir,
     for rec in records[1:]:
         assert rec["client_steps"] == {str(k): T for k in range(4)}
         for up, down in rec["bytes"].values():
-            # downlink sparse-weights: seeds + the whole trainable vector in float32
-            assert down == _plan_bytes(T, nnz)
+            # downlink sparse-weights: seeds + the whole trainable vector in float32; FedDyn's
+            # plans add the acknowledgement of the client's last applied round (u32, wire v2)
+            assert down == _plan_bytes(T, nnz) + (4 if method == "meerkat-feddyn" else 0)
             if method == "fedavg-backprop":  # header 5, IIQfHI 26, the vector
                 assert up == 5 + 26 + 4 * nnz
             else:  # header 5, IIQfH 22, T scalars
@@ -232,8 +235,12 @@ def test_feddyn_server_replay_equals_client_result():
             h = h_before[reply.client_id].clone()
             got = replay_feddyn(theta_g, plan.seeds, reply.scalars, settings.lrs(r), h, 0.1, 0.01)
             assert torch.equal(got, finals[reply.client_id])
-            assert torch.equal(h, states[reply.client_id].extra[H_KEY])
+            # the client's h_k update waits for the server's acknowledgement (pending)
+            pending = states[reply.client_id].extra[PENDING_KEY]
+            assert torch.equal(h, h_before[reply.client_id] - pending)
         server.apply(r, replies)
+        for s in states:  # what each client's next plan acknowledges: every reply applied
+            settle_pending(s, server.applied[s.client_id])
         for s in states:  # the server's mirror of every h_k equals the client's own, bit for bit
             assert torch.equal(server.h_clients[s.client_id],
                                s.extra.get(H_KEY, torch.zeros_like(theta0)))

@@ -92,6 +92,10 @@ def test_dry_run_validates_without_loading(capsys):
     ("partition=zipf", "partition: 'zipf' is not one of"),
     ("eps=abc", "eps: expected float"),
     ("task=local", "data_files: required"),
+    ("reply_bound=0.5", "reply_bound: must be 0 (off) or >= 1"),
+    ("reply_bound_action=drop", "reply_bound_action: 'drop' is not one of reject, clip"),
+    ("min_clients=11", "min_clients: 11 exceeds the 10 clients planned per round"),
+    ("round_retries=-1", "round_retries: must be >= 0"),
 ])
 def test_bad_config_is_one_clear_line(override, needle, capsys):
     assert main(["run", override]) == 2
@@ -120,3 +124,28 @@ def test_mask_command_writes_a_mask_that_a_run_accepts(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mask_source"] == f"file {path}"
     assert summary["density"] == pytest.approx(0.02, rel=1e-3)
+
+
+@pytest.mark.faults
+def test_run_without_replies_stops_with_exit_3_and_resumes(
+        tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path, capsys):
+    # a deadline that has passed before the first client starts: no round gets a reply
+    out = tmp_path / "cut"
+    args = _args(tiny_model_dir, sentiment_csv, calib_txt, out, "rounds=2")
+    assert main([*args, "round_timeout=1e-9", "round_retries=1"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fedmeerkat: error: round 1: fewer than min_clients=1 usable "
+                              "replies in 2 attempt(s)")
+    assert f"continue with `fedmeerkat run --resume {out}`" in err[-1]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [0, 1] and lines[1]["failed"] is True
+    assert [a["missing"] for a in lines[1]["attempts"]] == [[0, 1, 2, 3]] * 2
+    assert not (out / "final_state.safetensors").exists()
+    # resumed with no deadline it finishes, bit-identical to a run that never stalled
+    assert main(["run", "--resume", str(out), "round_timeout=0", "--quiet"]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [0, 1, 2] and not any(x.get("failed") for x in lines)
+    clean = tmp_path / "clean"
+    assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, clean, "rounds=2")) == 0
+    assert torch.equal(load_file(str(out / "final_state.safetensors"))["theta"],
+                       load_file(str(clean / "final_state.safetensors"))["theta"])

@@ -85,20 +85,20 @@ def test_round_is_fedavg_of_replayed_client_paths(weighting):
     assert not torch.equal(server.theta, theta0)
 
 
-def test_server_rejects_protocol_violations_and_drops_diverged_clients():
+def test_server_refuses_a_wrong_round_plan_and_leaves_out_bad_replies():
     model, states, settings, server = _setup()
     with pytest.raises(ValueError, match="planned after"):
         server.plan_round(2)
     server.plan_round(1)
-    ok = ClientReply(1, 0, [0.1, 0.2, 0.3], 20)
-    with pytest.raises(ValueError, match="expected 3"):
-        server.apply(1, [ClientReply(1, 1, [0.1], 6)])
-    with pytest.raises(ValueError, match="round 2"):
-        server.apply(1, [ClientReply(2, 1, [0.1, 0.2, 0.3], 6)])
-    with pytest.raises(ValueError, match="repeated"):
-        server.apply(1, [ok, ok])
-    outcome = server.apply(1, [ok, ClientReply(1, 1, [float("nan"), 0.0, 0.0], 6)])
-    assert outcome.dropped == [1]
+    ok = ClientReply(1, 0, [0.1, 0.2, 0.3], 20, 0.5)
+    # a client's bad input never raises: it is left out with its reason (tests/test_validation.py)
+    verdict = server.screen(1, [ok, ClientReply(1, 1, [0.1], 6, 0.5),
+                                ClientReply(2, 2, [0.1] * 3, 6, 0.5)])
+    assert [r.client_id for r in verdict.accepted] == [0]
+    assert verdict.rejected == {1: "sent 1 scalars, expected 3",
+                                2: "reply is for round 2, not 1"}
+    outcome = server.apply(1, [ok, ClientReply(1, 1, [float("nan"), 0.0, 0.0], 6, 0.5)])
+    assert outcome.rejected == {1: "non-finite scalar or loss"} and outcome.client_steps == {0: 3}
     assert torch.equal(server.theta, replay(model.view.gather(), server.seeds(1), ok.scalars, 0.05))
 
 

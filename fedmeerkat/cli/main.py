@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         ns.args = list(ns.args) + extra
     from fedmeerkat.models.loading import ModelLoadError
     from fedmeerkat.models.scoring import LabelWordError
+    from fedmeerkat.runners.driver import RoundFailed
     from fedmeerkat.runners.export import ExportError
     from fedmeerkat.zo import MaskMismatchError
 
@@ -323,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             ModelLoadError, NotImplementedError, ExportError) as e:
         print(f"fedmeerkat: error: {e}", file=sys.stderr)
         return 1
+    except RoundFailed as e:  # too few usable replies: the checkpoint holds the last good round
+        print(f"fedmeerkat: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("fedmeerkat: interrupted; metrics.jsonl and the last round's state are on disk",
               file=sys.stderr)

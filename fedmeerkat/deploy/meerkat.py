@@ -149,7 +149,8 @@ def serve(flare, run_dir: str, site_clients: dict[str, list[int]]) -> None:
     driver = RoundDriver(server, SiteTransport(flare, site_clients), append_metrics=metrics.append,
                          save_arrays=lambda r, a: save_trajectories(out, r, a),
                          checkpoint=lambda: save_checkpoint(out, server, []),
-                         evaluate=evaluate, log=log, round_timeout=cfg.round_timeout)
+                         evaluate=evaluate, log=log, round_timeout=cfg.round_timeout,
+                         min_clients=cfg.min_clients, round_retries=cfg.round_retries)
     for r in range(1, cfg.rounds + 1):
         record = driver.run_round(r)
         log(f"round {r}: train loss {record['train_loss']:.4f}, {len(record['bytes'])} replies")

@@ -10,10 +10,18 @@ The sparse vector's indices never travel: the mask is fixed and both sides hold 
              | has_theta u8 [| n u32 | theta f32[n]]
              | n_catchup u16 | per aggregate: round u32 | decay f32 | n u16 | seeds u64[n]
                                               | coefs f32[n]
+             [| applied u32]                   (version 2 plans only, see below)
     reply  : round u32 | client u32 | num_samples u64 | train_loss f32 | n u16 | scalars f32[n]
     vreply : round u32 | client u32 | num_samples u64 | train_loss f32 | num_steps u16
              | n u32 | vector f32[n]                      (kind "V": first-order baselines,
              the client's final trainable vector, e.g. fedavg-backprop; VectorReply)
+
+Versions. Every message is version 1 except a plan that carries an acknowledgement: version 2
+adds `applied`, the last round in which the server applied this client's reply (0 = none
+yet). Only methods whose client keeps state that must follow the server's decision (FedDyn's
+h_k: the client commits its update only once the server says its reply was applied) send it,
+so every other method's messages and byte counts are those of version 1. A reader takes both
+versions of a plan and only version 1 of a reply.
 """
 
 from __future__ import annotations
@@ -29,14 +37,17 @@ from fedmeerkat.federated.aggregate import Aggregate
 
 MAGIC = b"FMK"
 WIRE_VERSION = 1
+ACK_VERSION = 2  # a plan with the `applied` acknowledgement
 
 
 class _Reader:
-    def __init__(self, blob: bytes, kind: bytes):
-        if blob[:3] != MAGIC or blob[3:4] != bytes([WIRE_VERSION]) or blob[4:5] != kind:
-            raise ValueError(f"expected a v{WIRE_VERSION} {kind.decode()!r} message, got header "
+    def __init__(self, blob: bytes, kind: bytes, versions: tuple[int, ...] = (WIRE_VERSION,)):
+        if (blob[:3] != MAGIC or blob[3:4] not in [bytes([v]) for v in versions]
+                or blob[4:5] != kind):
+            want = "/".join(f"v{v}" for v in versions)
+            raise ValueError(f"expected a {want} {kind.decode()!r} message, got header "
                              f"{blob[:5]!r}")
-        self.blob, self.pos = blob, 5
+        self.blob, self.pos, self.version = blob, 5, blob[3]
 
     def take(self, fmt: str) -> tuple:
         try:
@@ -89,9 +100,14 @@ class RoundPlan:
     num_steps: int
     theta: torch.Tensor | None = None
     catchup: list[Aggregate] = field(default_factory=list)
+    # the last round in which the server applied this client's reply (0 = none), for methods
+    # with client state that must follow the server's decision (meerkat-feddyn); None = not
+    # sent (a version 1 plan)
+    applied: int | None = None
 
     def to_bytes(self) -> bytes:
-        parts = [MAGIC, bytes([WIRE_VERSION]), b"P",
+        version = WIRE_VERSION if self.applied is None else ACK_VERSION
+        parts = [MAGIC, bytes([version]), b"P",
                  struct.pack("<IIHH", self.round, self.client_id, self.num_steps, len(self.seeds)),
                  _u64(self.seeds), struct.pack("<B", self.theta is not None)]
         if self.theta is not None:
@@ -100,6 +116,8 @@ class RoundPlan:
         for a in self.catchup:
             parts += [struct.pack("<IfH", a.round, a.decay, len(a.seeds)), _u64(a.seeds),
                       _f32(a.coefs)]
+        if self.applied is not None:
+            parts.append(struct.pack("<I", self.applied))
         return b"".join(parts)
 
     def nbytes(self) -> int:
@@ -107,11 +125,13 @@ class RoundPlan:
         n = 5 + 12 + 8 * len(self.seeds) + 1 + 2
         if self.theta is not None:
             n += 4 + 4 * self.theta.numel()
+        if self.applied is not None:
+            n += 4
         return n + sum(10 + 12 * len(a.seeds) for a in self.catchup)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> RoundPlan:
-        r = _Reader(blob, b"P")
+        r = _Reader(blob, b"P", (WIRE_VERSION, ACK_VERSION))
         round_idx, client, steps, n = r.take("IIHH")
         seeds = [int(s) for s in r.array("u8", n)]
         theta = None
@@ -124,8 +144,9 @@ class RoundPlan:
             a_seeds = [int(s) for s in r.array("u8", k)]
             coefs = [float(c) for c in r.array("f4", k)]
             catchup.append(Aggregate(ar, a_seeds, coefs, float(decay)))
+        applied = int(r.take("I")[0]) if r.version == ACK_VERSION else None
         r.done()
-        return cls(round_idx, client, seeds, steps, theta, catchup)
+        return cls(round_idx, client, seeds, steps, theta, catchup, applied)
 
 
 @dataclass

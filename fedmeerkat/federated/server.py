@@ -17,6 +17,12 @@ Downlink modes:
   fewer bytes (`catchup_choices` records which).
 Both modes compute the same model up to float32 summation order (tests/test_protocol.py).
 Methods change who trains how much by overriding `steps_for` (see federated/methods/).
+
+Replies are screened before anything is applied (federated/validate.py: type, sender, round,
+length, finiteness, a bound on |g|); `screen` is that verdict without side effects, `apply`
+uses only the accepted replies and never raises on what a client sent. A rejected reply leaves
+the server exactly as if that client had not replied: its `synced` and `applied` rounds stay
+where they were, so it is caught up later like any client that missed the round.
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ from fedmeerkat.federated.aggregate import Aggregate, aggregate_scalars, apply_a
 from fedmeerkat.federated.gradip import GradIPRecorder, chain, round_summary
 from fedmeerkat.federated.messages import ClientReply, RoundPlan
 from fedmeerkat.federated.schedule import lr_at
+from fedmeerkat.federated.validate import (
+    ReplyBound,
+    Screened,
+    clip_scalars,
+    max_abs_scalar,
+    screen_replies,
+)
 from fedmeerkat.zo import replay_many, round_seeds
 from fedmeerkat.zo.seeds import mix
 
@@ -53,6 +66,11 @@ class FedSettings:
     downlink: str = "sparse-weights"
     clients_per_round: int = 0  # 0 = every client every round
     device: str = "cpu"  # where the server's vectors live and its z is drawn (any device)
+    # screening of replies (federated/validate.py): bound on max |g| relative to the round's
+    # median (0 = off), a fixed cap (0 = off), and what to do with a reply above it
+    reply_bound: float = 100.0
+    reply_bound_abs: float = 0.0
+    reply_bound_action: str = "reject"
 
     def lrs(self, round_idx: int, num_seeds: int | None = None) -> list[float]:
         """Learning rate of each local step of a round with `num_seeds` seeds (default T): the
@@ -69,8 +87,9 @@ class FedSettings:
 class RoundOutcome:
     round: int
     train_loss: float  # sample-weighted mean of the clients' round losses
-    client_steps: dict[int, int]
-    dropped: list[int] = field(default_factory=list)  # clients whose reply was unusable
+    client_steps: dict[int, int]  # accepted clients -> their step count
+    rejected: dict[int, str] = field(default_factory=dict)  # client -> why its reply was unused
+    clipped: dict[int, str] = field(default_factory=dict)  # client -> its reply was clipped
     extra: dict[str, Any] = field(default_factory=dict)  # method metrics, into metrics.jsonl
     arrays: dict[str, torch.Tensor] = field(default_factory=dict)  # per-round trajectories
 
@@ -80,6 +99,9 @@ class MeerkatServer:
     # Downlinks that can carry this method's update: the scalar one only when every update is
     # along seeded directions.
     downlinks: tuple[str, ...] = DOWNLINKS
+    reply_type: type = ClientReply  # the reply message this method expects
+    clip_ok = True  # False: reply_bound_action = "clip" rejects instead (see validate.py)
+    acknowledges = False  # plans tell each client the last round its reply was applied
 
     def __init__(self, settings: FedSettings, theta0: torch.Tensor, client_sizes: list[int]):
         if not client_sizes or min(client_sizes) <= 0:
@@ -91,11 +113,14 @@ class MeerkatServer:
             raise ValueError(f"clients_per_round={settings.clients_per_round} exceeds "
                              f"{len(client_sizes)} clients")
         self.settings = settings
+        self.bound = ReplyBound(settings.reply_bound, settings.reply_bound_abs,
+                                settings.reply_bound_action)
         self.theta = theta0.detach().to(settings.device, torch.float32, copy=True)
         self.client_sizes = list(client_sizes)
         self.round = 0  # last completed round
         self.history: dict[int, Aggregate] = {}  # scalar aggregates of past rounds (scalars mode)
         self.synced = [0] * len(client_sizes)  # round whose global model each client holds
+        self.applied = [0] * len(client_sizes)  # last round each client's reply was applied
         self.catchup_choices: dict[int, str] = {}  # client -> "scalars:N" | "vector", this round
         # Called with (step, z) for every z drawn while applying a round (GradIP analytics).
         self.step_observer: Callable[[int, torch.Tensor], None] | None = None
@@ -134,7 +159,8 @@ class MeerkatServer:
         self.catchup_choices = {}
         plans = []
         for k in self.participants(round_idx):
-            plan = RoundPlan(round_idx, k, seeds, self.steps_for(round_idx, k), self.theta)
+            plan = RoundPlan(round_idx, k, seeds, self.steps_for(round_idx, k), self.theta,
+                             applied=self.applied[k] if self.acknowledges else None)
             if self.settings.downlink == "scalars":
                 plan = self._cheaper_sync(plan, k)
             plans.append(plan)
@@ -144,7 +170,7 @@ class MeerkatServer:
         """Missed aggregates or the vector, whichever serializes to fewer bytes."""
         missed = [self.history[r] for r in range(self.synced[k] + 1, vector_plan.round)]
         scalar_plan = RoundPlan(vector_plan.round, k, vector_plan.seeds, vector_plan.num_steps,
-                                None, missed)
+                                None, missed, vector_plan.applied)
         if scalar_plan.nbytes() <= vector_plan.nbytes():
             self.catchup_choices[k] = f"scalars:{len(missed)}"
             return scalar_plan
@@ -152,34 +178,35 @@ class MeerkatServer:
         return vector_plan
 
     # ---- aggregation -------------------------------------------------------------------
-    def _check(self, round_idx: int, reply: ClientReply) -> bool:
-        if reply.round != round_idx:
-            raise ValueError(f"reply of client {reply.client_id} is for round {reply.round}")
-        want = self.steps_for(round_idx, reply.client_id)
-        if len(reply.scalars) != want:
-            raise ValueError(f"client {reply.client_id} sent {len(reply.scalars)} scalars, "
-                             f"expected {want}")
-        # A diverged client (inf/nan loss) would poison the average: leave it out this round.
-        return all(math.isfinite(g) for g in reply.scalars)
+    def _magnitude(self, reply: Any) -> float:
+        """m_k of the reply bound (validate.py): max |g| of a scalar reply."""
+        return max_abs_scalar(reply)
 
-    def _sort_replies(self, round_idx: int, replies: list[Any], usable_if: Callable[[Any], bool]
-                      ) -> tuple[list[Any], list[Any], list[int]]:
-        """(replies in client order, usable ones, dropped client ids), after the common checks."""
-        expected = set(self.participants(round_idx))
-        got = [r.client_id for r in replies]
-        if len(set(got)) != len(got) or not set(got) <= expected:
-            raise ValueError(f"round {round_idx}: unexpected or repeated replies from {got}")
-        replies = sorted(replies, key=lambda r: r.client_id)  # fixed order: deterministic sums
-        for r in replies:
-            if r.round != round_idx:
-                raise ValueError(f"reply of client {r.client_id} is for round {r.round}")
-            # a client that replied holds round r-1's model; one that did not is caught up
-            # from where it was (sync_client skips aggregates it already applied)
+    def _clip(self, reply: Any, limit: float) -> Any:
+        return clip_scalars(reply, limit)
+
+    def screen(self, round_idx: int, replies: list[Any]) -> Screened:
+        """Which replies round `round_idx` may use, and why not the others; changes nothing.
+        Call it before `apply` of the same round (it reads the round's plan: participants and
+        step counts)."""
+        return screen_replies(
+            round_idx, replies,
+            expected_steps={k: self.steps_for(round_idx, k) for k in self.participants(round_idx)},
+            reply_type=self.reply_type, bound=self.bound, magnitude=self._magnitude,
+            clip=self._clip if self.clip_ok else None, vector_size=self.theta.numel())
+
+    def _accept(self, round_idx: int, replies: list[Any]) -> tuple[list[Any], Screened]:
+        """(usable replies in client order, the screen's verdict). Only an accepted client
+        counts as holding round r-1's model and as applied this round; one whose reply was
+        lost or rejected is caught up later from where it was (sync_client skips aggregates
+        it already applied)."""
+        verdict = self.screen(round_idx, replies)
+        for r in verdict.accepted:
             self.synced[r.client_id] = round_idx - 1
-        usable = [r for r in replies if usable_if(r)]
-        return replies, usable, [r.client_id for r in replies if r not in usable]
+            self.applied[r.client_id] = round_idx
+        return verdict.accepted, verdict
 
-    def _outcome(self, round_idx: int, replies: list[Any], usable: list[Any], dropped: list[int],
+    def _outcome(self, round_idx: int, usable: list[Any], verdict: Screened,
                  steps_of: Callable[[Any], int]) -> RoundOutcome:
         """Close the round: sample-weighted mean loss of the usable clients, per-client counts."""
         self.round = round_idx
@@ -187,12 +214,11 @@ class MeerkatServer:
         total = sum(sizes.values())
         loss = sum(r.train_loss * sizes[r.client_id] for r in usable) / total if total else math.nan
         return RoundOutcome(round=round_idx, train_loss=loss,
-                            client_steps={r.client_id: steps_of(r) for r in replies},
-                            dropped=dropped)
+                            client_steps={r.client_id: steps_of(r) for r in usable},
+                            rejected=dict(verdict.rejected), clipped=dict(verdict.clipped))
 
     def apply(self, round_idx: int, replies: list[ClientReply]) -> RoundOutcome:
-        replies, usable, dropped = self._sort_replies(
-            round_idx, replies, lambda r: self._check(round_idx, r))
+        usable, verdict = self._accept(round_idx, replies)
         seeds, lrs, wd = self.seeds(round_idx), self.lrs(round_idx), self.settings.weight_decay
         weights = self._weights([r.client_id for r in usable])
         scalars = [r.scalars for r in usable]
@@ -211,7 +237,7 @@ class MeerkatServer:
             for w, theta_k in zip(weights, finals, strict=True):
                 new.add_(theta_k * torch.tensor(w, dtype=torch.float32))
             self.theta = new
-        outcome = self._outcome(round_idx, replies, usable, dropped, lambda r: len(r.scalars))
+        outcome = self._outcome(round_idx, usable, verdict, lambda r: len(r.scalars))
         if recorder is not None and usable:  # trajectories/round_XXXXX.safetensors
             outcome.arrays.update(recorder.trajectories([r.client_id for r in usable], scalars,
                                                         len(seeds)))
@@ -239,6 +265,7 @@ class MeerkatServer:
         meta = {
             "round": self.round,
             "synced": list(self.synced),
+            "applied": list(self.applied),
             "history": [{"round": r, "seeds": self.history[r].seeds, "decay": self.history[r].decay}
                         for r in rounds],
         }
@@ -247,6 +274,8 @@ class MeerkatServer:
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.round = int(meta["round"])
         self.synced = [int(x) for x in meta["synced"]]
+        # checkpoints written before acknowledgements: no client holds a pending update then
+        self.applied = [int(x) for x in meta.get("applied", [0] * len(self.synced))]
         self.theta = tensors["server.theta"].to(self.settings.device, torch.float32, copy=True)
         coefs = tensors.get("server.history_coefs")
         self.history = {}

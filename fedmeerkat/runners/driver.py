@@ -7,9 +7,21 @@
 
 A transport only moves bytes: it delivers each client its plan and returns the replies that
 arrived before the deadline. Byte counts are the lengths of those bytes, so they are the wire
-format's whatever the transport adds around them. A reply that is missing or cannot be parsed
-leaves that client out of the round (the server never sees it); the round record says which
-and why.
+format's whatever the transport adds around them.
+
+Replies and dropouts (docs/reliability.md, "Replies and dropouts"):
+- A round closes at its deadline (`round_timeout`) with the replies it has. A reply that is
+  missing, cannot be parsed, names another client than the one the transport got it from, or
+  fails the server's screen (federated/validate.py) leaves that client out of the round,
+  exactly as if it had not been planned; the record says who (`missing`) and why
+  (`rejected`: client -> reason). Such a client is caught up in its next round by the usual
+  path (the vector, or the aggregates it missed).
+- A round needs `min_clients` usable replies. With fewer, nothing is applied and the round is
+  planned again (same round, same participants and seeds; the clients' data pointers have
+  moved on, so a retry reads fresh batches), up to `round_retries` times; the earlier attempts
+  are listed in the round's record (`retries`). If every attempt falls short, the driver
+  writes a `failed` record and raises RoundFailed: the checkpoint still holds the last good
+  round, so `fedmeerkat run --resume` continues from it (the CLI exits with code 3).
 """
 
 from __future__ import annotations
@@ -23,6 +35,11 @@ import torch
 
 from fedmeerkat.federated import MeerkatServer, RoundPlan
 from fedmeerkat.federated.messages import reply_from_bytes
+
+
+class RoundFailed(RuntimeError):
+    """A round got fewer than `min_clients` usable replies in every attempt; nothing of it was
+    applied and the last checkpoint is that of the round before (resume continues there)."""
 
 
 class PlanBytes(Mapping[int, bytes]):
@@ -63,13 +80,18 @@ class RoundDriver:
     evaluate: Callable[[int], dict[str, Any] | None] = lambda r: None
     log: Callable[[str], None] = print
     round_timeout: float = 0.0  # seconds a round waits for replies (0 = no deadline)
+    min_clients: int = 1  # usable replies a round needs to be applied
+    round_retries: int = 2  # re-plans of a round below min_clients before the run stops
     on_plans: Callable[[list[RoundPlan]], object] = lambda plans: None  # e.g. a progress bar
 
     def run(self, last_round: int) -> None:
         for r in range(self.server.round + 1, last_round + 1):
             self.run_round(r)
 
-    def run_round(self, r: int) -> dict[str, Any]:
+    def _attempt(self, r: int) -> tuple[list[Any], dict[int, list[int]], dict[int, str],
+                                        list[int], int]:
+        """One exchange of round r: (parsed replies, client -> [up, down] bytes, transport-level
+        rejections, missing clients, number of usable replies by the server's screen)."""
         plans = self.server.plan_round(r)
         self.on_plans(plans)
         blobs = PlanBytes(plans)
@@ -84,28 +106,68 @@ class RoundDriver:
                 continue
             try:
                 reply = reply_from_bytes(got[k])
-                if reply.client_id != k or reply.round != r:
-                    raise ValueError(f"reply names client {reply.client_id} round {reply.round}")
             except ValueError as e:
                 rejected[k] = str(e)
                 continue
+            if reply.client_id != k:  # the transport knows who sent it; the reply must agree
+                rejected[k] = f"reply names client {reply.client_id}"
+                continue
             sizes[k] = [len(got[k]), blobs.plans[k].nbytes()]  # nbytes == len(to_bytes())
-            replies.append(reply)
+            replies.append(reply)  # the server screens the rest (federated/validate.py)
         missing = sorted(set(blobs) - set(got))
+        usable = len(self.server.screen(r, replies).accepted)
+        return replies, sizes, rejected, missing, usable
+
+    def run_round(self, r: int) -> dict[str, Any]:
+        failed: list[dict[str, Any]] = []
+        for attempt in range(1, self.round_retries + 2):
+            replies, sizes, rejected, missing, usable = self._attempt(r)
+            if usable >= self.min_clients:
+                break
+            verdict = self.server.screen(r, replies)
+            note: dict[str, Any] = {
+                "attempt": attempt, "usable": usable,
+                "bytes_up": sum(u for u, _ in sizes.values()),
+                "bytes_down": sum(d for _, d in sizes.values())}
+            if missing:
+                note["missing"] = missing
+            why = {**rejected, **verdict.rejected}
+            if why:
+                note["rejected"] = {str(k): v for k, v in sorted(why.items())}
+            failed.append(note)
+            self.log(f"round {r}: {usable} usable replies, min_clients={self.min_clients} "
+                     f"(attempt {attempt} of {self.round_retries + 1}; missing {missing}, "
+                     f"rejected {why})")
+        else:
+            # the run stops: the checkpoint still holds round r-1, nothing of round r applied
+            self.append_metrics({"round": r, "failed": True, "train_loss": None,
+                                 "test_accuracy": None,
+                                 "bytes_up": sum(a["bytes_up"] for a in failed),
+                                 "bytes_down": sum(a["bytes_down"] for a in failed),
+                                 "attempts": failed})
+            raise RoundFailed(f"round {r}: fewer than min_clients={self.min_clients} usable "
+                              f"replies in {len(failed)} attempt(s); the run stops after round "
+                              f"{self.server.round}")
         outcome = self.server.apply(r, replies)
+        rejected = {**rejected, **outcome.rejected}
         record: dict[str, Any] = {
             "round": r, "train_loss": outcome.train_loss, "test_accuracy": None,
             "bytes_up": sum(u for u, _ in sizes.values()),
             "bytes_down": sum(d for _, d in sizes.values()),
             "bytes": {str(k): v for k, v in sizes.items()},  # client -> [up, down]
-            "client_steps": outcome.client_steps, "dropped": outcome.dropped, **outcome.extra,
+            "client_steps": outcome.client_steps, **outcome.extra,
         }
+        if failed:  # earlier attempts of this round (their traffic is not in bytes_up/down)
+            record["retries"] = failed
         if missing:
             record["missing"] = missing
             self.log(f"round {r}: no reply from clients {missing} by the deadline")
         if rejected:
-            record["rejected"] = {str(k): v for k, v in rejected.items()}
-            self.log(f"round {r}: rejected replies {rejected}")
+            record["rejected"] = {str(k): v for k, v in sorted(rejected.items())}
+            self.log(f"round {r}: left out replies {rejected}")
+        if outcome.clipped:
+            record["clipped"] = {str(k): v for k, v in sorted(outcome.clipped.items())}
+            self.log(f"round {r}: clipped replies {outcome.clipped}")
         if self.server.catchup_choices:
             record["sync"] = {str(k): v for k, v in self.server.catchup_choices.items()}
             # scalars:0 (round 1) and scalars:1 (took part last round) are the normal case
@@ -115,8 +177,6 @@ class RoundDriver:
                 self.log(f"round {r}: catch-up {lagging}")
         if outcome.extra.get("log"):  # a method's one-line note (e.g. Meerkat-VP's flags)
             self.log(f"round {r}: {outcome.extra['log']}")
-        if outcome.dropped:
-            self.log(f"round {r}: left out clients {outcome.dropped} (non-finite scalars)")
         result = self.evaluate(r)
         if result is not None:
             record.update(result)

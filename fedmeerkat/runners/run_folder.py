@@ -117,7 +117,10 @@ CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_VERSION = "2"  # 2: client copies stored once per round (1, a copy per client, loads)
 # Keys a resumed run may change: they do not alter what the finished rounds computed.
 # z and every update are bit-identical on any device, so the devices may change too.
-RESUMABLE_KEYS = ("rounds", "eval_every", "eval_batch_size", "threads", "device", "server_device")
+# How long a round waits and how many replies it needs decide whether a round is applied, not
+# what an applied round computes, so a run stopped for want of replies may resume with others.
+RESUMABLE_KEYS = ("rounds", "eval_every", "eval_batch_size", "threads", "device", "server_device",
+                  "round_timeout", "min_clients", "round_retries")
 
 
 def save_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState]) -> None:

@@ -25,7 +25,7 @@ from fedmeerkat.federated.methods import get_method, make_server
 from fedmeerkat.models.loading import load_model
 from fedmeerkat.models.scoring import EvalResult, LabelScorer, encode_prompts, evaluate
 from fedmeerkat.runners.client_host import ClientHost
-from fedmeerkat.runners.driver import RoundDriver
+from fedmeerkat.runners.driver import RoundDriver, RoundFailed
 from fedmeerkat.runners.inprocess import InProcessTransport
 from fedmeerkat.runners.masks import obtain_mask
 from fedmeerkat.runners.run_folder import (
@@ -137,7 +137,9 @@ def settings_of(cfg: RunConfig) -> FedSettings:
                        rounds=cfg.rounds, lr_schedule=cfg.lr_schedule,
                        weight_decay=cfg.weight_decay, downlink=cfg.downlink,
                        clients_per_round=cfg.clients_per_round,
-                       device=cfg.server_device or cfg.device)
+                       device=cfg.server_device or cfg.device, reply_bound=cfg.reply_bound,
+                       reply_bound_abs=cfg.reply_bound_abs,
+                       reply_bound_action=cfg.reply_bound_action)
 
 
 def _eval(prep: Prepared, cfg: RunConfig) -> EvalResult:
@@ -238,9 +240,13 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
                          save_arrays=lambda r, arrays: save_trajectories(out, r, arrays),
                          checkpoint=lambda: save_checkpoint(out, server, states),
                          evaluate=evaluate, log=lambda m: bar.write(m, file=sys.stderr),
-                         round_timeout=cfg.round_timeout, on_plans=on_plans)
+                         round_timeout=cfg.round_timeout, min_clients=cfg.min_clients,
+                         round_retries=cfg.round_retries, on_plans=on_plans)
     try:
         driver.run(cfg.rounds)
+    except RoundFailed as e:
+        raise RoundFailed(f"{e}; {out} holds round {server.round}: continue with "
+                          f"`fedmeerkat run --resume {out}`") from None
     finally:
         bar.close()
     save_state(out / FINAL_STATE, server.theta,

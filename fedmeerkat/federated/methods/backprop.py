@@ -16,6 +16,7 @@ downlink cannot carry it. Server: FedAvg (sample- or uniform-weighted) of the cl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -90,23 +91,25 @@ class BackpropServer(MeerkatServer):
     method = "fedavg-backprop"
     downlinks = ("sparse-weights",)  # a first-order update is not along seeded directions
 
-    def _usable(self, round_idx: int, r: VectorReply) -> bool:
-        want = self.steps_for(round_idx, r.client_id)
-        if r.num_steps != want or r.vector.numel() != self.theta.numel():
-            raise ValueError(f"client {r.client_id} sent {r.num_steps} steps / "
-                             f"{r.vector.numel()} values, expected {want} / {self.theta.numel()}")
-        return bool(torch.isfinite(r.vector).all())
+    reply_type = VectorReply
+
+    def _magnitude(self, reply: VectorReply) -> float:
+        """m_k of the reply bound: max |v_k - theta|, the size of the client's update."""
+        return float((reply.vector.to(self.theta.device) - self.theta).abs().max())
+
+    def _clip(self, reply: VectorReply, limit: float) -> VectorReply:
+        delta = (reply.vector.to(self.theta.device) - self.theta).clamp_(-limit, limit)
+        return dataclasses.replace(reply, vector=self.theta + delta)
 
     # Its replies are vectors, not scalars: the one method whose apply takes another message.
     def apply(self, round_idx: int, replies: list[VectorReply]) -> RoundOutcome:  # type: ignore[override]
-        replies, usable, dropped = self._sort_replies(
-            round_idx, replies, lambda r: self._usable(round_idx, r))
+        usable, verdict = self._accept(round_idx, replies)
         if usable:
             new = torch.zeros_like(self.theta)
             for w, r in zip(self._weights([r.client_id for r in usable]), usable, strict=True):
                 new.add_(r.vector.to(new.device) * torch.tensor(w, dtype=torch.float32))
             self.theta = new
-        return self._outcome(round_idx, replies, usable, dropped, lambda r: r.num_steps)
+        return self._outcome(round_idx, usable, verdict, lambda r: r.num_steps)
 
 
 @dataclass(frozen=True)

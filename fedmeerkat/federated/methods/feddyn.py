@@ -20,6 +20,21 @@ exactly from theta_g, the seeds, the scalars and its mirror of h_k: the upload s
 scalars (the normal reply), nothing else travels up. The downlink is the sparse vector
 (downlink = sparse-weights): the server's correction h/alpha is not along seeded directions,
 so the scalar downlink cannot carry it.
+
+Keeping h_k in step when a reply is not applied. The server changes its mirror of h_k only for
+replies it applies; a reply that is lost, late or rejected (federated/validate.py) leaves the
+mirror as it was. So the client does not change h_k at the end of its round either: it keeps
+the update  d = alpha (theta_k - theta_g)  pending (with the round it belongs to) and commits it
+(h_k <- h_k - d, the very float32 op the server runs) only when its next plan says that round
+was applied: FedDyn's plans carry `applied`, the last round in which the server applied this
+client's reply (a version 2 plan, 4 bytes more; messages.py). Otherwise it discards d. Correct
+because h_k is read only while the client trains, and the client trains only after receiving a
+plan, which settles the pending update first; applying d late gives the same float32 result
+as applying it at once (d does not depend on h_k). A retried round (runners/driver.py) is a
+new plan of the same round: the first attempt was not applied, so its d is discarded. Cost:
+one more nnz-float vector per client while an update is pending (checkpointed with h_k).
+Clipping a reply (reply_bound_action = "clip") would make the server's path differ from the
+client's, so this method rejects instead (`clip_ok = False`).
 """
 
 from __future__ import annotations
@@ -40,6 +55,8 @@ from fedmeerkat.zo import draw_z
 from fedmeerkat.zo.step import StepResult
 
 H_KEY = "feddyn_h"
+PENDING_KEY = "feddyn_pending"  # alpha (theta_k - theta_g) of the client's last round
+PENDING_ROUND_KEY = "feddyn_pending_round"  # that round, as a 1-element int64 tensor
 
 
 def _f32(x: float) -> torch.Tensor:
@@ -75,6 +92,18 @@ def client_h(state: ClientState, n: int, device: torch.device | str = "cpu") -> 
     return state.extra[H_KEY]
 
 
+def settle_pending(state: ClientState, applied: int) -> bool:
+    """Commit the client's pending h_k update if the server applied its round (`applied` is
+    the plan's acknowledgement), else discard it. True when it was committed."""
+    d = state.extra.pop(PENDING_KEY, None)
+    r = state.extra.pop(PENDING_ROUND_KEY, None)
+    if d is None or r is None or int(r[0]) != applied:
+        return False
+    h = client_h(state, d.numel(), d.device)
+    h.sub_(d.to(h.device))
+    return True
+
+
 def run_client_feddyn(
     state: ClientState,
     plan: RoundPlan,
@@ -87,9 +116,13 @@ def run_client_feddyn(
     weight_decay: float = 0.0,
     on_step: Callable[[StepResult], object] | None = None,
 ) -> ClientReply:
-    """T two-point ZO steps with the FedDyn correction; updates h_k; uploads T scalars."""
+    """T two-point ZO steps with the FedDyn correction; uploads T scalars. The round's h_k
+    update stays pending until a later plan says the round was applied (module docstring)."""
     if plan.theta is None:
         raise ValueError("meerkat-feddyn needs the global vector in the plan (downlink=sparse-weights)")
+    if plan.applied is None:
+        raise ValueError("meerkat-feddyn needs plans that acknowledge applied rounds (wire v2)")
+    settle_pending(state, plan.applied)
     theta_g = plan.theta.to(model.view.device)
     h = client_h(state, theta_g.numel(), theta_g.device)
     final: list[torch.Tensor] = []  # the local vector, updated in place step by step
@@ -101,7 +134,8 @@ def run_client_feddyn(
     reply = run_client(state, plan, model, eps=eps, lr=lr, batch_size=batch_size,
                        on_step=on_step, update=update)
     if final:
-        feddyn_state_update(h, final[0], theta_g, alpha)
+        state.extra[PENDING_KEY] = (final[0] - theta_g) * _f32(alpha)  # = feddyn_state_update's
+        state.extra[PENDING_ROUND_KEY] = torch.tensor([plan.round], dtype=torch.int64)
     return reply
 
 
@@ -122,6 +156,8 @@ def replay_feddyn(theta_g: torch.Tensor, seeds: Sequence[int], scalars: Sequence
 class FedDynServer(MeerkatServer):
     method = "meerkat-feddyn"
     downlinks = ("sparse-weights",)  # the server's h/alpha correction is not along seeded directions
+    acknowledges = True  # clients commit h_k updates only for applied rounds
+    clip_ok = False  # a clipped path would differ from the client's own h_k update
 
     def __init__(self, settings: FedSettings, theta0: torch.Tensor, client_sizes: list[int],
                  *, alpha: float = 0.01):
@@ -131,8 +167,7 @@ class FedDynServer(MeerkatServer):
         self.h_clients = [torch.zeros_like(self.theta) for _ in client_sizes]  # mirrors of h_k
 
     def apply(self, round_idx: int, replies: list[ClientReply]) -> RoundOutcome:
-        replies, usable, dropped = self._sort_replies(
-            round_idx, replies, lambda r: self._check(round_idx, r))
+        usable, verdict = self._accept(round_idx, replies)
         seeds, lrs, wd = self.seeds(round_idx), self.lrs(round_idx), self.settings.weight_decay
         if usable:
             weights = self._weights([r.client_id for r in usable])
@@ -145,7 +180,7 @@ class FedDynServer(MeerkatServer):
             share = len(usable) / self.num_clients  # sum_k p_k * |P|/K = |P|/K
             self.h.sub_((mean - theta_g) * _f32(self.alpha * share))
             self.theta = mean - self.h * _f32(1.0 / self.alpha)
-        return self._outcome(round_idx, replies, usable, dropped, lambda r: len(r.scalars))
+        return self._outcome(round_idx, usable, verdict, lambda r: len(r.scalars))
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = super().state_dict()

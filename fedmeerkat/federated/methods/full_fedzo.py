@@ -51,15 +51,14 @@ class FullFedZOServer(MeerkatServer):
         self.space = space
 
     def apply(self, round_idx: int, replies: list[ClientReply]) -> RoundOutcome:
-        replies, usable, dropped = self._sort_replies(
-            round_idx, replies, lambda r: self._check(round_idx, r))
+        usable, verdict = self._accept(round_idx, replies)
         agg = aggregate_scalars(round_idx, self.seeds(round_idx), [r.scalars for r in usable],
                                 self._weights([r.client_id for r in usable]),
                                 self.lrs(round_idx), self.settings.weight_decay)
         apply_aggregate_dense(self.theta, self.space, agg)
         if self.settings.downlink == "scalars":
             self.history[round_idx] = agg
-        return self._outcome(round_idx, replies, usable, dropped, lambda r: len(r.scalars))
+        return self._outcome(round_idx, usable, verdict, lambda r: len(r.scalars))
 
 
 def run_client_dense(

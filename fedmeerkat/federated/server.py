@@ -8,14 +8,14 @@ Seeds are derived (zo.seeds.round_seeds) and shared by every client in a round (
 lineage): one z per step then serves all clients, and the update can travel as scalars.
 
 Downlink modes:
-- `sparse-weights` (paper Algorithm 2): the server replays each client's virtual path, averages
-  the final vectors and sends the averaged sparse vector.
+- `sparse-weights` (paper Algorithm 2): the server averages the clients' virtual paths (in
+  closed form: one pass over the aggregated scalars, see `apply`) and sends the sparse vector.
 - `scalars`: the server aggregates the scalars (federated/aggregate.py) and sends T+1 floats;
   every party applies them with the same code, so all copies of the model are bit-identical.
   With T=1 this is the paper's high-frequency synchronization (Algorithm 3). A client that
   missed rounds catches up from the aggregates it missed, or gets the vector when that is
   fewer bytes (`catchup_choices` records which).
-Both modes compute the same model up to float32 summation order (tests/test_protocol.py).
+Both modes compute the bit-identical model (tests/test_protocol.py); they differ in bytes.
 Methods change who trains how much by overriding `steps_for` (see federated/methods/).
 
 Replies are screened before anything is applied (federated/validate.py: type, sender, round,
@@ -46,7 +46,7 @@ from fedmeerkat.federated.validate import (
     max_abs_scalar,
     screen_replies,
 )
-from fedmeerkat.zo import replay_many, round_seeds
+from fedmeerkat.zo import round_seeds
 from fedmeerkat.zo.seeds import mix
 
 DOWNLINKS = ("sparse-weights", "scalars")
@@ -226,17 +226,18 @@ class MeerkatServer:
         recorder = (GradIPRecorder(self.calib_grad) if self.calib_grad is not None
                     and self.calib_grad.numel() == self.theta.numel() else None)
         observer = chain(self.step_observer, recorder)
-        if self.settings.downlink == "scalars":
-            agg = aggregate_scalars(round_idx, seeds, scalars, weights, lrs, wd)
+        # Algorithm 2 averages the clients' replayed virtual paths. Each path is linear in its
+        # scalars (theta_k = decay_k theta - sum_t c_kt z_t), so their average is one pass
+        # over the aggregated coefficients: the same model in exact arithmetic, drawn with T z
+        # and T updates whatever K is (replaying K paths costs K*T updates and K copies). Both
+        # downlinks therefore compute the bit-identical model; they differ only in what they
+        # send. `replay_many` (zo/step.py) stays for methods that need each client's path
+        # (FedDyn's h_k mirror) and for tests that check the identity.
+        agg = aggregate_scalars(round_idx, seeds, scalars, weights, lrs, wd)
+        if usable:
             apply_aggregate(self.theta, agg, on_step=observer)
+        if self.settings.downlink == "scalars":
             self.history[round_idx] = agg
-        elif usable:  # Algorithm 2: replay every virtual path, average the final vectors
-            finals = replay_many(self.theta, seeds, scalars, lrs, on_step=observer,
-                                 weight_decay=wd)
-            new = torch.zeros_like(self.theta)
-            for w, theta_k in zip(weights, finals, strict=True):
-                new.add_(theta_k * torch.tensor(w, dtype=torch.float32))
-            self.theta = new
         outcome = self._outcome(round_idx, usable, verdict, lambda r: len(r.scalars))
         if recorder is not None and usable:  # trajectories/round_XXXXX.safetensors
             outcome.arrays.update(recorder.trajectories([r.client_id for r in usable], scalars,

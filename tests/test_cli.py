@@ -102,7 +102,7 @@ def test_bad_config_is_one_clear_line(override, needle, capsys):
 def test_existing_run_folder_is_refused(tmp_path, capsys, tiny_model_dir):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "metrics.jsonl").write_text("{}\n")
-    assert main(["run", f"model={tiny_model_dir}", f"out={tmp_path / 'x'}", "--quiet"]) == 1
+    assert main(["run", f"model={tiny_model_dir}", f"out={tmp_path / 'x'}", "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err
 
 

@@ -31,7 +31,7 @@ import torch
 
 from fedmeerkat.federated.aggregate import Aggregate, aggregate_scalars, apply_aggregate
 from fedmeerkat.federated.gradip import GradIPRecorder, chain, round_summary
-from fedmeerkat.federated.messages import ClientReply, RoundPlan
+from fedmeerkat.federated.messages import MAX_CATCHUP, ClientReply, RoundPlan
 from fedmeerkat.federated.schedule import lr_at
 from fedmeerkat.zo import replay_many, round_seeds
 from fedmeerkat.zo.seeds import mix
@@ -145,7 +145,7 @@ class MeerkatServer:
         missed = [self.history[r] for r in range(self.synced[k] + 1, vector_plan.round)]
         scalar_plan = RoundPlan(vector_plan.round, k, vector_plan.seeds, vector_plan.num_steps,
                                 None, missed)
-        if scalar_plan.nbytes() <= vector_plan.nbytes():
+        if len(missed) <= MAX_CATCHUP and scalar_plan.nbytes() <= vector_plan.nbytes():
             self.catchup_choices[k] = f"scalars:{len(missed)}"
             return scalar_plan
         self.catchup_choices[k] = "vector"

@@ -21,9 +21,11 @@ from fedmeerkat.config import RunConfig
 from fedmeerkat.data.partition import format_histogram, label_histogram, partition
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientState, FedSettings, RoundPlan
+from fedmeerkat.federated.messages import MAX_VECTOR
 from fedmeerkat.federated.methods import get_method, make_server
 from fedmeerkat.models.loading import load_model
 from fedmeerkat.models.scoring import EvalResult, LabelScorer, encode_prompts, evaluate
+from fedmeerkat.options import InputError
 from fedmeerkat.runners.client_host import ClientHost
 from fedmeerkat.runners.driver import RoundDriver
 from fedmeerkat.runners.inprocess import InProcessTransport
@@ -36,6 +38,7 @@ from fedmeerkat.runners.run_folder import (
     save_checkpoint,
     save_state,
     save_trajectories,
+    space_digest,
     write_json_atomic,
 )
 from fedmeerkat.runners.spaces import build_space
@@ -85,6 +88,18 @@ class SharedModel:
 
 
 def load_task_for(cfg: RunConfig) -> TaskData:
+    """The run's task; data that cannot be used (missing or mistyped columns, labels outside
+    the label words, an empty split, unreadable files) is an InputError naming the task."""
+    try:
+        return _load_task(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, InputError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"task {cfg.task}: {first}") from None
+
+
+def _load_task(cfg: RunConfig) -> TaskData:
     return load_task(
         cfg.task,
         data_files=cfg.data_files or None,
@@ -131,6 +146,22 @@ def get_mask(cfg: RunConfig, prep: Prepared, parts: list[np.ndarray],
                        client_texts=None if texts is None else [[texts[i] for i in p] for p in parts])
 
 
+def split_clients(cfg: RunConfig, prep: Prepared) -> list[np.ndarray]:
+    """The clients' example ids; a client left with no data is an InputError with the fix."""
+    try:
+        parts = partition(prep.train_labels, cfg.clients, cfg.partition, alpha=cfg.alpha,
+                          seed=cfg.seed, num_classes=prep.task.spec.num_classes,
+                          min_size=cfg.min_partition_size)
+    except ValueError as e:
+        raise InputError(f"partition {cfg.partition}: {e}") from None
+    empty = [k for k, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise InputError(f"partition {cfg.partition}: clients {empty} get no training data "
+                         f"({len(prep.train_labels)} examples for {cfg.clients} clients); lower "
+                         "clients=, raise max_train= or choose another partition=")
+    return parts
+
+
 def settings_of(cfg: RunConfig) -> FedSettings:
     return FedSettings(local_steps=cfg.local_steps, lr=cfg.lr, eps=cfg.eps,
                        batch_size=cfg.batch_size, seed=cfg.seed, weighting=cfg.weighting,
@@ -153,9 +184,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     start = time.time()
     cfg, out = open_run_folder(cfg, resume)
     prep = prepare(cfg)
-    parts = partition(prep.train_labels, cfg.clients, cfg.partition, alpha=cfg.alpha,
-                      seed=cfg.seed, num_classes=prep.task.spec.num_classes,
-                      min_size=cfg.min_partition_size)
+    parts = split_clients(cfg, prep)
     hist = label_histogram(parts, prep.train_labels, prep.task.spec.num_classes)
     names = list(prep.task.spec.class_names) or [w.strip() for w in prep.task.spec.label_words]
     log(f"partition {cfg.partition}" + (f" (alpha={cfg.alpha})" if "dirichlet" in cfg.partition else ""))
@@ -168,6 +197,10 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     space = build_space(cfg, prep.model, out, resume=resume,
                         make_mask=lambda: get_mask(cfg, prep, parts, quiet))
     mask, mask_source, view = space.mask, space.source, space.view
+    if mask.nnz > MAX_VECTOR:
+        raise InputError(f"the trainable space has {mask.nnz:,} values, more than the "
+                         f"{MAX_VECTOR:,} a plan or reply can carry (federated/messages.py)")
+    digest = space_digest(mask)
     log(f"trainable ({space.kind}): {mask.nnz:,} of {mask.eligible_numel:,} eligible values "
         f"(density {mask.density:.2e}), {mask_source}")
     theta0 = view.gather()
@@ -189,9 +222,12 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     metrics = MetricsLog(out / "metrics.jsonl")
 
     if resume:
-        load_checkpoint(out, server, states)
+        load_checkpoint(out, server, states, digest, log=log)
+        # drop lines written after the checkpoint and a half-written last line, if any
         records = [r for r in metrics.read() if r["round"] <= server.round]
-        metrics.rewrite(records)  # drop a line written after the last checkpoint, if any
+        if not records:
+            raise InputError(f"{out}/metrics.jsonl lacks round 0; the run cannot be resumed")
+        metrics.rewrite(records)
         initial = EvalResult(records[0]["test_accuracy"], records[0]["test_loss"],
                              records[0]["predicted_share"], len(prep.test_ids))
         evaluated = [r for r in records if r.get("test_accuracy") is not None]
@@ -206,7 +242,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
         metrics.append({"round": 0, "train_loss": None, "test_accuracy": initial.accuracy,
                         "test_loss": initial.loss, "predicted_share": initial.predicted_share,
                         "bytes_up": 0, "bytes_down": 0})
-        save_checkpoint(out, server, states)
+        save_checkpoint(out, server, states, digest)
 
     per_round = sum(server.steps_for(1, k) for k in server.participants(1))
     bar = tqdm(total=per_round * (cfg.rounds - server.round), desc="training", unit="step",
@@ -236,7 +272,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     driver = RoundDriver(server, InProcessTransport(host),
                          append_metrics=metrics.append,
                          save_arrays=lambda r, arrays: save_trajectories(out, r, arrays),
-                         checkpoint=lambda: save_checkpoint(out, server, states),
+                         checkpoint=lambda: save_checkpoint(out, server, states, digest),
                          evaluate=evaluate, log=lambda m: bar.write(m, file=sys.stderr),
                          round_timeout=cfg.round_timeout, on_plans=on_plans)
     try:

@@ -77,7 +77,12 @@ def open_splits(
     if data_files is not None:
         parsed = _pick_test(parse_data_files(data_files))
         builder, kwargs = _builder([p for v in parsed.values() for p in v])
-        dd = datasets.load_dataset(builder, data_files=parsed, **kwargs)
+        try:
+            dd = datasets.load_dataset(builder, data_files=parsed, **kwargs)
+        except Exception as e:  # ragged CSV rows, bad JSON lines, not parquet: one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"could not read data files {parsed}: {type(e).__name__}: "
+                             f"{first}") from None
         origin = "local files " + ", ".join(f"{k}={v}" for k, v in parsed.items())
         return dd["train"], dd["test"] if "test" in dd else None, origin
     if hub_id is None:

@@ -36,7 +36,8 @@ from fedmeerkat.options import (
 )
 from fedmeerkat.options import setting as _f
 from fedmeerkat.tasks import TASKS
-from fedmeerkat.zo.mask import DEFAULT_ELIGIBLE
+from fedmeerkat.zo.dense import is_dense_file
+from fedmeerkat.zo.mask import DEFAULT_ELIGIBLE, SparseMask
 
 METHODS = tuple(m.name for m in ordered())  # the registry's, in its order
 PARTITIONS = ("iid", "dirichlet", "dirichlet-client", "single-label", "mixed-single-label")
@@ -152,7 +153,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
     raw.update(parse_overrides(overrides or []))
     cfg = build_config(raw)
-    check_corpus(cfg)
+    check_inputs(cfg)
     return cfg
 
 
@@ -233,10 +234,19 @@ def validate_values(cfg: RunConfig) -> None:
                               "encodes (federated/messages.py)")
 
 
-def check_corpus(cfg: RunConfig) -> None:
-    """A new mask needs its calibration corpus: a named one or an existing path. (Not checked
-    for run folders: a resumed or evaluated run reads its mask from the folder.)"""
-    if cfg.mask or cfg.calib_corpus in NAMED_CORPORA:
+def check_inputs(cfg: RunConfig) -> None:
+    """The files a new run reads besides its data: the mask file given (read and checked, so
+    bad indices are refused before the model loads) or else the calibration corpus, named
+    or an existing path. (Not for run folders: they hold their own mask.)"""
+    if cfg.mask:
+        try:
+            dense = is_dense_file(Path(cfg.mask))
+        except Exception:  # not readable: SparseMask.load says so in one line
+            dense = False
+        if not dense:
+            SparseMask.load(cfg.mask)  # MaskFileError (an InputError) says what is wrong
+        return
+    if cfg.calib_corpus in NAMED_CORPORA:
         return
     corpus = Path(cfg.calib_corpus)
     if not corpus.exists():

@@ -153,7 +153,8 @@ def split_clients(cfg: RunConfig, prep: Prepared) -> list[np.ndarray]:
                           seed=cfg.seed, num_classes=prep.task.spec.num_classes,
                           min_size=cfg.min_partition_size)
     except ValueError as e:
-        raise InputError(f"partition {cfg.partition}: {e}") from None
+        raise InputError(f"partition {cfg.partition}: {e} (lower clients= or "
+                         "min_partition_size=, or give more training data)") from None
     empty = [k for k, p in enumerate(parts) if len(p) == 0]
     if empty:
         raise InputError(f"partition {cfg.partition}: clients {empty} get no training data "

@@ -80,10 +80,11 @@ def test_one_model_in_memory_whatever_the_number_of_clients(
     assert len(loads) == 2  # one load per run, not per client
 
 
-def test_dry_run_validates_without_loading(capsys):
-    assert main(["run", "--dry-run", "model=/no/such/model", "clients=3", "lr=2e-4"]) == 0
+def test_dry_run_validates_without_loading(capsys, tiny_model_dir):
+    assert main(["run", "--dry-run", f"model={tiny_model_dir}", "clients=3", "lr=2e-4"]) == 0
     out = capsys.readouterr().out
-    assert 'model = "/no/such/model"' in out and "clients = 3" in out
+    assert f'model = "{tiny_model_dir}"' in out and "clients = 3" in out
+    assert main(["run", "--dry-run", "model=/no/such/model"]) == 2  # a path must exist
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -187,6 +187,24 @@ def test_checkpoint_of_another_run_is_refused(crashed, tiny_model_dir, sentiment
     assert "another trainable space or model" in err
 
 
+def test_truncated_final_state_is_one_line(crashed, capsys):
+    full, _ = crashed
+    _truncate(full / "final_state.safetensors")
+    capsys.readouterr()
+    assert main(["eval", str(full)]) == 2
+    assert "final_state.safetensors: unreadable" in _error_line(capsys.readouterr().err)
+
+
+def test_trajectories_after_the_checkpoint_are_dropped(tmp_path):
+    from fedmeerkat.runners.run_folder import drop_trajectories_after, save_trajectories
+
+    for r in range(1, 6):
+        save_trajectories(tmp_path, r, {"x": torch.zeros(2)})
+    drop_trajectories_after(tmp_path, 3)
+    assert sorted(p.name for p in (tmp_path / "trajectories").iterdir()) == [
+        f"round_{r:05d}.safetensors" for r in (1, 2, 3)]
+
+
 def test_metrics_log_drops_only_a_partial_last_line(tmp_path):
     log = MetricsLog(tmp_path / "metrics.jsonl")
     log.append({"round": 0})

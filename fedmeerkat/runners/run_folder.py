@@ -141,6 +141,17 @@ def save_trajectories(out: Path, round_idx: int, arrays: dict[str, torch.Tensor]
     _fsync_replace(tmp, traj / f"round_{round_idx:05d}.safetensors")
 
 
+def drop_trajectories_after(out: Path, round_idx: int) -> None:
+    """On resume: trajectories of rounds after the checkpoint are recomputed; remove them so a
+    run resumed with fewer rounds leaves none behind."""
+    for p in (out / "trajectories").glob("round_*.safetensors"):
+        try:
+            if int(p.name[len("round_"):-len(".safetensors")]) > round_idx:
+                p.unlink()
+        except ValueError:
+            continue
+
+
 def _fsync_replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -175,7 +186,7 @@ def space_digest(space: SparseMask | DenseSpace) -> str:
                          space.meta.get("fingerprint_structure", ""),
                          space.meta.get("fingerprint_weights", "")]).encode())
     for idx in getattr(space, "indices", []):
-        h.update(idx.to(torch.int64).contiguous().numpy())
+        h.update(idx.to(torch.int64).contiguous().numpy().data)
     return h.hexdigest()
 
 
@@ -186,7 +197,7 @@ def _checksum(tensors: dict[str, torch.Tensor], version: str, state: str, space:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -342,7 +353,11 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunCon
 
 
 def load_space(path: Path) -> SparseMask | DenseSpace:
-    return DenseSpace.load(path) if is_dense_file(path) else SparseMask.load(path)
+    try:
+        dense = is_dense_file(path)
+    except Exception:  # missing or unreadable: SparseMask.load says which, in one line
+        dense = False
+    return DenseSpace.load(path) if dense else SparseMask.load(path)
 
 
 def load_run_state(run_dir: Path) -> tuple[SparseMask | DenseSpace, torch.Tensor]:
@@ -353,7 +368,11 @@ def load_run_state(run_dir: Path) -> tuple[SparseMask | DenseSpace, torch.Tensor
     if not state.is_file():
         raise FileNotFoundError(f"{run_dir} holds no {FINAL_STATE} (did the run finish?)")
     mask = load_space(run_dir / "mask.safetensors")
-    theta = load_file(str(state))["theta"]
+    try:
+        theta = load_file(str(state))["theta"]
+    except Exception as e:  # truncated or corrupt (SafetensorError), no "theta"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{state}: unreadable ({first})") from None
     if theta.numel() != mask.nnz or not math.isfinite(float(theta.sum())):
         raise ValueError(f"{state}: state does not fit the run's mask")
     return mask, theta

@@ -33,6 +33,7 @@ from fedmeerkat.runners.masks import obtain_mask
 from fedmeerkat.runners.run_folder import (
     FINAL_STATE,
     MetricsLog,
+    drop_trajectories_after,
     load_checkpoint,
     open_run_folder,
     save_checkpoint,
@@ -224,6 +225,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
 
     if resume:
         load_checkpoint(out, server, states, digest, log=log)
+        drop_trajectories_after(out, server.round)
         # drop lines written after the checkpoint and a half-written last line, if any
         records = [r for r in metrics.read() if r["round"] <= server.round]
         if not records:

@@ -333,6 +333,7 @@ def test_bad_local_data_is_one_line_exit_2(tiny_model_dir, calib_txt, isolated_c
         files = f"train={tmp_path / 'train.csv'},test={tmp_path / 'test.csv'}"
     assert main(_local_run(tiny_model_dir, files, calib_txt, tmp_path / "r", *extra)) == 2
     assert needle in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()  # nothing ran: out= is free for the fixed command
 
 
 def test_unreadable_data_file_is_one_line(tiny_model_dir, calib_txt, isolated_cache, tmp_path,

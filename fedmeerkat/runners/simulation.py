@@ -8,6 +8,7 @@ the byte counts are those of the real wire format and the simulation exercises i
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -185,8 +186,13 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     """
     start = time.time()
     cfg, out = open_run_folder(cfg, resume)
-    prep = prepare(cfg)
-    parts = split_clients(cfg, prep)
+    try:
+        prep = prepare(cfg)
+        parts = split_clients(cfg, prep)
+    except InputError:
+        if not resume and [p.name for p in out.iterdir()] == ["config.toml"]:
+            shutil.rmtree(out)  # nothing ran: the same command works again once input is fixed
+        raise
     hist = label_histogram(parts, prep.train_labels, prep.task.spec.num_classes)
     names = list(prep.task.spec.class_names) or [w.strip() for w in prep.task.spec.label_words]
     log(f"partition {cfg.partition}" + (f" (alpha={cfg.alpha})" if "dirichlet" in cfg.partition else ""))

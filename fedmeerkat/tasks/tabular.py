@@ -56,6 +56,9 @@ def parse_data_files(data_files: DataFiles) -> dict[str, list[str]]:
 
 
 def _read(datasets: Any, builder: str, paths: list[str], kwargs: dict[str, Any]) -> Any:
+    logging = datasets.utils.logging
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)  # a bad file is said once, below, not logged too
     try:
         return datasets.load_dataset(builder, data_files={"train": paths}, **kwargs)["train"]
     except Exception as e:  # bad JSON lines, not parquet, unreadable: one line, with the cause
@@ -63,6 +66,8 @@ def _read(datasets: Any, builder: str, paths: list[str], kwargs: dict[str, Any])
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise ValueError(f"could not read data files {paths}: {type(cause).__name__}: "
                          f"{first}") from None
+    finally:
+        logging.set_verbosity(level)
 
 
 def _builder(paths: list[str]) -> tuple[str, dict[str, Any]]:

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 # Each constant has one home in the layer that uses it; the config reads them from there.
+from fedmeerkat.federated.messages import MAX_CLIENT_ID, MAX_ROUND, MAX_STEPS
 from fedmeerkat.federated.methods import get_method, ordered
 from fedmeerkat.federated.schedule import SCHEDULES
 from fedmeerkat.federated.server import DOWNLINKS
 from fedmeerkat.federated.validate import REPLY_ACTIONS
 from fedmeerkat.models.loading import DTYPES as _MODEL_DTYPES
+from fedmeerkat.models.loading import model_spec_problem
 from fedmeerkat.options import (
     ConfigError,
     build,
@@ -33,7 +36,9 @@ from fedmeerkat.options import (
     to_keys,
 )
 from fedmeerkat.options import setting as _f
-from fedmeerkat.zo.mask import DEFAULT_ELIGIBLE
+from fedmeerkat.tasks import TASKS
+from fedmeerkat.zo.dense import is_dense_file
+from fedmeerkat.zo.mask import DEFAULT_ELIGIBLE, SparseMask
 
 METHODS = tuple(m.name for m in ordered())  # the registry's, in its order
 PARTITIONS = ("iid", "dirichlet", "dirichlet-client", "single-label", "mixed-single-label")
@@ -154,7 +159,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
     raw.update(parse_overrides(overrides or []))
-    return build_config(raw)
+    cfg = build_config(raw)
+    check_inputs(cfg)
+    return cfg
 
 
 def build_config(raw: dict[str, Any]) -> RunConfig:
@@ -184,7 +191,10 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
 
 
 def validate_combination(cfg: RunConfig) -> None:
-    """Checks that involve several keys (a method's own ones are its settings' __post_init__)."""
+    """Checks that involve several keys (a method's own ones are its settings' __post_init__),
+    and every check of a single value that needs more than its type and bounds: all of it
+    before any model or data is loaded."""
+    validate_values(cfg)
     if cfg.task == "local" and not cfg.data_files:
         raise ConfigError("data_files: required when task = 'local'")
     if cfg.task == "local" and (not cfg.template or not cfg.label_words):
@@ -208,6 +218,57 @@ def validate_combination(cfg: RunConfig) -> None:
     if cfg.downlink not in downlinks:
         raise ConfigError(f"downlink: method {cfg.method} needs downlink={' or '.join(downlinks)} "
                           "(its update is not along seeded directions, so scalars cannot carry it)")
+
+
+# The calibration corpora known by name (tasks/corpora.py); anything else is a path.
+NAMED_CORPORA = ("news", "c4")
+
+
+def validate_values(cfg: RunConfig) -> None:
+    """Names, regexes, paths and the wire format's limits (federated/messages.py)."""
+    if cfg.task not in TASKS:
+        close = difflib.get_close_matches(cfg.task, TASKS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"task: unknown task {cfg.task!r}{hint}; valid: {', '.join(TASKS)}")
+    problem = model_spec_problem(cfg.model)
+    if problem:
+        raise ConfigError(f"model: {problem}")
+    try:
+        re.compile(cfg.eligible)
+    except re.error as e:
+        raise ConfigError(f"eligible: {cfg.eligible!r} is not a valid regex ({e})") from None
+    # what one round's plan can carry: step counts and seeds are u16, rounds and client ids u32
+    limits = [("local_steps", cfg.local_steps, MAX_STEPS), ("rounds", cfg.rounds, MAX_ROUND),
+              ("clients", cfg.clients, MAX_CLIENT_ID + 1)]
+    limits += [(k, v, MAX_STEPS) for k, v in to_keys(cfg.method_settings).items()
+               if k.endswith("_steps") and isinstance(v, int)]
+    for key, value, most in limits:
+        if value > most:
+            raise ConfigError(f"{key}: {value} exceeds {most}, the most the wire format "
+                              "encodes (federated/messages.py)")
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """The files a new run reads besides its data: the mask file given (read and checked, so
+    bad indices are refused before the model loads) or else the calibration corpus, named
+    or an existing path. (Not for run folders: they hold their own mask.)"""
+    if cfg.mask:
+        try:
+            dense = is_dense_file(Path(cfg.mask))
+        except Exception:  # not readable: SparseMask.load says so in one line
+            dense = False
+        if not dense:
+            SparseMask.load(cfg.mask)  # MaskFileError (an InputError) says what is wrong
+        return
+    if cfg.calib_corpus in NAMED_CORPORA:
+        return
+    corpus = Path(cfg.calib_corpus)
+    if not corpus.exists():
+        raise ConfigError(f"calib_corpus: {cfg.calib_corpus!r} is neither "
+                          f"{' nor '.join(NAMED_CORPORA)} nor an existing file or folder")
+    if corpus.is_file() and corpus.suffix not in (".txt", ".jsonl"):
+        raise ConfigError(f"calib_corpus: {cfg.calib_corpus} must be a .txt or .jsonl file or "
+                          "a folder of them")
 
 
 def describe() -> str:

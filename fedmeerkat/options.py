@@ -15,7 +15,12 @@ from dataclasses import field
 from typing import Any
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Something the user gave (a file, data, a mask, a checkpoint) cannot be used; the message
+    is one line saying what and why. The command line prints it and exits with code 2."""
+
+
+class ConfigError(InputError):
     """A config key or value is wrong; the message is one line naming it."""
 
 

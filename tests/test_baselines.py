@@ -261,8 +261,8 @@ def test_baseline_resumes_bit_identical(method, tiny_model_dir, sentiment_csv, c
     full, _, _ = _run(tmp_path, "full", tiny_model_dir, sentiment_csv, calib_txt, *extra)
     real = sim.save_checkpoint
 
-    def crash_after_round_1(out, server, states):
-        real(out, server, states)
+    def crash_after_round_1(out, server, states, *rest):
+        real(out, server, states, *rest)
         if server.round == 1:
             raise KeyboardInterrupt
 

@@ -80,10 +80,11 @@ def test_one_model_in_memory_whatever_the_number_of_clients(
     assert len(loads) == 2  # one load per run, not per client
 
 
-def test_dry_run_validates_without_loading(capsys):
-    assert main(["run", "--dry-run", "model=/no/such/model", "clients=3", "lr=2e-4"]) == 0
+def test_dry_run_validates_without_loading(capsys, tiny_model_dir):
+    assert main(["run", "--dry-run", f"model={tiny_model_dir}", "clients=3", "lr=2e-4"]) == 0
     out = capsys.readouterr().out
-    assert 'model = "/no/such/model"' in out and "clients = 3" in out
+    assert f'model = "{tiny_model_dir}"' in out and "clients = 3" in out
+    assert main(["run", "--dry-run", "model=/no/such/model"]) == 2  # a path must exist
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -106,7 +107,7 @@ def test_bad_config_is_one_clear_line(override, needle, capsys):
 def test_existing_run_folder_is_refused(tmp_path, capsys, tiny_model_dir):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "metrics.jsonl").write_text("{}\n")
-    assert main(["run", f"model={tiny_model_dir}", f"out={tmp_path / 'x'}", "--quiet"]) == 1
+    assert main(["run", f"model={tiny_model_dir}", f"out={tmp_path / 'x'}", "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err
 
 

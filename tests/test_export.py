@@ -136,7 +136,7 @@ def test_delta_on_another_model_is_refused(meerkat, tmp_path, capsys, other, why
     model = save_tiny_llama(tmp_path / "other", vocab_words=WORDS, **other)
     out = tmp_path / "applied"
     assert main(["apply-delta", str(exp / "delta.safetensors"), "--model", str(model),
-                 "--out", str(out)]) == 1
+                 "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert why in err and "\n" not in err
     assert not out.exists()
@@ -145,7 +145,7 @@ def test_delta_on_another_model_is_refused(meerkat, tmp_path, capsys, other, why
 def test_a_file_that_is_no_delta_is_refused(meerkat, tmp_path, capsys):
     run_dir, _ = meerkat
     assert main(["apply-delta", str(run_dir / "mask.safetensors"),
-                 "--out", str(tmp_path / "x")]) == 1
+                 "--out", str(tmp_path / "x")]) == 2
     assert "not a fedmeerkat delta" in capsys.readouterr().err
 
 

@@ -165,8 +165,8 @@ def test_interrupted_run_resumes_bit_identical(tiny_model_dir, sentiment_csv, ca
     real = sim.save_checkpoint
     calls = []
 
-    def crash_after_round_2(out, server, states):
-        real(out, server, states)
+    def crash_after_round_2(out, server, states, *rest):
+        real(out, server, states, *rest)
         calls.append(server.round)
         if server.round == 2:
             raise KeyboardInterrupt

@@ -228,8 +228,8 @@ def test_vp_run_end_to_end_and_resume_bit_identical(tiny_model_dir, sentiment_cs
     cut = tmp_path / "cut"
     real = sim.save_checkpoint
 
-    def crash_after_round_2(out, server, states):
-        real(out, server, states)
+    def crash_after_round_2(out, server, states, *rest):
+        real(out, server, states, *rest)
         if server.round == 2:
             raise KeyboardInterrupt
 

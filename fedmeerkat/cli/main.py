@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come after flags (`run --quiet lr=1e-3`): collect the leftovers.
@@ -310,19 +314,21 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         ns.args = list(ns.args) + extra
     from fedmeerkat.models.loading import ModelLoadError
-    from fedmeerkat.models.scoring import LabelWordError
+    from fedmeerkat.options import InputError
     from fedmeerkat.runners.driver import RoundFailed
-    from fedmeerkat.runners.export import ExportError
-    from fedmeerkat.zo import MaskMismatchError
 
     try:
         return ns.fn(ns)
     except ConfigError as e:
-        print(f"fedmeerkat: config error: {e}", file=sys.stderr)
+        print(f"fedmeerkat: config error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, MaskMismatchError, LabelWordError,
-            ModelLoadError, NotImplementedError, ExportError) as e:
-        print(f"fedmeerkat: error: {e}", file=sys.stderr)
+    # bad input (a file, data, a mask, a checkpoint, a folder): one line, exit code 2
+    except (InputError, FileNotFoundError, FileExistsError) as e:
+        print(f"fedmeerkat: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    # a failure while working on sound input (e.g. the hub cannot be reached): exit code 1
+    except (ModelLoadError, NotImplementedError, ConnectionError) as e:
+        print(f"fedmeerkat: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except RoundFailed as e:  # too few usable replies: the checkpoint holds the last good round
         print(f"fedmeerkat: error: {e}", file=sys.stderr)

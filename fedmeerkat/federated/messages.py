@@ -40,6 +40,18 @@ WIRE_VERSION = 1
 ACK_VERSION = 2  # a plan with the `applied` acknowledgement
 
 
+def _max(fmt: str) -> int:
+    return 2 ** (8 * struct.calcsize("<" + fmt)) - 1
+
+
+# What the fields above can encode; the config refuses values beyond them before a run starts.
+MAX_STEPS = _max("H")  # num_steps and n_seeds (the seeds of one round, one per local step)
+MAX_ROUND = _max("I")  # round
+MAX_CLIENT_ID = _max("I")  # client (ids 0..K-1, so K <= MAX_CLIENT_ID + 1)
+MAX_CATCHUP = _max("H")  # aggregates in one plan's catch-up
+MAX_VECTOR = _max("I")  # values in theta / a VectorReply vector
+
+
 class _Reader:
     def __init__(self, blob: bytes, kind: bytes, versions: tuple[int, ...] = (WIRE_VERSION,)):
         if (blob[:3] != MAGIC or blob[3:4] not in [bytes([v]) for v in versions]

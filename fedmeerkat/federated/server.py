@@ -37,7 +37,7 @@ import torch
 
 from fedmeerkat.federated.aggregate import Aggregate, aggregate_scalars, apply_aggregate
 from fedmeerkat.federated.gradip import GradIPRecorder, chain, round_summary
-from fedmeerkat.federated.messages import ClientReply, RoundPlan
+from fedmeerkat.federated.messages import MAX_CATCHUP, ClientReply, RoundPlan
 from fedmeerkat.federated.schedule import lr_at
 from fedmeerkat.federated.validate import (
     ReplyBound,
@@ -171,7 +171,7 @@ class MeerkatServer:
         missed = [self.history[r] for r in range(self.synced[k] + 1, vector_plan.round)]
         scalar_plan = RoundPlan(vector_plan.round, k, vector_plan.seeds, vector_plan.num_steps,
                                 None, missed, vector_plan.applied)
-        if scalar_plan.nbytes() <= vector_plan.nbytes():
+        if len(missed) <= MAX_CATCHUP and scalar_plan.nbytes() <= vector_plan.nbytes():
             self.catchup_choices[k] = f"scalars:{len(missed)}"
             return scalar_plan
         self.catchup_choices[k] = "vector"

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -212,6 +213,36 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
+_HUB_ID = re.compile(r"^([\w.-]+/)?[\w.-]{1,96}$")
+
+
+def model_spec_problem(spec: str) -> str | None:
+    """Why `spec` cannot name a model, known without loading anything; None if it may.
+
+    A spec names a model when it is a packaged alias, a local folder with a config.json, or a
+    well-formed hub id ("name" or "org/name"). Offline (HF_HUB_OFFLINE=1) a hub id must also be
+    in the local Hugging Face cache; online its existence is only known by asking the hub, so
+    that is left to the load."""
+    if spec.strip().lower() in _SMOLLM2_ALIASES:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else (
+            f"model folder {spec} holds no config.json (not a Hugging Face model folder)")
+    if _looks_like_path(spec) or path.exists():
+        return f"model folder not found: {spec}"
+    if not _HUB_ID.match(spec) or "--" in spec or ".." in spec:
+        return (f"{spec!r} is not a packaged model ({', '.join(sorted(_SMOLLM2_ALIASES))}), a "
+                "local folder or a hub id (org/name)")
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return (f"hub model {spec!r} is not in the local Hugging Face cache and "
+                    "HF_HUB_OFFLINE is set")
+    return None
+
+
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -234,11 +265,13 @@ def load_model(
     kwargs: dict[str, Any] = {"local_files_only": _hub_offline()}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
+        # safetensors weights only: a pickled pytorch_model.bin is refused, never unpickled
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                     use_safetensors=True, **kwargs)
     except (OSError, ValueError) as err:
-        if is_local:
-            raise
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if is_local:
+            raise ModelLoadError(f"could not load the model folder {spec}: {first_line}") from None
         raise ModelLoadError(
             f"could not load {spec!r} from the Hugging Face hub (no connection, offline mode, "
             f"or no such model): {first_line}\n"

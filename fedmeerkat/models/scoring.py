@@ -14,8 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedmeerkat.options import InputError
 
-class LabelWordError(ValueError):
+
+class LabelWordError(InputError):
     """A label word that does not map to exactly one token."""
 
 

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from fedmeerkat.config import ConfigError, RunConfig
 from fedmeerkat.models.loading import DTYPES, load_model, model_fingerprint
+from fedmeerkat.options import InputError
 from fedmeerkat.runners.run_folder import load_run_config, load_run_state
 from fedmeerkat.runners.spaces import restore_run_weights, space_kind
 from fedmeerkat.zo import SparseMask, SparseView
@@ -45,7 +46,7 @@ DELTA_FORMAT = "fedmeerkat-delta"
 DELTA_FORMAT_VERSION = "1"
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A file that is not what the command needs (not a delta, a delta for another model)."""
 
 

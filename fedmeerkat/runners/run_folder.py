@@ -4,7 +4,8 @@
     mask.safetensors          the trainable space (mask, LoRA index or dense names/shapes)
     partition.json            the clients' label histogram
     metrics.jsonl             one line per round (`MetricsLog`)
-    checkpoint.safetensors    everything to continue bit-identically (`save_checkpoint`)
+    checkpoint.safetensors    everything to continue bit-identically, with its checksum
+                              (`save_checkpoint`); checkpoint.prev.safetensors the one before
     trajectories/round_N.safetensors   per-round arrays (GradIP per client and step)
     final_state.safetensors   the final trainable vector (`save_state`, `load_run_state`)
     summary.json              (`write_json_atomic`); accuracy.png is drawn by report.plot_run
@@ -16,10 +17,13 @@ Only safetensors and JSON/TOML are read: no pickle.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import os
 import tomllib
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from fedmeerkat.config import ConfigError, RunConfig, build_config, parse_overri
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientState
 from fedmeerkat.federated.server import MeerkatServer
+from fedmeerkat.options import InputError
 from fedmeerkat.zo import SparseMask
 from fedmeerkat.zo.dense import DenseSpace, is_dense_file
 
@@ -79,9 +84,23 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def read(self) -> list[dict[str, Any]]:
+        """The records. A last line cut short by a crash (no newline, not valid JSON) is
+        left out (`repair` removes it from the file); a bad line before it is an error."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_text().splitlines()
+        records = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break  # the half-written last line of an interrupted append
+                raise InputError(f"{self.path}: line {i + 1} is not JSON (the file is damaged "
+                                 "before its last line)") from None
+        return records
 
 
 MASK_FILE = "mask.safetensors"
@@ -89,7 +108,22 @@ FINAL_STATE = "final_state.safetensors"
 
 
 def default_out(cfg: RunConfig) -> Path:
+    """The default run folder's name (before `claim_folder` makes it unique)."""
     return Path("runs") / f"{cfg.task}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def claim_folder(base: Path) -> Path:
+    """Create and return a new folder `base`, or `base-2`, `base-3`, ... if taken: mkdir is
+    atomic, so runs started in the same second, in any processes, get different folders."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def save_state(path: Path, theta: torch.Tensor, meta: dict[str, str]) -> None:
@@ -107,6 +141,17 @@ def save_trajectories(out: Path, round_idx: int, arrays: dict[str, torch.Tensor]
     _fsync_replace(tmp, traj / f"round_{round_idx:05d}.safetensors")
 
 
+def drop_trajectories_after(out: Path, round_idx: int) -> None:
+    """On resume: trajectories of rounds after the checkpoint are recomputed; remove them so a
+    run resumed with fewer rounds leaves none behind."""
+    for p in (out / "trajectories").glob("round_*.safetensors"):
+        try:
+            if int(p.name[len("round_"):-len(".safetensors")]) > round_idx:
+                p.unlink()
+        except ValueError:
+            continue
+
+
 def _fsync_replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -114,7 +159,12 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
 
 
 CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_VERSION = "2"  # 2: client copies stored once per round (1, a copy per client, loads)
+PREVIOUS_CHECKPOINT = "checkpoint.prev.safetensors"  # the one before: used if the last is bad
+# 3: a sha256 checksum of tensors and state, and the trainable space's digest, in the metadata.
+# 2 (no checksum; never released) still loads, unverified: its tensors and state are those of
+# 3, so refusing it would only throw away runs in progress. 1 (a copy per client) is refused.
+CHECKPOINT_VERSION = "3"
+_UNVERIFIED_VERSIONS = ("2",)
 # Keys a resumed run may change: they do not alter what the finished rounds computed.
 # z and every update are bit-identical on any device, so the devices may change too.
 # How long a round waits and how many replies it needs decide whether a round is applied, not
@@ -123,8 +173,42 @@ RESUMABLE_KEYS = ("rounds", "eval_every", "eval_batch_size", "threads", "device"
                   "round_timeout", "min_clients", "round_retries")
 
 
-def save_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState]) -> None:
-    """Everything needed to continue bit-identically, in one atomically replaced file."""
+class CheckpointError(InputError):
+    """A checkpoint file is damaged (truncated, corrupt, checksum mismatch) or unreadable."""
+
+
+class CheckpointMismatchError(InputError):
+    """A sound checkpoint that belongs to another run (another trainable space or model)."""
+
+
+def space_digest(space: SparseMask | DenseSpace) -> str:
+    """Identity of a trainable space: tensor names, shapes, indices and the model fingerprint
+    the mask was made for. A checkpoint records it; another space's checkpoint is refused."""
+    h = hashlib.sha256()
+    h.update(json.dumps([list(space.names), [list(s) for s in space.shapes],
+                         space.meta.get("fingerprint_structure", ""),
+                         space.meta.get("fingerprint_weights", "")]).encode())
+    for idx in getattr(space, "indices", []):
+        h.update(idx.to(torch.int64).contiguous().numpy().data)
+    return h.hexdigest()
+
+
+def _checksum(tensors: dict[str, torch.Tensor], version: str, state: str, space: str) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes, in name order) and the metadata."""
+    h = hashlib.sha256()
+    h.update(json.dumps([version, state, space]).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def save_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState],
+                    space: str = "") -> None:
+    """Everything needed to continue bit-identically, with its checksum. The new file is
+    written beside the old one and fsynced, the old one becomes checkpoint.prev.safetensors,
+    and the new one takes its name: at every moment a whole checkpoint is on disk."""
     tensors, server_meta = server.state_dict()
     for s in states:
         # clients at the same round share one copy (share_copies): stored once per round
@@ -134,27 +218,98 @@ def save_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState])
             tensors[f"client.{s.client_id}.extra.{name}"] = t.cpu().contiguous()
     meta = {"server": server_meta,
             "clients": [{"pointer": s.pointer.state_dict(), "synced": s.synced} for s in states]}
+    state = json.dumps(meta)
     tmp = out / (CHECKPOINT + ".tmp")
-    save_file(tensors, str(tmp), metadata={"version": CHECKPOINT_VERSION,
-                                           "state": json.dumps(meta)})
-    _fsync_replace(tmp, out / CHECKPOINT)
+    save_file(tensors, str(tmp), metadata={
+        "version": CHECKPOINT_VERSION, "state": state, "space": space,
+        "sha256": _checksum(tensors, CHECKPOINT_VERSION, state, space)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    if (out / CHECKPOINT).is_file():
+        os.replace(out / CHECKPOINT, out / PREVIOUS_CHECKPOINT)
+    os.replace(tmp, out / CHECKPOINT)
+    _fsync_dir(out)
 
 
-def load_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState]) -> None:
-    path = out / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"{out} holds no {CHECKPOINT}: nothing to resume")
-    with safe_open(str(path), framework="pt") as f:
-        meta_raw = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta_raw.get("version") != CHECKPOINT_VERSION:
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: Path, space: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, state) of a checkpoint file, verified. CheckpointError if it is damaged,
+    CheckpointMismatchError if it is sound but made for another trainable space."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta_raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError (truncated, corrupt header), OSError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path.name} is unreadable ({first})") from None
+    version = meta_raw.get("version")
+    if version != CHECKPOINT_VERSION and version not in _UNVERIFIED_VERSIONS:
         # version 1 (a copy per client) never shipped in a release and predates portable z:
         # a run it started cannot continue bit-identically, so it is refused, not converted
-        raise ValueError(f"{path}: checkpoint version {meta_raw.get('version')!r}, this "
-                         f"fedmeerkat reads version {CHECKPOINT_VERSION}; start the run again")
-    meta = json.loads(meta_raw["state"])
+        raise CheckpointMismatchError(
+            f"{path}: checkpoint version {version!r}, this fedmeerkat reads version "
+            f"{CHECKPOINT_VERSION}; start the run again")
+    if version == CHECKPOINT_VERSION:
+        want = _checksum(tensors, version, meta_raw.get("state", ""), meta_raw.get("space", ""))
+        if meta_raw.get("sha256") != want:
+            raise CheckpointError(f"{path.name} fails its checksum (corrupt)")
+        if space and meta_raw.get("space") != space:
+            raise CheckpointMismatchError(
+                f"{path}: checkpoint was made for another trainable space or model than this "
+                "run folder's mask.safetensors; it cannot continue this run")
+    try:
+        state = json.loads(meta_raw["state"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path.name} has no readable state") from None
+    return tensors, state
+
+
+def load_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState],
+                    space: str = "", log: Callable[[str], None] | None = None) -> None:
+    """Restore the last sound checkpoint: checkpoint.safetensors, or, when that is missing,
+    truncated or corrupt (one line to `log` says so), checkpoint.prev.safetensors."""
+    candidates = [p for p in (out / CHECKPOINT, out / PREVIOUS_CHECKPOINT) if p.is_file()]
+    if not candidates:
+        raise FileNotFoundError(f"{out} holds no {CHECKPOINT}: nothing to resume")
+    if candidates[0].name != CHECKPOINT and log is not None:
+        log(f"warning: {CHECKPOINT} is missing; resuming from {PREVIOUS_CHECKPOINT}")
+    problems = []
+    for i, path in enumerate(candidates):
+        try:
+            tensors, meta = read_checkpoint(path, space)
+            break
+        except CheckpointError as e:
+            problems.append(str(e))
+            if i + 1 < len(candidates) and log is not None:
+                log(f"warning: {e}; resuming from {candidates[i + 1].name} instead")
+    else:
+        raise CheckpointError(f"{out}: no sound checkpoint to resume from: "
+                              + "; ".join(problems))
+    _apply_checkpoint(path, tensors, meta, server, states)
+
+
+def _apply_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                      server: MeerkatServer, states: list[ClientState]) -> None:
     if len(meta["clients"]) != len(states):
-        raise ValueError(f"{path}: checkpoint has {len(meta['clients'])} clients, run has {len(states)}")
+        raise CheckpointMismatchError(f"{path}: checkpoint has {len(meta['clients'])} clients, "
+                                      f"run has {len(states)}")
+    theta = tensors.get("server.theta")
+    if theta is None or theta.numel() != server.theta.numel():
+        raise CheckpointMismatchError(
+            f"{path}: checkpoint holds {0 if theta is None else theta.numel()} trainable values, "
+            f"this run's space has {server.theta.numel()}; it was made for another model or mask")
     server.load_state_dict(tensors, meta["server"])
     for s, c in zip(states, meta["clients"], strict=True):
         s.pointer = ClientDataPointer.from_state(c["pointer"])
@@ -166,17 +321,26 @@ def load_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState])
 
 
 def open_run_folder(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path]:
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    """The run folder: the existing one (resume), a new unique one (no out=), or out=, which
+    must be new or empty. Its config.toml is created exclusively, so two runs given the same
+    out= at once cannot both take it."""
     if resume:
-        if not (out / CHECKPOINT).is_file():
+        out = Path(cfg.out)
+        if not any((out / c).is_file() for c in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
             raise FileNotFoundError(f"{out} holds no {CHECKPOINT}: nothing to resume")
         return cfg, out
+    out = Path(cfg.out) if cfg.out else claim_folder(default_out(cfg))
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"run folder {out} exists and is not empty; choose another out= "
                               "or continue it with `fedmeerkat run --resume RUN_DIR`")
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, out=str(out))
-    (out / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
+    try:
+        with open(out / "config.toml", "x") as f:
+            f.write(tomli_w.dumps(cfg.to_dict()))
+    except FileExistsError:
+        raise FileExistsError(f"run folder {out} was taken by another run just now; choose "
+                              "another out=") from None
     return cfg, out
 
 
@@ -192,7 +356,11 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunCon
 
 
 def load_space(path: Path) -> SparseMask | DenseSpace:
-    return DenseSpace.load(path) if is_dense_file(path) else SparseMask.load(path)
+    try:
+        dense = is_dense_file(path)
+    except Exception:  # missing or unreadable: SparseMask.load says which, in one line
+        dense = False
+    return DenseSpace.load(path) if dense else SparseMask.load(path)
 
 
 def load_run_state(run_dir: Path) -> tuple[SparseMask | DenseSpace, torch.Tensor]:
@@ -203,7 +371,11 @@ def load_run_state(run_dir: Path) -> tuple[SparseMask | DenseSpace, torch.Tensor
     if not state.is_file():
         raise FileNotFoundError(f"{run_dir} holds no {FINAL_STATE} (did the run finish?)")
     mask = load_space(run_dir / "mask.safetensors")
-    theta = load_file(str(state))["theta"]
+    try:
+        theta = load_file(str(state))["theta"]
+    except Exception as e:  # truncated or corrupt (SafetensorError), no "theta"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{state}: unreadable ({first})") from None
     if theta.numel() != mask.nnz or not math.isfinite(float(theta.sum())):
         raise ValueError(f"{state}: state does not fit the run's mask")
     return mask, theta

@@ -8,6 +8,7 @@ the byte counts are those of the real wire format and the simulation exercises i
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ from fedmeerkat.config import RunConfig
 from fedmeerkat.data.partition import format_histogram, label_histogram, partition
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientState, FedSettings, RoundPlan
+from fedmeerkat.federated.messages import MAX_VECTOR
 from fedmeerkat.federated.methods import get_method, make_server
 from fedmeerkat.models.loading import load_model
 from fedmeerkat.models.scoring import EvalResult, LabelScorer, encode_prompts, evaluate
+from fedmeerkat.options import InputError
 from fedmeerkat.runners.client_host import ClientHost
 from fedmeerkat.runners.driver import RoundDriver, RoundFailed
 from fedmeerkat.runners.inprocess import InProcessTransport
@@ -31,11 +34,13 @@ from fedmeerkat.runners.masks import obtain_mask
 from fedmeerkat.runners.run_folder import (
     FINAL_STATE,
     MetricsLog,
+    drop_trajectories_after,
     load_checkpoint,
     open_run_folder,
     save_checkpoint,
     save_state,
     save_trajectories,
+    space_digest,
     write_json_atomic,
 )
 from fedmeerkat.runners.spaces import build_space
@@ -85,6 +90,18 @@ class SharedModel:
 
 
 def load_task_for(cfg: RunConfig) -> TaskData:
+    """The run's task; data that cannot be used (missing or mistyped columns, labels outside
+    the label words, an empty split, unreadable files) is an InputError naming the task."""
+    try:
+        return _load_task(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, InputError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"task {cfg.task}: {first}") from None
+
+
+def _load_task(cfg: RunConfig) -> TaskData:
     return load_task(
         cfg.task,
         data_files=cfg.data_files or None,
@@ -131,6 +148,23 @@ def get_mask(cfg: RunConfig, prep: Prepared, parts: list[np.ndarray],
                        client_texts=None if texts is None else [[texts[i] for i in p] for p in parts])
 
 
+def split_clients(cfg: RunConfig, prep: Prepared) -> list[np.ndarray]:
+    """The clients' example ids; a client left with no data is an InputError with the fix."""
+    try:
+        parts = partition(prep.train_labels, cfg.clients, cfg.partition, alpha=cfg.alpha,
+                          seed=cfg.seed, num_classes=prep.task.spec.num_classes,
+                          min_size=cfg.min_partition_size)
+    except ValueError as e:
+        raise InputError(f"partition {cfg.partition}: {e} (lower clients= or "
+                         "min_partition_size=, or give more training data)") from None
+    empty = [k for k, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise InputError(f"partition {cfg.partition}: clients {empty} get no training data "
+                         f"({len(prep.train_labels)} examples for {cfg.clients} clients); lower "
+                         "clients=, raise max_train= or choose another partition=")
+    return parts
+
+
 def settings_of(cfg: RunConfig) -> FedSettings:
     return FedSettings(local_steps=cfg.local_steps, lr=cfg.lr, eps=cfg.eps,
                        batch_size=cfg.batch_size, seed=cfg.seed, weighting=cfg.weighting,
@@ -154,10 +188,13 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     """
     start = time.time()
     cfg, out = open_run_folder(cfg, resume)
-    prep = prepare(cfg)
-    parts = partition(prep.train_labels, cfg.clients, cfg.partition, alpha=cfg.alpha,
-                      seed=cfg.seed, num_classes=prep.task.spec.num_classes,
-                      min_size=cfg.min_partition_size)
+    try:
+        prep = prepare(cfg)
+        parts = split_clients(cfg, prep)
+    except InputError:
+        if not resume and [p.name for p in out.iterdir()] == ["config.toml"]:
+            shutil.rmtree(out)  # nothing ran: the same command works again once input is fixed
+        raise
     hist = label_histogram(parts, prep.train_labels, prep.task.spec.num_classes)
     names = list(prep.task.spec.class_names) or [w.strip() for w in prep.task.spec.label_words]
     log(f"partition {cfg.partition}" + (f" (alpha={cfg.alpha})" if "dirichlet" in cfg.partition else ""))
@@ -170,6 +207,10 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     space = build_space(cfg, prep.model, out, resume=resume,
                         make_mask=lambda: get_mask(cfg, prep, parts, quiet))
     mask, mask_source, view = space.mask, space.source, space.view
+    if mask.nnz > MAX_VECTOR:
+        raise InputError(f"the trainable space has {mask.nnz:,} values, more than the "
+                         f"{MAX_VECTOR:,} a plan or reply can carry (federated/messages.py)")
+    digest = space_digest(mask)
     log(f"trainable ({space.kind}): {mask.nnz:,} of {mask.eligible_numel:,} eligible values "
         f"(density {mask.density:.2e}), {mask_source}")
     theta0 = view.gather()
@@ -191,9 +232,13 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     metrics = MetricsLog(out / "metrics.jsonl")
 
     if resume:
-        load_checkpoint(out, server, states)
+        load_checkpoint(out, server, states, digest, log=log)
+        drop_trajectories_after(out, server.round)
+        # drop lines written after the checkpoint and a half-written last line, if any
         records = [r for r in metrics.read() if r["round"] <= server.round]
-        metrics.rewrite(records)  # drop a line written after the last checkpoint, if any
+        if not records:
+            raise InputError(f"{out}/metrics.jsonl lacks round 0; the run cannot be resumed")
+        metrics.rewrite(records)
         initial = EvalResult(records[0]["test_accuracy"], records[0]["test_loss"],
                              records[0]["predicted_share"], len(prep.test_ids))
         evaluated = [r for r in records if r.get("test_accuracy") is not None]
@@ -208,7 +253,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
         metrics.append({"round": 0, "train_loss": None, "test_accuracy": initial.accuracy,
                         "test_loss": initial.loss, "predicted_share": initial.predicted_share,
                         "bytes_up": 0, "bytes_down": 0})
-        save_checkpoint(out, server, states)
+        save_checkpoint(out, server, states, digest)
 
     per_round = sum(server.steps_for(1, k) for k in server.participants(1))
     bar = tqdm(total=per_round * (cfg.rounds - server.round), desc="training", unit="step",
@@ -238,7 +283,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
     driver = RoundDriver(server, InProcessTransport(host),
                          append_metrics=metrics.append,
                          save_arrays=lambda r, arrays: save_trajectories(out, r, arrays),
-                         checkpoint=lambda: save_checkpoint(out, server, states),
+                         checkpoint=lambda: save_checkpoint(out, server, states, digest),
                          evaluate=evaluate, log=lambda m: bar.write(m, file=sys.stderr),
                          round_timeout=cfg.round_timeout, min_clients=cfg.min_clients,
                          round_retries=cfg.round_retries, on_plans=on_plans)

@@ -85,8 +85,16 @@ def load_local_task(
     spec = make_spec(
         name, template, label_words, class_names, set(train_ds.column_names) - {label_field}
     )
+
+    def check_split(cols: list[str]) -> None:  # the test file needs the template's fields too
+        check(cols)
+        missing = [f for f in spec.fields if f not in cols]
+        if missing:
+            raise ValueError(f"columns {missing} of the template are missing from a data file; "
+                             f"its columns: {cols}")
+
     return build(
-        spec, normalise, check, train_ds=train_ds, test_ds=test_ds,
+        spec, normalise, check_split, train_ds=train_ds, test_ds=test_ds,
         origin=f"{origin}; label column {label_field!r}, {note}", split_seed=split_seed,
         test_fraction=test_fraction, max_train=max_train, max_test=max_test,
     )  # fmt: skip

@@ -55,6 +55,21 @@ def parse_data_files(data_files: DataFiles) -> dict[str, list[str]]:
     return parsed
 
 
+def _read(datasets: Any, builder: str, paths: list[str], kwargs: dict[str, Any]) -> Any:
+    logging = datasets.utils.logging
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)  # a bad file is said once, below, not logged too
+    try:
+        return datasets.load_dataset(builder, data_files={"train": paths}, **kwargs)["train"]
+    except Exception as e:  # bad JSON lines, not parquet, unreadable: one line, with the cause
+        cause = e.__cause__ or e.__context__ or e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ValueError(f"could not read data files {paths}: {type(cause).__name__}: "
+                         f"{first}") from None
+    finally:
+        logging.set_verbosity(level)
+
+
 def _builder(paths: list[str]) -> tuple[str, dict[str, Any]]:
     suffixes = {Path(p).suffix.lower() for p in paths}
     if len(suffixes) != 1 or (suffix := suffixes.pop()) not in _BUILDERS:
@@ -77,7 +92,9 @@ def open_splits(
     if data_files is not None:
         parsed = _pick_test(parse_data_files(data_files))
         builder, kwargs = _builder([p for v in parsed.values() for p in v])
-        dd = datasets.load_dataset(builder, data_files=parsed, **kwargs)
+        # each split on its own: files with different columns get our message, not a
+        # datasets schema error
+        dd = {split: _read(datasets, builder, paths, kwargs) for split, paths in parsed.items()}
         origin = "local files " + ", ".join(f"{k}={v}" for k, v in parsed.items())
         return dd["train"], dd["test"] if "test" in dd else None, origin
     if hub_id is None:

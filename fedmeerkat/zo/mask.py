@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedmeerkat.options import InputError
+
 MASK_FORMAT_VERSION = "1"
 
 # Default eligibility: 2-D weight matrices inside the decoder blocks. Embeddings, norms and the
@@ -26,8 +28,30 @@ MASK_FORMAT_VERSION = "1"
 DEFAULT_ELIGIBLE = r"(^|\.)layers\.\d+\..*\.weight$"
 
 
-class MaskMismatchError(ValueError):
+class MaskMismatchError(InputError):
     """A mask file was made for another model (or another version of it)."""
+
+
+class MaskFileError(InputError):
+    """A mask file that cannot be read or whose indices do not describe a mask."""
+
+
+def check_indices(name: str, idx: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Indices of one tensor must be 1-D integers, strictly increasing (sorted, no repeats)
+    and inside the tensor: anything else would silently misalign the flat sparse vector."""
+    numel = int(torch.Size(shape).numel())
+    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise MaskFileError(f"mask tensor {name!r}: indices must be a 1-D integer array")
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= numel:
+        raise MaskFileError(f"mask tensor {name!r}: indices {lo}..{hi} outside 0..{numel - 1} "
+                            f"of its shape {tuple(shape)}")
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        what = "repeated" if int(torch.unique(idx).numel()) < idx.numel() else "unsorted"
+        raise MaskFileError(f"mask tensor {name!r}: {what} indices (they must be sorted and "
+                            "distinct)")
 
 
 def eligible_parameters(
@@ -99,17 +123,33 @@ class SparseMask:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"mask file not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format_version") != MASK_FORMAT_VERSION:
-                raise ValueError(f"{path}: not a fedmeerkat mask file (format {meta.get('format_version')})")
-            names = json.loads(meta.pop("names"))
-            shapes = [tuple(s) for s in json.loads(meta.pop("shapes"))]
-            keys = set(f.keys())
-            indices = [f.get_tensor(f"idx::{n}").long() for n in names]
-            grads = [f.get_tensor(f"grad::{n}") for n in names if f"grad::{n}" in keys]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                if meta.get("format_version") != MASK_FORMAT_VERSION:
+                    raise MaskFileError(f"{path}: not a fedmeerkat mask file (format "
+                                        f"{meta.get('format_version')})")
+                names = json.loads(meta.pop("names"))
+                shapes = [tuple(int(d) for d in s) for s in json.loads(meta.pop("shapes"))]
+                keys = set(f.keys())
+                missing = [n for n in names if f"idx::{n}" not in keys]
+                if missing or len(shapes) != len(names) or len(set(names)) != len(names):
+                    raise MaskFileError(f"{path}: names, shapes and index tensors disagree")
+                indices = [f.get_tensor(f"idx::{n}") for n in names]
+                grads = [f.get_tensor(f"grad::{n}") for n in names if f"grad::{n}" in keys]
+        except MaskFileError:
+            raise
+        except Exception as e:  # truncated or not safetensors (SafetensorError), bad JSON
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise MaskFileError(f"{path}: not a readable mask file ({first})") from None
+        for name, idx, shape in zip(names, indices, shapes, strict=True):
+            check_indices(name, idx, shape)
+        indices = [idx.long() for idx in indices]
         calib = torch.cat(grads).float() if len(grads) == len(names) and grads else None
-        return cls(names, indices, shapes, meta=meta, calib_grad=calib)
+        try:
+            return cls(names, indices, shapes, meta=meta, calib_grad=calib)
+        except ValueError as e:
+            raise MaskFileError(f"{path}: {e}") from None
 
     # ---- checks ------------------------------------------------------------------------
     def check_model(self, params: Mapping[str, torch.Tensor], fingerprint: Mapping[str, object]) -> None:

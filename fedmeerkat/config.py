@@ -190,6 +190,13 @@ def validate_combination(cfg: RunConfig) -> None:
         raise ConfigError(f"mask_kind: {cfg.mask_kind!r} picks a computed mask; it cannot apply to mask={cfg.mask}")
     if cfg.template and "{" not in cfg.template:
         raise ConfigError(f"template: {cfg.template!r} names no field, e.g. '{{sentence}} It was'")
+    # a method's checks against the common keys (its settings never see the run config)
+    check_common = getattr(cfg.method_settings, "check_common", None)
+    if check_common is not None:
+        try:
+            check_common({k: getattr(cfg, k) for k in COMMON})
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     downlinks = get_method(cfg.method).downlinks
     if cfg.downlink not in downlinks:
         raise ConfigError(f"downlink: method {cfg.method} needs downlink={' or '.join(downlinks)} "

@@ -81,7 +81,7 @@ class RunConfig:
     mask: str = _f("", "mask file to use; empty = compute (or reuse the cached one)")
     mask_kind: str = _f("calibration", "how a computed mask picks weights: calibration (general-text squared gradient) | weight-magnitude | random (run seed) | task (training texts) | union (of per-client task masks)", choices=MASK_KINDS)
     eligible: str = _f(DEFAULT_ELIGIBLE, "regex of 2-D weights the mask may pick")
-    calib_corpus: str = _f("news", "general text for the mask: 'news' (packaged), 'c4' (hub) or a path")
+    calib_corpus: str = _f("news", "general text for the mask: 'news' (packaged), 'c4' / 'allenai/c4' (hub, streamed; the paper's) or a path (.txt, .jsonl, C4 .json.gz shards, folder)")
     calib_sequences: int = _f(128, "calibration sequences", min=1)
     calib_seq_len: int = _f(512, "tokens per calibration sequence (longer texts are cut)", min=8)
     # run

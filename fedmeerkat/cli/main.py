@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmeerkat: config error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, MaskMismatchError, LabelWordError,
-            ModelLoadError, NotImplementedError, ExportError) as e:
+            ModelLoadError, NotImplementedError, ExportError, ConnectionError) as e:
         print(f"fedmeerkat: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -150,7 +150,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return build_config(raw)
 
 
+METHOD_KEYS_TABLE = "method_keys"
+
+
+def _apply_method_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A file's `[method_keys]` table holds keys of particular methods (VP's thresholds, ...)
+    that apply only when the run's method reads them, so one file serves every method (the
+    paper presets). Each is checked whatever the method; a key also given flat (a key=value
+    override, or the file's top level) wins."""
+    table = raw.get(METHOD_KEYS_TABLE)
+    if table is None:
+        return raw
+    if not isinstance(table, dict):
+        raise ConfigError(f"{METHOD_KEYS_TABLE}: expected a table of method keys")
+    out = {k: v for k, v in raw.items() if k != METHOD_KEYS_TABLE}
+    method = out.get("method", default_of(COMMON["method"]))
+    mine = keys_of(get_method(method).settings) if method in METHODS else {}  # else: refused below
+    for key, value in table.items():
+        if key not in METHOD_KEYS:
+            raise (_unknown(key) if key not in COMMON else
+                   ConfigError(f"{METHOD_KEYS_TABLE}.{key}: a common key; set it at the top level"))
+        f = METHOD_KEYS[key]
+        check(key, coerce(key, value, default_of(f)), f.metadata)
+        if key in mine:
+            out.setdefault(key, value)
+    return out
+
+
 def build_config(raw: dict[str, Any]) -> RunConfig:
+    raw = _apply_method_keys(raw)
     values, own = {}, {}
     for key, value in raw.items():
         if key not in FIELDS:

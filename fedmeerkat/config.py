@@ -87,7 +87,7 @@ class RunConfig:
     mask: str = _f("", "mask file to use; empty = compute (or reuse the cached one)")
     mask_kind: str = _f("calibration", "how a computed mask picks weights: calibration (general-text squared gradient) | weight-magnitude | random (run seed) | task (training texts) | union (of per-client task masks)", choices=MASK_KINDS)
     eligible: str = _f(DEFAULT_ELIGIBLE, "regex of 2-D weights the mask may pick")
-    calib_corpus: str = _f("news", "general text for the mask: 'news' (packaged), 'c4' (hub) or a path")
+    calib_corpus: str = _f("news", "general text for the mask: 'news' (packaged), 'c4' / 'allenai/c4' (hub, streamed; the paper's) or a path (.txt, .jsonl, C4 .json.gz shards, folder)")
     calib_sequences: int = _f(128, "calibration sequences", min=1)
     calib_seq_len: int = _f(512, "tokens per calibration sequence (longer texts are cut)", min=8)
     # run
@@ -164,7 +164,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+METHOD_KEYS_TABLE = "method_keys"
+
+
+def _apply_method_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A file's `[method_keys]` table holds keys of particular methods (VP's thresholds, ...)
+    that apply only when the run's method reads them, so one file serves every method (the
+    paper presets). Each is checked whatever the method; a key also given flat (a key=value
+    override, or the file's top level) wins."""
+    table = raw.get(METHOD_KEYS_TABLE)
+    if table is None:
+        return raw
+    if not isinstance(table, dict):
+        raise ConfigError(f"{METHOD_KEYS_TABLE}: expected a table of method keys")
+    out = {k: v for k, v in raw.items() if k != METHOD_KEYS_TABLE}
+    method = out.get("method", default_of(COMMON["method"]))
+    mine = keys_of(get_method(method).settings) if method in METHODS else {}  # else: refused below
+    for key, value in table.items():
+        if key not in METHOD_KEYS:
+            raise (_unknown(key) if key not in COMMON else
+                   ConfigError(f"{METHOD_KEYS_TABLE}.{key}: a common key; set it at the top level"))
+        f = METHOD_KEYS[key]
+        check(key, coerce(key, value, default_of(f)), f.metadata)
+        if key in mine:
+            out.setdefault(key, value)
+    return out
+
+
 def build_config(raw: dict[str, Any]) -> RunConfig:
+    raw = _apply_method_keys(raw)
     values, own = {}, {}
     for key, value in raw.items():
         if key not in FIELDS:
@@ -214,6 +242,13 @@ def validate_combination(cfg: RunConfig) -> None:
     if cfg.min_clients > per_round:
         raise ConfigError(f"min_clients: {cfg.min_clients} exceeds the {per_round} clients "
                           "planned per round")
+    # a method's checks against the common keys (its settings never see the run config)
+    check_common = getattr(cfg.method_settings, "check_common", None)
+    if check_common is not None:
+        try:
+            check_common({k: getattr(cfg, k) for k in COMMON})
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     downlinks = get_method(cfg.method).downlinks
     if cfg.downlink not in downlinks:
         raise ConfigError(f"downlink: method {cfg.method} needs downlink={' or '.join(downlinks)} "

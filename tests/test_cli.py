@@ -42,6 +42,16 @@ def test_run_writes_every_output_and_eval_reproduces_it(
                 "density", "upload_bytes_per_client", "download_bytes_per_client", "wall_seconds"):
         assert key in summary, key
     assert summary["final_accuracy"] == lines[-1]["test_accuracy"]
+    # threshold-free metrics beside accuracy in every evaluated round and the summary
+    tf = ("test_auc", "test_macro_f1", "test_best_shift_accuracy")
+    for x in lines:
+        assert all((x.get(k) is not None) == (x["test_accuracy"] is not None) for k in tf), x
+        if x["test_accuracy"] is not None:
+            assert 0 <= x["test_auc"] <= 1 and x["test_best_shift_accuracy"] >= x["test_accuracy"]
+    for k in tf:
+        assert summary[k.replace("test_", "initial_")] == lines[0][k]
+        assert summary[k.replace("test_", "final_")] == lines[-1][k]
+    assert "ROC-AUC:" in printed and "best-shift accuracy:" in printed
     # upload: 2 float32 scalars + a safetensors header; download adds the sparse vector
     nnz = summary["mask_nnz"]
     assert 8 < summary["upload_bytes_per_client"] < 400
@@ -55,6 +65,10 @@ def test_run_writes_every_output_and_eval_reproduces_it(
     assert main(["eval", str(out)]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["test_accuracy"] == summary["final_accuracy"]
+    assert ev["test_auc"] == summary["final_auc"] and ev["test_macro_f1"] == summary["final_macro_f1"]
+    assert main(["report", str(out)]) == 0
+    assert f"ROC-AUC: {summary['initial_auc']:.4f} zero-shot -> {summary['final_auc']:.4f}" in (
+        capsys.readouterr().out)
     # the same run twice gives the same numbers (seeded everything)
     out2 = tmp_path / "run2"
     assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, out2)) == 0

@@ -132,7 +132,9 @@ def test_deployed_meerkat_is_bit_identical_to_the_in_process_run(deployed_runs, 
     assert not torch.equal(deployed, load_file(str(runs[downlink] / "initial_state.safetensors"))["theta"])
     read = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
             for d in (runs[downlink], local[downlink])]
-    keys = ("round", "train_loss", "test_accuracy", "bytes_up", "bytes_down", "bytes", "client_steps")
+    keys = ("round", "train_loss", "test_accuracy", "bytes_up", "bytes_down", "bytes", "client_steps",
+            "test_auc", "test_macro_f1", "test_best_shift_accuracy")  # the last three: from site logits
+    assert read[0][0]["test_auc"] is not None and read[0][0]["test_macro_f1"] is not None
     assert [{k: r.get(k) for k in keys} for r in read[0]] == [{k: r.get(k) for k in keys} for r in read[1]]
     assert len(read[0]) == 4  # round 0 and three rounds
     summary = json.loads((runs[downlink] / "summary.json").read_text())

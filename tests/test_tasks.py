@@ -205,3 +205,59 @@ def test_calibration_texts(tmp_path: Path) -> None:
     assert load_calibration_texts(str(folder)) == ["whole\nfile", "j1", "j2"]
     with pytest.raises(ValueError, match="unknown calibration corpus"):
         load_calibration_texts("wikipedia")
+
+
+def _c4_shard(path: Path, texts: list[str]) -> Path:
+    """A file in the format of C4's shards (c4-train.*.json.gz): gzip JSON lines with the
+    fields text, timestamp, url."""
+    import gzip
+    import json
+
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"text": t, "timestamp": "2019-04-25T12:57:54Z",
+                                "url": f"https://example.org/{i}"}) + "\n")
+    return path
+
+
+def test_c4_streams_from_the_hub_code_path_on_local_shards(tmp_path: Path, monkeypatch) -> None:
+    """calib_corpus = "c4" / "allenai/c4" goes through datasets' hub streaming; here the hub is
+    replaced by the same streaming loader over a local file in C4's format (no internet)."""
+    import datasets
+
+    shard = _c4_shard(tmp_path / "c4-train.00000-of-01024.json.gz",
+                      [f"document {i} about nothing in particular" for i in range(300)])
+    real = datasets.load_dataset
+    calls = []
+
+    def fake_hub(path, name=None, **kw):
+        calls.append((path, name, kw))
+        return real("json", data_files=str(shard), **kw)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    texts = load_calibration_texts("c4")
+    assert calls == [("allenai/c4", "en", {"split": "train", "streaming": True})]
+    assert texts == [f"document {i} about nothing in particular" for i in range(128)]  # first 128
+    assert load_calibration_texts("allenai/c4", num_texts=5) == texts[:5]
+    # the same shard as a local path: read offline, whole
+    assert load_calibration_texts(str(shard)) == [f"document {i} about nothing in particular"
+                                                  for i in range(300)]
+
+
+def test_c4_offline_fails_with_one_clear_line(tmp_path: Path, monkeypatch, capsys,
+                                              tiny_model_dir, sentiment_csv, isolated_cache) -> None:
+    import datasets
+
+    from fedmeerkat.cli.main import main
+
+    def offline(*a, **kw):
+        raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)\n"
+                              "more detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConnectionError, match="Offline\\? Use calib_corpus = 'news'"):
+        load_calibration_texts("c4")
+    code = main(["mask", f"model={tiny_model_dir}", "calib_corpus=c4", "calib_sequences=2",
+                 "--out", str(tmp_path / "m.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "calib_corpus 'c4'" in err[0] and "Couldn't reach" in err[0]

@@ -15,7 +15,7 @@ from fedmeerkat.config import ConfigError, load_config
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientState, FedSettings, run_client
 from fedmeerkat.federated.gradip import VPRatios, vp_ratios
-from fedmeerkat.federated.methods import make_server
+from fedmeerkat.federated.methods import get_method, make_server
 from fedmeerkat.federated.methods.random_select import RandomSelectServer
 from fedmeerkat.federated.methods.vp import VPServer, VPSettings
 from fedmeerkat.zo import SparseView
@@ -123,14 +123,15 @@ def _cls_setup(seed: int, *, with_single_label: bool, cls=VPServer, vp=VP_TEST):
 
 def _round(r, model, states, server, record=None):
     plans = server.plan_round(r)
+    routine = get_method(server.method).client(server.vp)  # as a ClientHost runs it
     replies = []
     for p in plans:
         loss = model.loss
         if record is not None and p.client_id == record[0]:
             model.loss = lambda ids, loss=loss: (record[1].append(tuple(int(i) for i in ids)),
                                                  loss(ids))[1]
-        replies.append(run_client(states[p.client_id], p, model, eps=server.settings.eps,
-                                  lr=server.lrs(r), batch_size=server.settings.batch_size))
+        replies.append(routine(states[p.client_id], p, model, eps=server.settings.eps,
+                               lr=server.lrs(r), batch_size=server.settings.batch_size))
         model.loss = loss
     return plans, replies, server.apply(r, replies)
 
@@ -256,3 +257,67 @@ def test_random_select_run_stops_as_many_as_detected(tiny_model_dir, sentiment_c
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["client_steps"] == {str(k): 1 if k in s["vp_early_stopped"] else 2
                                     for k in range(4)}
+
+
+# ---- vp_calibration = "phase": Algorithm 1's calibration phase as written -------------------
+def test_calibration_phase_is_measured_not_aggregated_and_training_matches_meerkat():
+    from fedmeerkat.federated import MeerkatServer
+    from fedmeerkat.zo import round_seeds
+
+    phase = VPSettings(**{**VP_TEST.__dict__, "calibration": "phase"})
+    flagged = []
+    for seed in (0, 1):
+        model, states, server = _cls_setup(seed, with_single_label=True, vp=phase)
+        # plain Meerkat on the same clients, data and seeds
+        _, ref_states, _ = _cls_setup(seed, with_single_label=True)
+        ref = MeerkatServer(server.settings, model.view.gather(), server.client_sizes)
+        plans, replies, out = _round(1, model, states, server)
+        # T training seeds (the round's, as Meerkat's) then T_cali calibration seeds
+        assert [p.num_steps for p in plans] == [2 + 60] * 4
+        assert plans[0].seeds == round_seeds(seed, 1, 62) and server.update_seeds(1) == round_seeds(seed, 1, 2)
+        assert all(len(r.scalars) == 62 for r in replies)
+        assert out.client_steps == {k: 2 for k in range(4)}  # what was aggregated
+        assert out.arrays["calibration_gradip"].shape == (4, 60)
+        assert out.arrays["gradip"].shape == (4, 2)  # training steps only
+        assert out.extra["vp"]["calibration"] == "phase"
+        ref_replies = [run_client(ref_states[p.client_id], p, model, eps=ref.settings.eps,
+                                  lr=ref.lrs(1), batch_size=ref.settings.batch_size)
+                       for p in ref.plan_round(1)]
+        ref.apply(1, ref_replies)
+        # the calibration steps moved nothing: the global model and every data pointer are
+        # bit for bit those of plain Meerkat, and the training scalars are Meerkat's
+        assert torch.equal(server.theta, ref.theta)
+        assert [s.pointer.state_dict() for s in states] == [s.pointer.state_dict() for s in ref_states]
+        assert [r.scalars[:2] for r in replies] == [r.scalars for r in ref_replies]
+        flagged.append(server.detected)
+        plans, replies, out = _round(2, model, states, server)
+        assert len(plans[0].seeds) == 2 and "vp" not in out.extra
+        assert [p.num_steps for p in plans] == [1 if k in server.stopped else 2 for k in range(4)]
+    assert flagged == [[0], [0]]  # the single-label client, from the calibration phase's GradIP
+
+
+def test_calibration_phase_config_checks():
+    cfg = load_config(None, ["method=meerkat-vp", "vp_calibration=phase", "local_steps=10"])
+    assert cfg.method_settings.calibration == "phase"
+    assert load_config(None, ["method=meerkat-vp"]).method_settings.calibration == "round"
+    with pytest.raises(ConfigError, match="local_steps <= vp_calibration_steps"):
+        load_config(None, ["method=meerkat-vp", "vp_calibration=phase", "local_steps=120"])
+    with pytest.raises(ConfigError, match="vp_calibration"):
+        load_config(None, ["method=meerkat-vp", "vp_calibration=aggregated"])
+
+
+def test_calibration_phase_run_on_the_tiny_llama(tiny_model_dir, sentiment_csv, calib_txt,
+                                                 isolated_cache, tmp_path):
+    out = tmp_path / "phase"
+    args = [a for a in VP_ARGS if not a.startswith("rounds=")]
+    assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, out, *args, "rounds=2",
+                      "vp_calibration=phase")) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # round 1: 2 training + 16 calibration scalars up per client, 2 steps aggregated
+    assert all(up == 27 + 4 * 18 for up, _ in records[1]["bytes"].values())
+    assert records[1]["client_steps"] == {str(k): 2 for k in range(4)}
+    assert records[1]["vp"]["calibration"] == "phase"
+    traj = load_file(str(out / "trajectories" / "round_00001.safetensors"))
+    assert traj["calibration_gradip"].shape == (4, 16) and traj["gradip"].shape == (4, 2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["vp_settings"]["calibration"] == "phase" and len(summary["vp_ratios"]) == 4

@@ -87,6 +87,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
           f"after {s['rounds']} rounds x {s['clients']} clients x {s['local_steps']} steps")
     print(f"predicted-class share:   {_share(s['initial_predicted_share'])} -> "
           f"{_share(s['final_predicted_share'])}")
+    for key, name in (("auc", "ROC-AUC"), ("macro_f1", "macro-F1"),
+                      ("best_shift_accuracy", "best-shift accuracy")):
+        if s.get(f"initial_{key}") is not None or s.get(f"final_{key}") is not None:
+            print(f"{name + ':':<24} {_num(s.get(f'initial_{key}'))} -> "
+                  f"{_num(s.get(f'final_{key}'))}")
     print(f"bytes per client per round: up {s['upload_bytes_per_client']:.0f}, "
           f"down {s['download_bytes_per_client']:.0f}; wall {s['wall_seconds']:.0f} s")
     from fedmeerkat.report import plot_run
@@ -98,6 +103,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 def _share(x: list[float]) -> str:
     return "/".join(f"{v:.2f}" for v in x)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def cmd_mask(ns: argparse.Namespace) -> int:
@@ -149,7 +158,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     res = evaluate(prep.scorer, prep.test_ids, prep.test_labels, cfg.eval_batch_size)
     print(json.dumps({"model": cfg.model, "task": cfg.task, "weights": what,
                       "test_accuracy": res.accuracy, "test_loss": res.loss,
-                      "predicted_share": res.predicted_share, "examples": res.num_examples}))
+                      "predicted_share": res.predicted_share, **res.metrics("test_"),
+                      "examples": res.num_examples}))
     return 0
 
 

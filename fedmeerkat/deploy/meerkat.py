@@ -12,7 +12,7 @@ local run; the framing below adds 7 bytes per site and 8 per client, not counted
                    b"E" | theta f32[nnz]                           evaluate the global vector
     site reply   : b"H" | JSON {"clients": {id: num_samples}, "evaluates": bool}
                    b"T" | n u16 | (client u32 | len u32 | reply)*n
-                   b"E" | JSON {"n", "accuracy", "loss", "predicted_share"}
+                   b"E" | JSON {"n", "accuracy", "loss", "predicted_share", "logits", "labels"}
 
 Data placement (`site_arg`, base64 of JSON): {"run_dir": the prepared run folder as the site sees it,
 "clients": [ids], "overrides": ["key=value", ...]}. Every site loads the run's task and its
@@ -133,9 +133,15 @@ def serve(flare, run_dir: str, site_clients: dict[str, list[int]]) -> None:
         res = [json.loads(b[1:]) for b in got.values()]
         n = sum(r["n"] for r in res)
         share = np.sum([np.array(r["predicted_share"]) * r["n"] for r in res], axis=0) / n
+        # AUC, macro-F1 and best-shift accuracy are no averages: computed here, exactly, from
+        # every site's label-word logits and labels (float32 values survive JSON exactly)
+        from fedmeerkat.models.scoring import label_metrics
+
+        tf = label_metrics(np.concatenate([np.asarray(r["logits"], dtype=np.float32) for r in res]),
+                           np.concatenate([np.asarray(r["labels"], dtype=np.int64) for r in res]))
         return {"test_accuracy": sum(r["accuracy"] * r["n"] for r in res) / n,
                 "test_loss": sum(r["loss"] * r["n"] for r in res) / n,
-                "predicted_share": share.tolist()}
+                "predicted_share": share.tolist(), **{f"test_{k}": v for k, v in tf.items()}}
 
     def evaluate(r: int) -> dict[str, Any] | None:
         if not (r == cfg.rounds or (cfg.eval_every and r % cfg.eval_every == 0)):
@@ -165,6 +171,8 @@ def serve(flare, run_dir: str, site_clients: dict[str, list[int]]) -> None:
         "final_accuracy": results[-1]["test_accuracy"],
         "initial_predicted_share": results[0]["predicted_share"],
         "final_predicted_share": results[-1]["predicted_share"],
+        **{f"{when}_{k}": results[i].get(f"test_{k}") for when, i in (("initial", 0), ("final", -1))
+           for k in ("auc", "macro_f1", "best_shift_accuracy")},
         "rounds": server.round, "clients": cfg.clients, "local_steps": cfg.local_steps,
         "clients_per_round": cfg.clients_per_round or cfg.clients, "downlink": cfg.downlink,
         "density": mask.density, "mask_nnz": mask.nnz, "partition": cfg.partition,
@@ -237,9 +245,12 @@ def site(site_name: str, site_arg: str) -> Callable[[bytes], bytes]:
             theta = torch.from_numpy(np.frombuffer(payload, dtype="<f4", offset=1).copy())
             view.write(theta.to(view.device))
             res = evaluate(prep.scorer, prep.test_ids, prep.test_labels, cfg.eval_batch_size)
+            assert res.logits is not None and res.labels is not None
             return b"E" + json.dumps({"n": res.num_examples, "accuracy": res.accuracy,
                                       "loss": res.loss,
-                                      "predicted_share": res.predicted_share}).encode()
+                                      "predicted_share": res.predicted_share,
+                                      "logits": res.logits.tolist(),
+                                      "labels": res.labels.tolist()}).encode()
         raise ValueError(f"unknown message tag {tag!r}")
 
     return handle

@@ -148,6 +148,12 @@ class MeerkatServer:
     def seeds(self, round_idx: int) -> list[int]:
         return round_seeds(self.settings.seed, round_idx, self.settings.local_steps)
 
+    def update_seeds(self, round_idx: int) -> list[int]:
+        """The seeds the round's update runs along: the plans' seeds, or a prefix of them when
+        a method has clients run steps that are measured but not aggregated (Meerkat-VP's
+        calibration phase, vp_calibration = "phase")."""
+        return self.seeds(round_idx)
+
     def lrs(self, round_idx: int) -> list[float]:
         """Learning rate of each local step (one per seed); clients derive the same list."""
         return self.settings.lrs(round_idx, len(self.seeds(round_idx)))
@@ -219,7 +225,14 @@ class MeerkatServer:
 
     def apply(self, round_idx: int, replies: list[ClientReply]) -> RoundOutcome:
         usable, verdict = self._accept(round_idx, replies)
-        seeds, lrs, wd = self.seeds(round_idx), self.lrs(round_idx), self.settings.weight_decay
+        return self._apply_usable(round_idx, usable, verdict)
+
+    def _apply_usable(self, round_idx: int, usable: list[ClientReply], verdict: Screened
+                      ) -> RoundOutcome:
+        """The round's update from the screened replies (`apply` = `_accept` + this; a method
+        that reshapes replies after screening, Meerkat-VP's calibration phase, calls it)."""
+        seeds, wd = self.update_seeds(round_idx), self.settings.weight_decay
+        lrs = self.settings.lrs(round_idx, len(seeds))  # a prefix of self.lrs(round_idx)
         weights = self._weights([r.client_id for r in usable])
         scalars = [r.scalars for r in usable]
         # GradIP (federated/gradip.py) for every method whose vector lives where c does

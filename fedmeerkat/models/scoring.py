@@ -8,7 +8,7 @@ times the C matching rows of the LM head, not the full vocabulary at every posit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -126,6 +126,122 @@ class EvalResult:
     loss: float
     predicted_share: list[float]  # share of examples predicted as each class (bias check)
     num_examples: int
+    # threshold-free metrics (`label_metrics`): None where undefined (see there)
+    auc: float | None = None
+    macro_f1: float | None = None
+    best_shift_accuracy: float | None = None
+    # the label-word logits [n, C] (float32) and labels [n] they were computed from, in the
+    # order of the evaluated examples; not written to metrics files (a deployed site sends
+    # them so the server computes the metrics above exactly over all sites)
+    logits: np.ndarray | None = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
+
+    def metrics(self, prefix: str = "test_") -> dict[str, float | None]:
+        """{prefix+name: value} of the threshold-free metrics (for metrics.jsonl)."""
+        return {f"{prefix}auc": self.auc, f"{prefix}macro_f1": self.macro_f1,
+                f"{prefix}best_shift_accuracy": self.best_shift_accuracy}
+
+
+# ---- threshold-free metrics ----------------------------------------------------------------
+# Accuracy is argmax over the label words' logits, so it moves with any shift of one label
+# word's logit against the others: a fine-tune that only recalibrates that bias raises it. The
+# three metrics below tell learning from recalibration:
+#   - ROC-AUC (two classes): of the margin logit[1] - logit[0]; invariant to every shift.
+#   - macro-F1: mean over classes of F1 of the argmax predictions; a model that answers one
+#     class for everything scores low even where that class dominates.
+#   - best-shift accuracy (two classes): the accuracy of argmax after the single additive
+#     shift of the margin (a bias on logit[1] - logit[0]) that is best ON THE EVALUATED SET
+#     itself, i.e. the accuracy that recalibration alone could reach. A gain in plain accuracy
+#     with no gain here is recalibration; with more than two classes a "shift" is a (C-1)-dim
+#     bias vector whose exact optimum is a search over an arrangement of hyperplanes, so it is
+#     not computed (None).
+
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float | None:
+    """P(score of a random positive > score of a random negative) + 0.5 P(tie), labels in {0, 1}
+    (1 = positive); exact, from average ranks (Mann-Whitney U). None when one class is absent."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels)
+    if s.shape != y.shape or s.ndim != 1:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} must be equal-length vectors")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("roc_auc needs labels in {0, 1}")
+    pos = int((y == 1).sum())
+    neg = len(y) - pos
+    if pos == 0 or neg == 0:
+        return None
+    order = np.argsort(s, kind="stable")
+    sorted_s = s[order]
+    ranks = np.empty(len(s), dtype=np.float64)
+    # average rank of each run of equal scores (1-based)
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    ends = np.r_[starts[1:], len(s)]
+    for a, b in zip(starts, ends, strict=True):
+        ranks[order[a:b]] = (a + 1 + b) / 2.0
+    u = ranks[y == 1].sum() - pos * (pos + 1) / 2.0
+    return float(u / (pos * neg))
+
+
+def macro_f1(pred: Sequence[int] | np.ndarray, labels: Sequence[int] | np.ndarray,
+             num_classes: int) -> float:
+    """Mean F1 = 2TP / (2TP + FP + FN) over the classes that occur in `labels` or `pred`
+    (a class absent from both has no defined F1 and is left out, as scikit-learn does)."""
+    p, y = np.asarray(pred), np.asarray(labels)
+    if p.shape != y.shape or len(y) == 0:
+        raise ValueError("pred and labels must be equal-length and non-empty")
+    f1 = []
+    for c in range(num_classes):
+        tp = int(((p == c) & (y == c)).sum())
+        fp = int(((p == c) & (y != c)).sum())
+        fn = int(((p != c) & (y == c)).sum())
+        if tp + fp + fn:
+            f1.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1))
+
+
+def best_shift_accuracy(margins: Sequence[float] | np.ndarray,
+                        labels: Sequence[int] | np.ndarray) -> float:
+    """Two classes: max over thresholds tau of the accuracy of "class 1 iff margin > tau",
+    i.e. of argmax after adding one bias to the margin logit[1] - logit[0]. Exact: every cut
+    between consecutive distinct margins, and the two cuts that predict one class for all
+    (tied margins always fall on the same side)."""
+    m = np.asarray(margins, dtype=np.float64)
+    y = np.asarray(labels)
+    if m.shape != y.shape or m.ndim != 1 or len(m) == 0:
+        raise ValueError("margins and labels must be equal-length non-empty vectors")
+    order = np.argsort(m, kind="stable")
+    ys, ms = y[order], m[order]
+    # cut after position i (0..n): the first i examples predicted 0, the rest 1
+    zeros_below = np.r_[0, np.cumsum(ys == 0)]
+    ones_above = np.r_[np.cumsum((ys == 1)[::-1])[::-1], 0]
+    correct = zeros_below + ones_above
+    # a cut is allowed only where the margin changes (or at either end)
+    allowed = np.r_[True, ms[1:] != ms[:-1], True]
+    return float(correct[allowed].max() / len(m))
+
+
+def label_metrics(logits: np.ndarray, labels: Sequence[int] | np.ndarray) -> dict[str, float | None]:
+    """{"auc", "macro_f1", "best_shift_accuracy"} of label-word logits [n, C]; the first and
+    the last are None unless C == 2 (and AUC also when only one class is present)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if z.ndim != 2 or len(z) != len(y) or len(y) == 0:
+        raise ValueError(f"logits {z.shape} and labels {y.shape} do not match")
+    out: dict[str, float | None] = {
+        "auc": None, "macro_f1": macro_f1(z.argmax(axis=1), y, z.shape[1]),
+        "best_shift_accuracy": None}
+    if z.shape[1] == 2:
+        margin = z[:, 1] - z[:, 0]
+        out["auc"] = roc_auc(margin, y)
+        out["best_shift_accuracy"] = best_shift_accuracy(margin, y)
+    return out
+
+
+def format_metrics(record: dict, prefix: str = "test_") -> str:
+    """'AUC 0.7120, macro-F1 0.6550, best-shift acc 0.6900' from a record's prefixed entries
+    (those that are None or absent are left out)."""
+    names = {"auc": "AUC", "macro_f1": "macro-F1", "best_shift_accuracy": "best-shift acc"}
+    return ", ".join(f"{label} {record[prefix + k]:.4f}" for k, label in names.items()
+                     if record.get(prefix + k) is not None)
 
 
 def evaluate(
@@ -140,6 +256,7 @@ def evaluate(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     correct, loss_sum = 0, 0.0
     counts = np.zeros(len(scorer.label_ids), dtype=np.int64)
+    all_logits = np.zeros((len(encoded), len(scorer.label_ids)), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = scorer.collate([encoded[i] for i in idx], [labels[i] for i in idx])
@@ -148,8 +265,11 @@ def evaluate(
         correct += int((pred == batch.labels).sum())
         loss_sum += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
         counts += np.bincount(pred.cpu().numpy(), minlength=len(counts))
+        all_logits[idx] = logits.cpu().numpy()
     n = len(encoded)
-    return EvalResult(correct / n, loss_sum / n, (counts / n).tolist(), n)
+    y = np.asarray(labels, dtype=np.int64)
+    return EvalResult(correct / n, loss_sum / n, (counts / n).tolist(), n,
+                      **label_metrics(all_logits, y), logits=all_logits, labels=y)
 
 
 def lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,10 @@ def run_report(run_dir: Path) -> str:
     lines += [
         "",
         f"accuracy: {s['initial_accuracy']:.4f} zero-shot -> {s['final_accuracy']:.4f}",
+        *[f"{name}: {s[f'initial_{k}']:.4f} zero-shot -> {s[f'final_{k}']:.4f}"
+          for k, name in (("auc", "ROC-AUC"), ("macro_f1", "macro-F1"),
+                          ("best_shift_accuracy", "best-shift accuracy"))
+          if s.get(f"initial_{k}") is not None and s.get(f"final_{k}") is not None],
         f"per client per round (mean): upload {human(s['upload_bytes_per_client'])}, "
         f"download {human(s['download_bytes_per_client'])}",
         f"total: upload {human(s['upload_bytes_total'])}, download {human(s['download_bytes_total'])}",

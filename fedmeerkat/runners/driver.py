@@ -35,6 +35,7 @@ import torch
 
 from fedmeerkat.federated import MeerkatServer, RoundPlan
 from fedmeerkat.federated.messages import reply_from_bytes
+from fedmeerkat.models.scoring import format_metrics
 
 
 class RoundFailed(RuntimeError):
@@ -182,7 +183,8 @@ class RoundDriver:
             record.update(result)
             self.log(f"round {r}: train loss {outcome.train_loss:.4f}, test accuracy "
                      f"{result['test_accuracy']:.4f} (predicted share "
-                     f"{'/'.join(f'{s:.2f}' for s in result['predicted_share'])})")
+                     f"{'/'.join(f'{s:.2f}' for s in result['predicted_share'])}; "
+                     f"{format_metrics(result)})")
         if outcome.arrays:  # compact per-round trajectories (e.g. GradIP per client and step)
             self.save_arrays(r, outcome.arrays)
         self.append_metrics(record)

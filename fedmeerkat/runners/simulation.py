@@ -25,7 +25,13 @@ from fedmeerkat.federated import ClientState, FedSettings, RoundPlan
 from fedmeerkat.federated.messages import MAX_VECTOR
 from fedmeerkat.federated.methods import get_method, make_server
 from fedmeerkat.models.loading import load_model
-from fedmeerkat.models.scoring import EvalResult, LabelScorer, encode_prompts, evaluate
+from fedmeerkat.models.scoring import (
+    EvalResult,
+    LabelScorer,
+    encode_prompts,
+    evaluate,
+    format_metrics,
+)
 from fedmeerkat.options import InputError
 from fedmeerkat.runners.client_host import ClientHost
 from fedmeerkat.runners.driver import RoundDriver, RoundFailed
@@ -239,19 +245,16 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
         if not records:
             raise InputError(f"{out}/metrics.jsonl lacks round 0; the run cannot be resumed")
         metrics.rewrite(records)
-        initial = EvalResult(records[0]["test_accuracy"], records[0]["test_loss"],
-                             records[0]["predicted_share"], len(prep.test_ids))
+        initial = eval_from_record(records[0], len(prep.test_ids))
         evaluated = [r for r in records if r.get("test_accuracy") is not None]
-        last = EvalResult(evaluated[-1]["test_accuracy"], evaluated[-1].get("test_loss", math.nan),
-                          evaluated[-1].get("predicted_share", []), len(prep.test_ids))
+        last = eval_from_record(evaluated[-1], len(prep.test_ids))
         view.write(server.theta)
         log(f"resuming {out} after round {server.round} of {cfg.rounds}")
     else:
         initial = last = _eval(prep, cfg)
         log(f"round 0: test accuracy {initial.accuracy:.4f} "
-            f"(predicted share {_fmt(initial.predicted_share)})")
-        metrics.append({"round": 0, "train_loss": None, "test_accuracy": initial.accuracy,
-                        "test_loss": initial.loss, "predicted_share": initial.predicted_share,
+            f"(predicted share {_fmt(initial.predicted_share)}; {format_metrics(eval_record(initial))})")
+        metrics.append({"round": 0, "train_loss": None, **eval_record(initial),
                         "bytes_up": 0, "bytes_down": 0})
         save_checkpoint(out, server, states, digest)
 
@@ -275,8 +278,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
             return None
         view.write(server.theta)
         last = _eval(prep, cfg)
-        return {"test_accuracy": last.accuracy, "test_loss": last.loss,
-                "predicted_share": last.predicted_share}
+        return eval_record(last)
 
     host = ClientHost(get_method(cfg.method), cfg.method_settings, settings,
                       SharedModel(prep, view), {s.client_id: s for s in states}, on_step)
@@ -305,6 +307,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
         "initial_accuracy": initial.accuracy, "final_accuracy": last.accuracy,
         "initial_predicted_share": initial.predicted_share,
         "final_predicted_share": last.predicted_share,
+        **summary_metrics(initial, last),
         "rounds": server.round, "clients": cfg.clients, "local_steps": cfg.local_steps,
         "clients_per_round": cfg.clients_per_round or cfg.clients, "downlink": cfg.downlink,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "eps": cfg.eps, "lr_schedule": cfg.lr_schedule,
@@ -327,3 +330,27 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
 
 def _fmt(share: list[float]) -> str:
     return "/".join(f"{s:.2f}" for s in share)
+
+
+# ---- evaluation records (metrics.jsonl, summary.json); the deployed server uses them too -----
+THRESHOLD_FREE = ("auc", "macro_f1", "best_shift_accuracy")  # models.scoring.label_metrics
+
+
+def eval_record(res: EvalResult) -> dict[str, Any]:
+    """An evaluation's entries of a metrics.jsonl line."""
+    return {"test_accuracy": res.accuracy, "test_loss": res.loss,
+            "predicted_share": res.predicted_share, **res.metrics("test_")}
+
+
+def eval_from_record(rec: dict[str, Any], n: int) -> EvalResult:
+    """The EvalResult a metrics line holds (run folders older than a metric give None)."""
+    return EvalResult(rec["test_accuracy"], rec.get("test_loss", math.nan),
+                      rec.get("predicted_share", []), n,
+                      **{k: rec.get(f"test_{k}") for k in THRESHOLD_FREE})
+
+
+def summary_metrics(initial: EvalResult, final: EvalResult) -> dict[str, Any]:
+    """initial_* and final_* threshold-free metrics for summary.json."""
+    return {f"{when}_{k}": getattr(res, k) for when, res in (("initial", initial), ("final", final))
+            for k in THRESHOLD_FREE}
+

@@ -6,7 +6,7 @@ number among the clients not yet stopped. It reads the same settings as Meerkat-
 
 import numpy as np
 
-from fedmeerkat.federated.methods.vp import VPServer, VPSettings
+from fedmeerkat.federated.methods.vp import VPServer, VPSettings, vp_client
 from fedmeerkat.federated.registry import Method, register
 from fedmeerkat.zo.seeds import mix
 
@@ -29,5 +29,6 @@ class RandomSelectServer(VPServer):
 
 METHOD = register(Method(
     "meerkat-random-select", server=RandomSelectServer, settings=VPSettings, order=2,
+    client=vp_client,
     server_options=lambda s: {"vp": s},
     summary="early-stops as many clients as VP would, at random", reference="paper Sec. 3.3 baseline"))

@@ -7,10 +7,22 @@ pointer (data/pointer.py) continues where it stopped, so over enough rounds they
 every example they hold.
 
 Procedure, per client:
-  1. Calibration: the first round a client takes part in is its calibration round, in which it
-     runs T_cali' = max(T, T_cali) local steps (`vp_calibration_steps`) instead of T. With
-     every client in every round (the default) that is round 1 for all. The round is an
-     ordinary round otherwise: same plan, same replay, and its updates are aggregated.
+  1. Calibration, in one of two ways (`vp_calibration`):
+     "round" (default, ours): the first round a client takes part in is its calibration round,
+     in which it runs T_cali' = max(T, T_cali) local steps (`vp_calibration_steps`) instead of
+     T. With every client in every round (the default) that is round 1 for all. The round is
+     an ordinary round otherwise: same plan, same replay, and its updates are aggregated.
+     "phase" (Algorithm 1 as written): in the first round a client takes part in, it first
+     runs a calibration phase of T_cali local steps from the global model it received, on the
+     batches its data pointer would give next, read from a copy of the pointer (so its
+     training data order is Meerkat's), and uploads those T_cali scalars for GradIP only:
+     they are never aggregated and the calibration path is thrown away. It then runs its
+     ordinary T training steps from the same global model, aggregated as usual. The plan
+     carries T + T_cali seeds (the round's T training seeds, then T_cali calibration seeds)
+     and num_steps = T + T_cali; the reply carries the T training scalars, then the T_cali
+     calibration scalars. Training is then step for step Meerkat's until clients are stopped
+     (compute-matched, plus T_cali forward pairs per client for the measurement). Needs
+     T <= T_cali (a client tells a calibration plan by num_steps > T_cali).
   2. Detection (Algorithm 1 step 2) on its first T_cali GradIPs, as magnitudes |GradIP| in
      the configured units (below): init_mean = mean of the first T_init, later_mean = mean of
      the last T_later; rho_later_client = init_mean / later_mean; rho_quie_client = share of the
@@ -51,17 +63,22 @@ state_dict/load_state_dict, so a resumed run continues bit-identically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedmeerkat.federated.gradip import GRADIP_UNITS, VPRatios, vp_ratios
-from fedmeerkat.federated.messages import ClientReply
+from fedmeerkat.data.pointer import ClientDataPointer
+from fedmeerkat.federated.client import ClientState, run_client, sync_client
+from fedmeerkat.federated.gradip import GRADIP_UNITS, GradIPRecorder, VPRatios, vp_ratios
+from fedmeerkat.federated.messages import ClientReply, RoundPlan
 from fedmeerkat.federated.registry import Method, register
 from fedmeerkat.federated.server import FedSettings, MeerkatServer, RoundOutcome
 from fedmeerkat.options import setting
-from fedmeerkat.zo import round_seeds
+from fedmeerkat.zo import draw_z, round_seeds
+
+CALIBRATIONS = ("round", "phase")
 
 
 @dataclass(frozen=True)
@@ -75,8 +92,17 @@ class VPSettings:
     quiescent_ratio: float = setting(0.5, "flag a client whose share of quiescent later steps exceeds this (rho_quie)", key="vp_quiescent_ratio", min=0, max=1)
     later_ratio: float = setting(5.0, "flag a client whose initial/later mean GradIP ratio exceeds this (rho_later)", key="vp_later_ratio", gt=0)
     units: str = setting("calib-unit", "units of |GradIP| for vp_threshold: calib-unit (GradIP / ||calibration gradient||) or raw", key="vp_gradip_units", choices=GRADIP_UNITS)
+    calibration: str = setting("round", "round: a client's first round runs max(T, T_cali) steps and is aggregated (ours) | phase: Algorithm 1's separate calibration phase of T_cali steps, measured and not aggregated, then T training steps", key="vp_calibration", choices=CALIBRATIONS)
+
+    def check_common(self, common: dict[str, Any]) -> None:
+        """Checks against the common keys {key: value} (called by config.validate_combination)."""
+        if self.calibration == "phase" and common["local_steps"] > self.calibration_steps:
+            raise ValueError(f"vp_calibration = 'phase' needs local_steps <= vp_calibration_steps "
+                             f"(got {common['local_steps']} > {self.calibration_steps})")
 
     def __post_init__(self):
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
         if self.units not in GRADIP_UNITS:
             raise ValueError(f"units must be one of {GRADIP_UNITS}, got {self.units!r}")
         if min(self.calibration_steps, self.init_steps, self.later_steps) < 1:
@@ -98,10 +124,20 @@ class VPServer(MeerkatServer):
         self.calibrated: dict[int, VPRatios] = {}  # client -> its calibration result
         self.detected: list[int] = []  # flagged as extreme non-IID by GradIP
         self.stopped: list[int] = []  # early-stopped: one local step per round
+        if self.phase and settings.local_steps > self.vp.calibration_steps:
+            raise ValueError(f"calibration phase needs local_steps <= calibration_steps "
+                             f"({settings.local_steps} > {self.vp.calibration_steps})")
 
     # ---- planning ----------------------------------------------------------------------
     @property
+    def phase(self) -> bool:
+        return self.vp.calibration == "phase"
+
+    @property
     def calibration_len(self) -> int:
+        """Steps a calibrating client runs in its round (and seeds of that round)."""
+        if self.phase:
+            return self.settings.local_steps + self.vp.calibration_steps
         return max(self.settings.local_steps, self.vp.calibration_steps)
 
     def _calibrating(self, round_idx: int) -> bool:
@@ -118,19 +154,56 @@ class VPServer(MeerkatServer):
         n = self.calibration_len if self._calibrating(round_idx) else self.settings.local_steps
         return round_seeds(self.settings.seed, round_idx, n)
 
+    def update_seeds(self, round_idx: int) -> list[int]:
+        if self.phase:  # the calibration seeds beyond T are measured, not aggregated
+            return self.seeds(round_idx)[: self.settings.local_steps]
+        return self.seeds(round_idx)
+
     # ---- detection ---------------------------------------------------------------------
     def apply(self, round_idx: int, replies: list[ClientReply]) -> RoundOutcome:
         if self.calib_grad is None or self.calib_grad.numel() != self.theta.numel():
             raise ValueError(f"{self.method} needs the mask's calibration gradient (GradIP)")
+        if self.phase:
+            return self._apply_phase(round_idx, replies)
         outcome = super().apply(round_idx, replies)
-        if not outcome.arrays:
-            return outcome
-        scale = float(outcome.arrays["calib_norm"][0]) if self.vp.units == "calib-unit" else 1.0
+        if outcome.arrays:
+            self._detect(round_idx, outcome, outcome.arrays)
+        return outcome
+
+    def _apply_phase(self, round_idx: int, replies: list[ClientReply]) -> RoundOutcome:
+        """Algorithm 1 as written: screen the whole replies (T training + T_cali calibration
+        scalars for a calibrating client), then split each accepted calibrating reply into its
+        T training scalars (aggregated as usual) and its T_cali calibration scalars (GradIP)."""
+        t = self.settings.local_steps
+        usable, verdict = self._accept(round_idx, replies)
+        calib: dict[int, list[float]] = {}
+        stripped = []
+        for r in usable:
+            if r.client_id not in self.calibrated:
+                calib[r.client_id] = list(r.scalars[t:])
+                r = dataclasses.replace(r, scalars=list(r.scalars[:t]))
+            stripped.append(r)
+        outcome = self._apply_usable(round_idx, stripped, verdict)
+        ids = sorted(calib)
+        if ids:
+            assert self.calib_grad is not None
+            recorder = GradIPRecorder(self.calib_grad)
+            for i, seed in enumerate(self.seeds(round_idx)[t:]):
+                recorder(i, draw_z(seed, self.theta.numel(), device=self.theta.device))
+            traj = recorder.trajectories(ids, [calib[k] for k in ids], self.vp.calibration_steps)
+            outcome.arrays.update({f"calibration_{k}": v for k, v in traj.items()})
+            self._detect(round_idx, outcome, traj)
+        return outcome
+
+    def _detect(self, round_idx: int, outcome: RoundOutcome,
+                arrays: dict[str, torch.Tensor]) -> None:
+        """Algorithm 1 step 2 on the new calibration trajectories in `arrays` (clients, gradip,
+        calib_norm); records the flags in the outcome."""
+        scale = float(arrays["calib_norm"][0]) if self.vp.units == "calib-unit" else 1.0
         if scale <= 0:
             raise ValueError("the calibration gradient is zero: GradIP is undefined")
         new: dict[int, VPRatios] = {}
-        for k, row in zip(outcome.arrays["clients"].tolist(), outcome.arrays["gradip"],
-                          strict=True):
+        for k, row in zip(arrays["clients"].tolist(), arrays["gradip"], strict=True):
             if k in self.calibrated:
                 continue
             new[k] = vp_ratios(row[: self.vp.calibration_steps].numpy(),
@@ -138,7 +211,7 @@ class VPServer(MeerkatServer):
                                threshold=self.vp.threshold, later_ratio=self.vp.later_ratio,
                                quiescent_ratio=self.vp.quiescent_ratio, scale=scale)
         if not new:
-            return outcome
+            return
         self.calibrated.update(new)
         self.detected = sorted(k for k, v in self.calibrated.items() if v.flagged)
         self._select(round_idx)
@@ -146,6 +219,7 @@ class VPServer(MeerkatServer):
             "calibrated": {str(k): v.to_dict() for k, v in sorted(new.items())},
             "detected": list(self.detected), "early_stopped": list(self.stopped),
             "selection": self.selection, "units": self.vp.units,
+            "calibration": self.vp.calibration,
         }
         ratios = ", ".join(f"{k}: {v.rho_later:.2f}/{v.rho_quie:.2f}"
                            for k, v in sorted(new.items()))
@@ -153,7 +227,6 @@ class VPServer(MeerkatServer):
             f"{self.method} calibrated clients {sorted(new)} (rho_later/rho_quie {ratios}; "
             f"limits {self.vp.later_ratio}/{self.vp.quiescent_ratio}); GradIP flags "
             f"{self.detected}; early-stopped ({self.selection}): {self.stopped}")
-        return outcome
 
     def _select(self, round_idx: int) -> None:
         self.stopped = list(self.detected)
@@ -186,8 +259,41 @@ class VPServer(MeerkatServer):
         self.stopped = [int(k) for k in vp["stopped"]]
 
 
+def run_phase_client(state: ClientState, plan: RoundPlan, model: Any, *, calibration_steps: int,
+                     eps: float, lr: list[float], batch_size: int, weight_decay: float = 0.0,
+                     on_step: Any = None) -> ClientReply:
+    """The client of vp_calibration = "phase". A plan with more than T_cali steps is a
+    calibration plan: T_cali calibration steps along seeds[T:] from the global model, on a copy
+    of the data pointer (measured, then thrown away), then the T training steps along
+    seeds[:T] from the same global model and the real pointer. Reply: the T training scalars,
+    then the T_cali calibration scalars; its loss is the training steps' mean. Any other plan
+    is an ordinary round (run_client)."""
+    common = dict(eps=eps, batch_size=batch_size, weight_decay=weight_decay, on_step=on_step)
+    if plan.num_steps <= calibration_steps:
+        return run_client(state, plan, model, lr=lr, **common)
+    t, n = plan.num_steps - calibration_steps, plan.num_steps
+    if len(plan.seeds) < n or len(lr) < n:
+        raise ValueError(f"plan asks for {n} steps with {len(plan.seeds)} seeds")
+    theta = sync_client(state, plan, device=model.view.device)  # catch-up, once
+    probe = ClientState(state.client_id, state.example_ids,
+                        ClientDataPointer.from_state(state.pointer.state_dict()))
+    calib = run_client(probe, RoundPlan(plan.round, plan.client_id, list(plan.seeds[t:n]),
+                                        calibration_steps, theta), model, lr=lr[t:n], **common)
+    train = run_client(state, RoundPlan(plan.round, plan.client_id, list(plan.seeds[:t]), t,
+                                        theta), model, lr=lr[:t], **common)
+    return dataclasses.replace(train, scalars=[*train.scalars, *calib.scalars])
+
+
+def vp_client(settings: VPSettings) -> Any:
+    """The client routine of Meerkat-VP (and random selection): run_client, or the calibration
+    phase client."""
+    if settings.calibration == "phase":
+        return functools.partial(run_phase_client, calibration_steps=settings.calibration_steps)
+    return run_client
+
+
 METHOD = register(Method(
-    "meerkat-vp", server=VPServer, settings=VPSettings, order=1,
+    "meerkat-vp", server=VPServer, settings=VPSettings, order=1, client=vp_client,
     server_options=lambda s: {"vp": s},
     summary="+ virtual-path client selection: GradIP calibration flags extreme non-IID clients, "
             "which then run one step per round", reference="paper Algorithm 1"))

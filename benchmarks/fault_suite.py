@@ -1,0 +1,301 @@
+"""The fault suite's figures (docs/reliability.md): faults injected, bad input tried, runs
+survived, data lost. Everything runs on a tiny random Llama and a generated local dataset, so
+it needs no network and takes a few minutes on 2 cores.
+
+    .venv/bin/python benchmarks/fault_suite.py [--kills 3] [--seed 0]
+
+1. Hostile replies: real `fedmeerkat run` code (in process) with a transport that, every round,
+   replaces one seeded-random client's reply with a bad one (NaN, inf, 1e30, short, long, wrong
+   type, truncated, garbage, another round, a spoofed id, an unknown client id). Survived: the
+   run finishes. No data lost: its final state is bit-identical to the run in which the same
+   clients' replies were simply lost, and every bad reply is listed with a reason in
+   metrics.jsonl. Both downlinks.
+2. Crashes: a real `python -m fedmeerkat.cli.main run` process is killed with SIGKILL at a
+   seeded-random moment `--kills` times and resumed each time (once after truncating its
+   latest checkpoint); survived and lost as above, against an uninterrupted run.
+3. Bad input: each value of `BAD_INPUT` must end with exit code 2 and one line on stderr, no
+   traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import write_result
+from safetensors.torch import load_file
+
+from fedmeerkat.cli.main import main as cli
+from fedmeerkat.federated.messages import ClientReply, VectorReply
+from fedmeerkat.models.tiny import save_tiny_llama
+from fedmeerkat.runners import simulation
+from fedmeerkat.runners.inprocess import InProcessTransport
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("the movie was great terrible good bad fun dull boring lovely awful plot actors "
+         "film it is a an and but so very not review").split()
+
+
+def _edit(blob: bytes, **change) -> bytes:
+    r = ClientReply.from_bytes(blob)
+    for k, v in change.items():
+        setattr(r, k, v(r) if callable(v) else v)
+    return r.to_bytes()
+
+
+# kind -> (client id the bad reply arrives under, given the victim and K; the bad bytes)
+REPLY_FAULTS = {
+    "nan": lambda k, b: (k, _edit(b, scalars=lambda r: [math.nan, *r.scalars[1:]])),
+    "inf": lambda k, b: (k, _edit(b, scalars=lambda r: [*r.scalars[:-1], math.inf])),
+    "huge_1e30": lambda k, b: (k, _edit(b, scalars=lambda r: [1e30, *r.scalars[1:]])),
+    "too_few_scalars": lambda k, b: (k, _edit(b, scalars=lambda r: r.scalars[:-1])),
+    "too_many_scalars": lambda k, b: (k, _edit(b, scalars=lambda r: [*r.scalars, 0.1])),
+    "wrong_type": lambda k, b: (k, VectorReply(ClientReply.from_bytes(b).round, k,
+                                               torch.zeros(3), 10, 2).to_bytes()),
+    "truncated": lambda k, b: (k, b[:-3]),
+    "garbage": lambda k, b: (k, bytes(random.Random(k).randrange(256) for _ in range(len(b)))),
+    "another_round": lambda k, b: (k, _edit(b, round=lambda r: r.round + 1)),
+    "spoofed_id": lambda k, b: (k, _edit(b, client_id=lambda r: r.client_id + 1)),
+    "unknown_client": lambda k, b: (10_000 + k, b),
+}
+
+
+def _data(tmp: Path) -> tuple[str, str, str]:
+    model = str(save_tiny_llama(tmp / "model", vocab_words=WORDS))
+    rng = random.Random(0)
+    pos, neg = ["great", "good", "fun", "lovely"], ["terrible", "bad", "dull", "awful"]
+    rows = ["sentence,label"] + [
+        f"the film was {rng.choice(pos if i % 2 else neg)} and "
+        f"{rng.choice(pos if i % 2 else neg)},{i % 2}" for i in range(80)]
+    (tmp / "reviews.csv").write_text("\n".join(rows) + "\n")
+    (tmp / "calib.txt").write_text("\n".join(
+        " ".join(["the film was a very good film and the actors were lovely"] * 3)
+        for _ in range(8)) + "\n")
+    return model, str(tmp / "reviews.csv"), str(tmp / "calib.txt")
+
+
+def _args(model: str, csv: str, calib: str, out: Path, *extra: str) -> list[str]:
+    return ["run", f"model={model}", "task=local", f"data_files={csv}",
+            "template={sentence} so it was", "label_words=[' bad', ' good']",
+            f"calib_corpus={calib}", "calib_sequences=4", "calib_seq_len=32", "density=0.01",
+            "clients=4", "rounds=4", "local_steps=3", "batch_size=4", "lr=0.01", "eval_every=2",
+            "partition=dirichlet", "alpha=0.5", f"out={out}", "--quiet", *extra]
+
+
+def _theta(run: Path) -> torch.Tensor:
+    return load_file(str(run / "final_state.safetensors"))["theta"]
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _victim(seed: int, r: int, k: int) -> int:
+    return int(np.random.default_rng([seed, r]).integers(k))
+
+
+def _run_with(transport_cls, args: list[str]) -> int:
+    orig = simulation.InProcessTransport
+    simulation.InProcessTransport = transport_cls  # type: ignore[misc]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return cli(args)
+    finally:
+        simulation.InProcessTransport = orig  # type: ignore[misc]
+
+
+def hostile_replies(model, csv, calib, tmp: Path, seed: int) -> dict:
+    rows = []
+    for downlink in ("sparse-weights", "scalars"):
+        def lose(kind):
+            class Faulty(InProcessTransport):
+                def exchange(self, round_idx, plans, deadline):
+                    got = super().exchange(round_idx, plans, deadline)
+                    k = _victim(seed, round_idx, len(plans))
+                    blob = got.pop(k)
+                    if kind is not None:
+                        at, bad = REPLY_FAULTS[kind](k, blob)
+                        got[at] = bad
+                    return got
+            return Faulty
+
+        ref = tmp / f"lost-{downlink}"
+        assert _run_with(lose(None), _args(model, csv, calib, ref, f"downlink={downlink}")) == 0
+        for kind in REPLY_FAULTS:
+            out = tmp / f"{kind}-{downlink}"
+            rc = _run_with(lose(kind), _args(model, csv, calib, out, f"downlink={downlink}"))
+            recs = _records(out)[1:] if rc == 0 else []
+            logged = sum(len(r.get("rejected", {})) for r in recs)
+            same = rc == 0 and torch.equal(_theta(out), _theta(ref))
+            rows.append({"kind": kind, "downlink": downlink, "injected": 4, "exit_code": rc,
+                         "rejected_with_reason": logged, "survived": rc == 0,
+                         "bit_identical_to_lost_reply_run": same,
+                         "example_reason": next(iter(recs[0].get("rejected", {}).values()), None)
+                         if recs else None})
+            print(f"replies {downlink:<14} {kind:<17} rc {rc} rejected {logged}/4 "
+                  f"identical {same}", flush=True)
+    return {"rows": rows, "kinds": len(REPLY_FAULTS),
+            "injected": sum(r["injected"] for r in rows),
+            "runs": len(rows), "survived": sum(r["survived"] for r in rows),
+            "bit_identical": sum(r["bit_identical_to_lost_reply_run"] for r in rows),
+            "logged": sum(r["rejected_with_reason"] for r in rows)}
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return dict(os.environ, FEDMEERKAT_CACHE=str(cache), PYTHONPATH=str(ROOT),
+                OMP_NUM_THREADS="1")
+
+
+def crashes(model, csv, calib, tmp: Path, kills: int, seed: int) -> dict:
+    extra = ("rounds=8", "local_steps=60", "threads=1", "downlink=scalars", "clients_per_round=3")
+    full = tmp / "crash-full"
+    t0 = time.monotonic()
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert cli(_args(model, csv, calib, full, *extra)) == 0
+    span = time.monotonic() - t0  # training and evaluation, without process start-up
+    cut = tmp / "crash-cut"
+    rng = random.Random(seed)
+    env = _env(Path(os.environ["FEDMEERKAT_CACHE"]))
+    events = []
+    cmd = [sys.executable, "-m", "fedmeerkat.cli.main", *_args(model, csv, calib, cut, *extra)]
+    for i in range(kills + 1):
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            if i < kills:
+                # once this process is past its start-up (its first checkpoint is on disk, or
+                # it resumed from one), a seeded-random moment within one run's length
+                started = time.monotonic() + 120
+                while (proc.poll() is None and time.monotonic() < started
+                       and not (cut / "checkpoint.safetensors").is_file()):
+                    time.sleep(0.01)
+                if i > 0:
+                    time.sleep(2.0)  # the resumed process's imports and model load
+                try:
+                    proc.wait(timeout=rng.uniform(0.1, 0.6) * span)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        done = (cut / "final_state.safetensors").is_file()
+        rounds = len(_records(cut)) - 1 if (cut / "metrics.jsonl").is_file() else -1
+        event = {"attempt": i + 1, "exit_code": proc.returncode, "rounds_on_disk": rounds,
+                 "finished": done}
+        if done:
+            events.append(event)
+            break
+        if i == 1 and (cut / "checkpoint.safetensors").is_file():  # damage the latest one
+            p = cut / "checkpoint.safetensors"
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+            event["truncated_latest_checkpoint"] = True
+        events.append(event)
+        cmd = [sys.executable, "-m", "fedmeerkat.cli.main", "run", "--resume", str(cut), "--quiet"]
+    finished = (cut / "final_state.safetensors").is_file()
+    same = finished and torch.equal(_theta(full), _theta(cut))
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
+    same_metrics = finished and strip(_records(full)) == strip(_records(cut))
+    killed = sum(1 for e in events if e["exit_code"] == -signal.SIGKILL)
+    print(f"crashes: {killed} SIGKILLs, finished {finished}, identical state {same}, "
+          f"metrics {same_metrics}", flush=True)
+    return {"events": events, "sigkills": killed, "runs": 1, "survived": int(finished),
+            "bit_identical_final_state": same, "identical_metrics": same_metrics,
+            "uninterrupted_seconds": round(span, 1)}
+
+
+def bad_input(model, csv, calib, tmp: Path) -> dict:
+    mask = tmp / "bad_mask.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"idx::w": torch.tensor([1, 3, 3], dtype=torch.int64)}, str(mask), metadata={
+        "format_version": "1", "names": json.dumps(["w"]), "shapes": json.dumps([[4, 4]])})
+    bad_csv = tmp / "bad.csv"
+    bad_csv.write_text("text,stars\nthe film,1\n")
+    base = ["run", "--dry-run"]
+    cases = {
+        "unknown task": [*base, "task=nope"], "unknown model": [*base, "model=not a model!"],
+        "unknown method": [*base, "method=sgd"], "unknown partition": [*base, "partition=zipf"],
+        "non-finite lr": [*base, "lr=inf"], "non-finite eps": [*base, "eps=nan"],
+        "density out of range": [*base, "density=2"],
+        "local_steps beyond u16": [*base, "local_steps=70000"],
+        "rounds beyond u32": [*base, "rounds=4294967296"],
+        "invalid regex": [*base, "eligible=("],
+        "missing calibration corpus": [*base, "calib_corpus=/no/such/corpus.txt"],
+        "unknown key": [*base, "lerning_rate=1"],
+        "mask with repeated indices": [*base, f"mask={mask}"],
+        "data file without the columns": _args(model, str(bad_csv), calib, tmp / "bad-data"),
+        "label words not single tokens": _args(model, csv, calib, tmp / "bad-words",
+                                               "label_words=[' bad', ' good good']"),
+        "more clients than examples": _args(model, csv, calib, tmp / "bad-clients",
+                                            "clients=200", "partition=iid"),
+        "resume of a folder with no checkpoint": ["run", "--resume", str(tmp)],
+    }
+    rows = []
+    for name, args in cases.items():
+        err = io.StringIO()
+        tb = None
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                rc = cli(args)
+        except BaseException as e:  # noqa: BLE001 - a traceback is what this counts
+            rc, tb = None, f"{type(e).__name__}: {e}"
+        # progress lines may come first; the error is one line of its own, the last one
+        lines = [x for x in err.getvalue().splitlines() if x.startswith("fedmeerkat:")]
+        ok = (rc == 2 and tb is None and len(lines) == 1 and "Traceback" not in err.getvalue()
+              and err.getvalue().rstrip().endswith(lines[0]))
+        rows.append({"input": name, "exit_code": rc, "stderr_last_line": lines[-1] if lines else "",
+                     "one_line_exit_2": ok, "uncaught": tb})
+        print(f"bad input {name:<40} rc {rc} ok {ok}  {lines[-1][:90] if lines else tb}",
+              flush=True)
+    return {"rows": rows, "tried": len(rows), "one_line_exit_2": sum(r["one_line_exit_2"]
+                                                                    for r in rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="faults-") as d:
+        tmp = Path(d)
+        os.environ["FEDMEERKAT_CACHE"] = str(tmp / "cache")
+        torch.set_num_threads(1)
+        model, csv, calib = _data(tmp)
+        replies = hostile_replies(model, csv, calib, tmp, args.seed)
+        crash = crashes(model, csv, calib, tmp, args.kills, args.seed)
+        inputs = bad_input(model, csv, calib, tmp)
+    lost = (replies["runs"] - replies["bit_identical"]) + (0 if crash["bit_identical_final_state"]
+                                                           else 1)
+    write_result("faults", {
+        "summary": {
+            "faults_injected": replies["injected"] + crash["sigkills"] + sum(
+                1 for e in crash["events"] if e.get("truncated_latest_checkpoint")),
+            "reply_fault_kinds": replies["kinds"], "bad_inputs_tried": inputs["tried"],
+            "bad_inputs_one_line_exit_2": inputs["one_line_exit_2"],
+            "runs": replies["runs"] + crash["runs"],
+            "runs_survived": replies["survived"] + crash["survived"],
+            "runs_with_data_lost": lost,
+        },
+        "replies": replies, "crashes": crash, "bad_input": inputs,
+        "wall_seconds": round(time.time() - start, 1),
+    })
+
+
+if __name__ == "__main__":
+    main()

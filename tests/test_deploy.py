@@ -74,45 +74,39 @@ def test_kits_of_another_project_are_refused(deployment):
 
 # ---- the real thing: Meerkat on the tiny model, deployed vs in process --------------------
 DOWNLINKS = ("sparse-weights", "scalars")
-
-
-def _base(root, tiny_model_dir):
-    import random
-
-    rng = random.Random(0)
-    pos, neg = ["great", "good", "fun", "lovely"], ["terrible", "bad", "dull", "awful"]
-    rows = ["sentence,label"] + [
-        f"the film was {rng.choice(pos if i % 2 else neg)} and {rng.choice(pos if i % 2 else neg)},{i % 2}"
-        for i in range(60)]
-    (root / "r.csv").write_text("\n".join(rows) + "\n")
-    (root / "c.txt").write_text((" ".join(["the film was a very good film and the actors were lovely"] * 3) + "\n") * 8)
-    return [f"model={tiny_model_dir}", "task=local", f"data_files={root / 'r.csv'}",
-            "template={sentence} It was", "label_words=[' good',' bad']",
-            f"calib_corpus={root / 'c.txt'}", "calib_sequences=4", "calib_seq_len=16",
-            "clients=3", "rounds=3", "local_steps=2", "batch_size=4", "lr=0.05", "eps=0.01",
-            "density=0.05", "eval_every=1", "partition=iid"]
+FIRST, LAST = 2, 4  # rounds before everything is stopped, rounds after the restart
+RESTARTED = "scalars"  # the downlink whose run is stopped and resumed (the other runs through)
 
 
 @pytest.fixture(scope="module")
 def deployed_runs(tmp_path_factory, tiny_model_dir):
-    """Prepared runs (one per downlink) run as FLARE jobs on one deployment, and the same
-    configs run in process."""
+    """Prepared runs (one per downlink) run as FLARE jobs: the sparse-weights one for LAST
+    rounds, the scalars one for FIRST rounds; then every process stops, the server and sites
+    start again as new processes and resume the scalars run to LAST rounds (the in-process
+    resume tests in test_deploy_resume.py cover both downlinks and a server crash mid-round).
+    Beside them, the same configs run in process for LAST rounds."""
     why = selftest.netns_available()
     if why:
         pytest.skip(f"no private namespaces for the deployment test ({why})")
+    from deploy_config import base_overrides
+
     from fedmeerkat.config import load_config
     from fedmeerkat.deploy.meerkat import prepare_run
     from fedmeerkat.runners.simulation import run
 
     root = tmp_path_factory.mktemp("meerkat")
-    base = _base(root, tiny_model_dir)
-    runs = {d: prepare_run(load_config(None, [*base, f"downlink={d}", f"out={root / d}"]), quiet=True)
+    base = base_overrides(root, tiny_model_dir)
+    runs = {d: prepare_run(load_config(None, [*base, f"downlink={d}", f"out={root / d}",
+                                              f"rounds={FIRST if d == RESTARTED else LAST}"]),
+                           quiet=True)
             for d in DOWNLINKS}
-    result = selftest.launch(root / "deploy", ["--rounds", "1",
-                                               "--runs", ",".join(str(p) for p in runs.values())],
-                             timeout_s=240)
+    result = selftest.launch(root / "deploy", ["--rounds", "1", "--resume-to", str(LAST),
+                                               "--runs", ",".join(str(p) for p in runs.values()),
+                                               "--resume-runs", str(runs[RESTARTED])],
+                             timeout_s=300)
     assert result["returncode"] == 0, result.get("error") or result["output"]
-    local = {d: Path(run(load_config(None, [*base, f"downlink={d}", f"mask={runs[d] / 'mask.safetensors'}",
+    local = {d: Path(run(load_config(None, [*base, f"rounds={LAST}", f"downlink={d}",
+                                           f"mask={runs[d] / 'mask.safetensors'}",
                                            f"out={root / ('local-' + d)}"]), quiet=True)["out"])
              for d in DOWNLINKS}
     return runs, local, result
@@ -120,12 +114,17 @@ def deployed_runs(tmp_path_factory, tiny_model_dir):
 
 @pytest.mark.parametrize("downlink", DOWNLINKS)
 def test_deployed_meerkat_is_bit_identical_to_the_in_process_run(deployed_runs, downlink):
+    """Also after a full stop and restart (scalars: FIRST rounds, then resumed to LAST)."""
     import json
 
     from safetensors.torch import load_file
 
     runs, local, result = deployed_runs
     assert result["runs"][str(runs[downlink])]["status"] == "FINISHED:COMPLETED"
+    if downlink == RESTARTED:
+        assert result["resumed"][str(runs[downlink])]["status"] == "FINISHED:COMPLETED"
+        # the FLARE server and sites that resumed it are new processes
+        assert set(result["resumed"]["pids"].values()).isdisjoint(result["pids"].values())
     deployed = load_file(str(runs[downlink] / "final_state.safetensors"))["theta"]
     here = load_file(str(local[downlink] / "final_state.safetensors"))["theta"]
     assert torch.equal(deployed, here)
@@ -134,6 +133,16 @@ def test_deployed_meerkat_is_bit_identical_to_the_in_process_run(deployed_runs, 
             for d in (runs[downlink], local[downlink])]
     keys = ("round", "train_loss", "test_accuracy", "bytes_up", "bytes_down", "bytes", "client_steps")
     assert [{k: r.get(k) for k in keys} for r in read[0]] == [{k: r.get(k) for k in keys} for r in read[1]]
-    assert len(read[0]) == 4  # round 0 and three rounds
+    assert [r["round"] for r in read[0]] == list(range(LAST + 1))
     summary = json.loads((runs[downlink] / "summary.json").read_text())
-    assert summary["transport"] == "nvflare" and summary["rounds"] == 3
+    assert summary["transport"] == "nvflare" and summary["rounds"] == LAST
+    # one resident trainer per site: its PID never changes within a job (every round has a
+    # reply from every site); the restart brought new ones
+    pids = {s: [r["site_pids"][s] for r in read[0][1:]] for s in selftest.MEERKAT_SITES}
+    jobs = [(0, FIRST), (FIRST, LAST)] if downlink == RESTARTED else [(0, LAST)]
+    for site, seen in pids.items():
+        assert len(seen) == LAST, (site, seen)
+        per_job = [set(seen[a:b]) for a, b in jobs]
+        assert all(len(p) == 1 for p in per_job), (site, seen)
+        assert len(set.union(*per_job)) == len(jobs), (site, seen)
+    assert len({p for seen in pids.values() for p in seen}) == len(pids) * len(jobs)

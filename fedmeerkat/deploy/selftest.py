@@ -6,7 +6,9 @@ Provisions a project (server on 127.0.0.1, site-1, site-2, an admin) on free por
 server and both sites as separate processes with mutual TLS, runs the echo job for --rounds
 rounds through the admin API, downloads its result and writes WORKDIR/result.json: every round's
 replies and time, startup and job times, and the connected sites. With --late, two more rounds:
-one where site-2 answers after the deadline, then a normal one. With --intruder it also
+one where site-2 answers after the deadline, then a normal one. With --runs (prepared Meerkat
+run folders) it runs each as a job after the echo job; with --resume-to N it then stops every
+process, starts the server and sites again and resumes each of --resume-runs to N rounds. With --intruder it also
 provisions a second project (its own root CA) with two sites that point at the same server:
 "intruder" holds that project's kit as is; "impostor" holds it with our project's rootCA.pem
 (public in every kit), so it trusts our server and only its own certificate can betray it. The
@@ -71,7 +73,8 @@ def console_lines(kit: Path, needle: str) -> list[str]:
 
 
 def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bool,
-        job_timeout_s: float, runs: list[str] | None = None) -> dict:
+        job_timeout_s: float, runs: list[str] | None = None, resume_to: int = 0,
+        resume_runs_: list[str] | None = None) -> dict:
     from fedmeerkat.deploy import admin, processes
     from fedmeerkat.deploy.job import make_job
     from fedmeerkat.deploy.provision import provision
@@ -122,8 +125,33 @@ def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bo
                        "handshake_failures": console_lines(kit, "Handshake failed"),
                        "certificate_errors": console_lines(kit, "CERTIFICATE")}
                 for name, kit in extra.items()}
+    if resume_to and resume_runs_:  # everything stopped; new processes continue these runs
+        result["resumed"] = resume_runs(workdir, kits, resume_runs_, resume_to, job_timeout_s)
     result["total_s"] = time.monotonic() - t0
     return result
+
+
+def resume_runs(workdir: Path, kits, runs: list[str], rounds: int, job_timeout_s: float) -> dict:
+    """Start the server and sites again (new processes) and resume each run to `rounds`."""
+    from fedmeerkat.deploy import admin, processes
+    from fedmeerkat.deploy.meerkat import deploy_job
+
+    out: dict = {}
+    with processes.running(kits) as procs:
+        out["pids"] = {name: p.pid for name, p in procs.items()}
+        with admin.session(kits) as s:
+            admin.wait_for_sites(s, list(SITES))
+            for run_dir in runs:
+                name = Path(run_dir).name.replace(".", "_")
+                deploy_job(run_dir, MEERKAT_SITES, resume=True,
+                           overrides=[f"rounds={rounds}"]).export_job(str(workdir / "jobs_resumed"))
+                t = time.monotonic()
+                job_id, meta, _ = admin.run_job(s, workdir / "jobs_resumed" / name,
+                                                workdir / "results_resumed" / name,
+                                                timeout_s=job_timeout_s)
+                out[run_dir] = {"job_id": job_id, "status": meta.get("status"),
+                                "seconds": time.monotonic() - t}
+    return out
 
 
 def main() -> None:
@@ -137,12 +165,16 @@ def main() -> None:
     ap.add_argument("--job-timeout", type=float, default=180.0)
     ap.add_argument("--runs", default="", help="comma-separated prepared run folders to run "
                     "as Meerkat jobs on the same deployment (sites: MEERKAT_SITES)")
+    ap.add_argument("--resume-to", type=int, default=0, help="then stop everything, start the "
+                    "server and sites again and resume each of --resume-runs to this many rounds")
+    ap.add_argument("--resume-runs", default="", help="comma-separated run folders (of --runs)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     result: dict = {"netns_pid": os.getpid()}  # 1 inside launch()'s PID namespace
     try:
         result |= run(args.workdir, args.rounds, args.payload_bytes, args.intruder, args.late,
-                      args.job_timeout, [r for r in args.runs.split(",") if r])
+                      args.job_timeout, [r for r in args.runs.split(",") if r], args.resume_to,
+                      [r for r in args.resume_runs.split(",") if r])
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
         raise

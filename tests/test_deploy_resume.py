@@ -109,14 +109,14 @@ def test_resume_needs_a_snapshot_before_the_plans_round(runs, tmp_path):
     serve(FakeFlare(handlers(run_dir)), str(run_dir), SITES)
     store = SiteStateStore(run_dir / "site_state" / "site-1")
     assert store.rounds() == [2, 3, 4]
-    # a server checkpoint two rounds behind (never happens: it checkpoints every round)
+    # a server two rounds behind (it checkpoints every round, so this needs a lost checkpoint)
     # finds no snapshot of round 1 and says so instead of training from a wrong state
-    shutil.copy(prepared / "config.toml", run_dir / "config.toml")
-    from fedmeerkat.federated import ClientState
-
-    states: dict[int, ClientState] = {}
     with pytest.raises(RuntimeError, match="no snapshot before round 2"):
-        store.restore_before(2, states, reset=lambda: None)
+        store.restore_before(2, {}, reset=lambda: None)
+    # while a site that first served round 3 starts its clients afresh for round 2
+    other, resets = SiteStateStore(tmp_path / "other"), []
+    other.save(3, {})
+    assert other.restore_before(2, {}, reset=lambda: resets.append(1)) == 0 and resets
 
 
 def test_server_side_evaluation_matches_the_sites_and_the_in_process_run(runs, tmp_path):
@@ -139,3 +139,19 @@ def test_metrics_record_each_sites_trainer_pid_and_times(runs, tmp_path):
         assert set(r["site_compute_s"]) == set(SITES)
         assert all(0 < r["site_forward_s"][s] <= r["site_compute_s"][s] for s in SITES)
         assert r["exchange_s"] >= max(r["site_compute_s"].values())
+
+
+def test_submit_refuses_set_without_resume_and_keys_a_resume_cannot_change(runs, tmp_path, capsys):
+    from fedmeerkat.cli.main import main
+
+    prepared, _ = runs["scalars"]
+    run_dir = fresh(prepared, tmp_path / "run")
+    ws = str(tmp_path / "ws")  # never reached: the options are checked first
+    assert main(["deploy", "submit", ws, str(run_dir), "--site", "a=0,1,2", "--set", "rounds=5"]) == 2
+    assert "--set changes a resumed run only" in capsys.readouterr().err
+    assert main(["deploy", "submit", ws, str(run_dir), "--site", "a=0,1,2", "--resume",
+                 "--set", "lr=0.1"]) == 2
+    assert "lr: cannot change on --resume" in capsys.readouterr().err
+    assert main(["deploy", "submit", ws, str(run_dir), "--site", "a=0,1,2", "--resume",
+                 "--set", "rounds=5"]) == 2  # a prepared run never started has no checkpoint
+    assert "nothing to resume" in capsys.readouterr().err

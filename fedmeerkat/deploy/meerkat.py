@@ -124,14 +124,19 @@ class SiteTransport:
         return replies
 
 
-def check_resume_overrides(overrides: list[str]) -> None:
-    """Keys a resumed deployed run may change: those `fedmeerkat run --resume` allows."""
+def check_resume_overrides(overrides: list[str], run_dir: str | Path | None = None) -> None:
+    """Keys a resumed deployed run may change: those `fedmeerkat run --resume` allows (rounds
+    only with a constant lr_schedule, checked when `run_dir` is given)."""
     from fedmeerkat.config import ConfigError, parse_overrides
-    from fedmeerkat.runners.run_folder import RESUMABLE_KEYS
+    from fedmeerkat.runners.run_folder import RESUMABLE_KEYS, load_run_config
 
-    bad = sorted(set(parse_overrides(overrides)) - set(RESUMABLE_KEYS))
+    changes = parse_overrides(overrides)
+    bad = sorted(set(changes) - set(RESUMABLE_KEYS))
     if bad:
         raise ConfigError(f"{bad[0]}: cannot change on --resume (only {', '.join(RESUMABLE_KEYS)})")
+    if ("rounds" in changes and run_dir is not None
+            and load_run_config(Path(run_dir)).lr_schedule != "constant"):
+        raise ConfigError("rounds: cannot change on --resume with a decaying lr_schedule")
 
 
 def serve(flare, run_dir: str, site_clients: dict[str, list[int]], resume: bool = False,
@@ -165,7 +170,7 @@ def serve(flare, run_dir: str, site_clients: dict[str, list[int]], resume: bool 
         raise ValueError(f"evaluation: {evaluation!r}, expected 'sites' or 'server'")
     overrides = list(overrides or [])
     if resume:
-        check_resume_overrides(overrides)
+        check_resume_overrides(overrides, run_dir)
     elif overrides:
         raise ValueError("overrides apply to a resumed run only (the run folder fixes the rest)")
     start = time.time()

@@ -1,5 +1,6 @@
 """Real FLARE deployment on this machine: provisioned server and two sites as processes, mutual
-TLS, the echo job through the admin API (~20 s, one deployment shared by the tests below).
+TLS, the echo job and Meerkat jobs through the admin API, then a restart of every process and
+a resumed Meerkat job (one deployment shared by the tests below, ~2 min on 2 cores).
 
 Everything runs inside private user, network and PID namespaces (fedmeerkat.deploy.selftest):
 nothing can leave the machine, and every process dies with the namespace whatever happens.
@@ -22,16 +23,8 @@ ROUNDS = 3
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    why = selftest.netns_available()
-    if why:
-        pytest.skip(f"no private namespaces for the deployment test ({why})")
-    workdir = tmp_path_factory.mktemp("deploy") / "run"
-    result = selftest.launch(workdir, ["--rounds", str(ROUNDS), "--intruder", "--late"],
-                             timeout_s=150)
-    assert result["returncode"] == 0, result.get("error") or result["output"]
-    assert result["netns_pid"] == 1  # it really ran in its own PID namespace
-    return result
+def deployment(deployed_runs):
+    return deployed_runs[2]
 
 
 def test_every_round_reaches_one_resident_trainer_per_site(deployment):
@@ -100,11 +93,15 @@ def deployed_runs(tmp_path_factory, tiny_model_dir):
                                               f"rounds={FIRST if d == RESTARTED else LAST}"]),
                            quiet=True)
             for d in DOWNLINKS}
-    result = selftest.launch(root / "deploy", ["--rounds", "1", "--resume-to", str(LAST),
+    # one deployment for every test here: the echo job (with a late round, intruders trying to
+    # join), then the Meerkat runs, then the restart
+    result = selftest.launch(root / "deploy", ["--rounds", str(ROUNDS), "--intruder", "--late",
+                                               "--resume-to", str(LAST),
                                                "--runs", ",".join(str(p) for p in runs.values()),
                                                "--resume-runs", str(runs[RESTARTED])],
-                             timeout_s=300)
+                             timeout_s=400)
     assert result["returncode"] == 0, result.get("error") or result["output"]
+    assert result["netns_pid"] == 1  # it really ran in its own PID namespace
     local = {d: Path(run(load_config(None, [*base, f"rounds={LAST}", f"downlink={d}",
                                            f"mask={runs[d] / 'mask.safetensors'}",
                                            f"out={root / ('local-' + d)}"]), quiet=True)["out"])

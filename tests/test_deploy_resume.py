@@ -155,3 +155,13 @@ def test_submit_refuses_set_without_resume_and_keys_a_resume_cannot_change(runs,
     assert main(["deploy", "submit", ws, str(run_dir), "--site", "a=0,1,2", "--resume",
                  "--set", "rounds=5"]) == 2  # a prepared run never started has no checkpoint
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_site_that_lost_its_state_folder(runs, tmp_path):
+    prepared, _ = runs["scalars"]
+    run_dir = fresh(prepared, tmp_path / "run")
+    with pytest.raises(Crash):
+        serve(FakeFlare(handlers(run_dir), crash_after=2), str(run_dir), SITES)
+    shutil.rmtree(run_dir / "site_state" / "site-2")
+    with pytest.raises(RuntimeError, match="site site-2 holds no client state"):
+        serve(FakeFlare(handlers(run_dir)), str(run_dir), SITES, resume=True)

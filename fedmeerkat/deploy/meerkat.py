@@ -12,7 +12,7 @@ and 8 per client to a reply, not counted.
                    b"T" | n u16 | (client u32 | len u32 | plan)*n  train one round
                    b"E" | theta f32[nnz]                           evaluate the global vector
     site reply   : b"H" | JSON {"clients": {id: num_samples}, "evaluates": bool, "pid": int,
-                            "served": the round its clients' state is at}
+                            "served": the round its clients' state is at, "state_dir": str}
                    b"T" | pid u32 | compute f64 | forward f64 | n u16 | (client u32 | len u32 | reply)*n
                    b"E" | JSON {"n", "accuracy", "loss", "predicted_share"}
 
@@ -231,6 +231,12 @@ def serve(flare, run_dir: str, site_clients: dict[str, list[int]], resume: bool 
         initial = {k: records[0].get(k) for k in keys}
         last = {k: [r for r in records if r.get("test_accuracy") is not None][-1].get(k)
                 for k in keys}
+        every_round = cfg.clients_per_round in (0, cfg.clients)
+        for s, h in hello.items():
+            # with full participation every site served every round: no state means a lost folder
+            if every_round and server.round > 0 and h["served"] == 0:
+                raise RuntimeError(f"site {s} holds no client state in {h['state_dir']} (the "
+                                   f"run is at round {server.round}); cannot resume its clients")
         log(f"resuming after round {server.round} of {cfg.rounds}")
     else:
         initial = last = run_eval()
@@ -367,7 +373,7 @@ def site(site_name: str, site_arg: str) -> Callable[[bytes], bytes]:
                 store.clear()
             return b"H" + json.dumps({"clients": {k: s.num_samples for k, s in states.items()},
                                       "evaluates": evaluates, "pid": os.getpid(),
-                                      "served": served}).encode()
+                                      "served": served, "state_dir": str(store.folder)}).encode()
         if tag == b"T":
             t = time.perf_counter()
             model.forward_s = 0.0

@@ -74,7 +74,7 @@ def console_lines(kit: Path, needle: str) -> list[str]:
 
 def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bool,
         job_timeout_s: float, runs: list[str] | None = None, resume_to: int = 0,
-        resume_runs_: list[str] | None = None) -> dict:
+        resume_runs_: list[str] | None = None, meerkat_job: dict | None = None) -> dict:
     from fedmeerkat.deploy import admin, processes
     from fedmeerkat.deploy.job import make_job
     from fedmeerkat.deploy.provision import provision
@@ -112,7 +112,8 @@ def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bo
                 from fedmeerkat.deploy.meerkat import deploy_job
 
                 name = Path(run_dir).name.replace(".", "_")
-                deploy_job(run_dir, MEERKAT_SITES).export_job(str(workdir / "jobs"))
+                job_args = {"site_clients": MEERKAT_SITES, **(meerkat_job or {})}
+                deploy_job(run_dir, **job_args).export_job(str(workdir / "jobs"))
                 t = time.monotonic()
                 job_id, meta, _ = admin.run_job(s, workdir / "jobs" / name,
                                                 workdir / "results" / name, timeout_s=job_timeout_s)
@@ -168,13 +169,15 @@ def main() -> None:
     ap.add_argument("--resume-to", type=int, default=0, help="then stop everything, start the "
                     "server and sites again and resume each of --resume-runs to this many rounds")
     ap.add_argument("--resume-runs", default="", help="comma-separated run folders (of --runs)")
+    ap.add_argument("--meerkat-job", default="{}", help="JSON: deploy_job arguments for --runs "
+                    "(e.g. site_clients, site_overrides); default sites: MEERKAT_SITES")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     result: dict = {"netns_pid": os.getpid()}  # 1 inside launch()'s PID namespace
     try:
         result |= run(args.workdir, args.rounds, args.payload_bytes, args.intruder, args.late,
                       args.job_timeout, [r for r in args.runs.split(",") if r], args.resume_to,
-                      [r for r in args.resume_runs.split(",") if r])
+                      [r for r in args.resume_runs.split(",") if r], json.loads(args.meerkat_job))
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
         raise

@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("nvflare", reason="nvflare not installed (pip install nvflare==2.9.0)")
 
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -69,6 +70,10 @@ def test_kits_of_another_project_are_refused(deployment):
 DOWNLINKS = ("sparse-weights", "scalars")
 FIRST, LAST = 2, 4  # rounds before everything is stopped, rounds after the restart
 RESTARTED = "scalars"  # the downlink whose run is stopped and resumed (the other runs through)
+# a run whose site-2 trainer is killed once round 1 is recorded: rounds close after
+# round_timeout without its client, the job finishes, and a resumed job brings it back
+KILL = {"site": "site-2", "client": "2", "after_round": 1, "rounds": 3, "resume_to": 5,
+        "round_timeout": 5}
 
 
 @pytest.fixture(scope="module")
@@ -93,30 +98,35 @@ def deployed_runs(tmp_path_factory, tiny_model_dir):
                                               f"rounds={FIRST if d == RESTARTED else LAST}"]),
                            quiet=True)
             for d in DOWNLINKS}
+    killed = prepare_run(load_config(None, [*base, "downlink=scalars", f"out={root / 'killed'}",
+                                            f"rounds={KILL['rounds']}",
+                                            f"round_timeout={KILL['round_timeout']}"]), quiet=True)
     # one deployment for every test here: the echo job (with a late round, intruders trying to
     # join), then the Meerkat runs, then the restart
     result = selftest.launch(root / "deploy", ["--rounds", str(ROUNDS), "--intruder", "--late",
                                                "--resume-to", str(LAST),
                                                "--runs", ",".join(str(p) for p in runs.values()),
-                                               "--resume-runs", str(runs[RESTARTED])],
-                             timeout_s=400)
+                                               "--resume-runs", str(runs[RESTARTED]),
+                                               "--kill", json.dumps({
+                                                   "run": str(killed), "site": KILL["site"],
+                                                   "after_round": KILL["after_round"],
+                                                   "resume_to": KILL["resume_to"]})],
+                             timeout_s=480)
     assert result["returncode"] == 0, result.get("error") or result["output"]
     assert result["netns_pid"] == 1  # it really ran in its own PID namespace
     local = {d: Path(run(load_config(None, [*base, f"rounds={LAST}", f"downlink={d}",
                                            f"mask={runs[d] / 'mask.safetensors'}",
                                            f"out={root / ('local-' + d)}"]), quiet=True)["out"])
              for d in DOWNLINKS}
-    return runs, local, result
+    return runs, local, result, killed
 
 
 @pytest.mark.parametrize("downlink", DOWNLINKS)
 def test_deployed_meerkat_is_bit_identical_to_the_in_process_run(deployed_runs, downlink):
     """Also after a full stop and restart (scalars: FIRST rounds, then resumed to LAST)."""
-    import json
-
     from safetensors.torch import load_file
 
-    runs, local, result = deployed_runs
+    runs, local, result, _ = deployed_runs
     assert result["runs"][str(runs[downlink])]["status"] == "FINISHED:COMPLETED"
     if downlink == RESTARTED:
         assert result["resumed"][str(runs[downlink])]["status"] == "FINISHED:COMPLETED"
@@ -143,3 +153,30 @@ def test_deployed_meerkat_is_bit_identical_to_the_in_process_run(deployed_runs, 
         assert all(len(p) == 1 for p in per_job), (site, seen)
         assert len(set.union(*per_job)) == len(jobs), (site, seen)
     assert len({p for seen in pids.values() for p in seen}) == len(pids) * len(jobs)
+
+
+def test_a_killed_site_trainer_is_left_out_then_rejoins_on_resume_and_catches_up(deployed_runs):
+    """FLARE never relaunches a launch_once trainer within its job (docs/deploy.md): the run
+    finishes without that site's client, and the next job (--resume) brings it back."""
+    _, _, result, killed = deployed_runs
+    k = result["killed"]
+    assert k["killed"]["status"] == "FINISHED:COMPLETED", k
+    assert k["rejoined"]["status"] == "FINISHED:COMPLETED", k
+    records = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == list(range(KILL["resume_to"] + 1))
+    client, after = KILL["client"], KILL["after_round"]
+    before = records[1:after + 1]
+    assert all(client in r["bytes"] and r["site_pids"][KILL["site"]] == k["killed_pid"]
+               for r in before)
+    # the round in flight when it died may still have its reply; every later round of the
+    # job closes at round_timeout without it, and the others go on
+    gone = records[after + 2:KILL["rounds"] + 1]
+    assert gone and all(int(client) in r["missing"] and client not in r["bytes"] for r in gone)
+    assert all(len(r["bytes"]) == 2 and r["train_loss"] is not None for r in gone)
+    assert all(KILL["site"] not in r["site_pids"] for r in gone)
+    back = records[KILL["rounds"] + 1:]
+    assert back and all(client in r["bytes"] and not r.get("missing") for r in back)
+    assert all(r["site_pids"][KILL["site"]] != k["killed_pid"] for r in back)  # a new trainer
+    # it caught up: the first plan after its absence brought the aggregates it missed
+    missed = len([r for r in records[after + 1:KILL["rounds"] + 1] if client not in r["bytes"]])
+    assert back[0]["sync"][client] in (f"scalars:{missed + 1}", "vector"), back[0]["sync"]

@@ -74,7 +74,8 @@ def console_lines(kit: Path, needle: str) -> list[str]:
 
 def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bool,
         job_timeout_s: float, runs: list[str] | None = None, resume_to: int = 0,
-        resume_runs_: list[str] | None = None, meerkat_job: dict | None = None) -> dict:
+        resume_runs_: list[str] | None = None, meerkat_job: dict | None = None,
+        kill: dict | None = None) -> dict:
     from fedmeerkat.deploy import admin, processes
     from fedmeerkat.deploy.job import make_job
     from fedmeerkat.deploy.provision import provision
@@ -119,6 +120,8 @@ def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bo
                                                 workdir / "results" / name, timeout_s=job_timeout_s)
                 result["runs"][run_dir] = {"job_id": job_id, "status": meta.get("status"),
                                            "seconds": time.monotonic() - t}
+            if kill:  # a run whose site trainer is killed mid-job, then resumed
+                result["killed"] = kill_and_rejoin(s, workdir, kill, job_timeout_s)
             # By now the intruder has been trying to register for the whole job.
             result["connected"] = admin.connected_sites(s)
             result["intruders"] = {
@@ -130,6 +133,47 @@ def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bo
         result["resumed"] = resume_runs(workdir, kits, resume_runs_, resume_to, job_timeout_s)
     result["total_s"] = time.monotonic() - t0
     return result
+
+
+def kill_and_rejoin(s, workdir: Path, kill: dict, job_timeout_s: float) -> dict:
+    """Run kill["run"] as a job; once its metrics record round kill["after_round"], SIGKILL the
+    trainer of kill["site"] (its PID from metrics.jsonl), let the job finish without it, then
+    resume the run to kill["resume_to"] rounds on the same FLARE processes."""
+    import signal
+    import threading
+
+    from fedmeerkat.deploy import admin
+    from fedmeerkat.deploy.meerkat import deploy_job
+
+    run_dir, out = Path(kill["run"]), {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        metrics = run_dir / "metrics.jsonl"
+        while not stop.wait(0.02):
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            for line in lines:
+                r = json.loads(line)
+                if r["round"] == kill["after_round"] and kill["site"] in r.get("site_pids", {}):
+                    pid = r["site_pids"][kill["site"]]
+                    os.kill(pid, signal.SIGKILL)  # the trainer this job launched at that site
+                    out["killed_pid"], out["killed_after_round"] = pid, r["round"]
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    name = run_dir.name.replace(".", "_")
+    for tag, job in (("killed", deploy_job(run_dir, MEERKAT_SITES)),
+                     ("rejoined", deploy_job(run_dir, MEERKAT_SITES, resume=True,
+                                             overrides=[f"rounds={kill['resume_to']}"]))):
+        job.export_job(str(workdir / f"jobs_{tag}"))
+        t = time.monotonic()
+        job_id, meta, _ = admin.run_job(s, workdir / f"jobs_{tag}" / name,
+                                        workdir / f"results_{tag}" / name, timeout_s=job_timeout_s)
+        stop.set()
+        watcher.join(timeout=5)
+        out[tag] = {"job_id": job_id, "status": meta.get("status"), "seconds": time.monotonic() - t}
+    return out
 
 
 def resume_runs(workdir: Path, kits, runs: list[str], rounds: int, job_timeout_s: float) -> dict:
@@ -169,6 +213,9 @@ def main() -> None:
     ap.add_argument("--resume-to", type=int, default=0, help="then stop everything, start the "
                     "server and sites again and resume each of --resume-runs to this many rounds")
     ap.add_argument("--resume-runs", default="", help="comma-separated run folders (of --runs)")
+    ap.add_argument("--kill", default="", help='JSON {"run": RUN_DIR, "site": SITE, '
+                    '"after_round": R, "resume_to": N}: run it, kill the site\'s trainer once '
+                    'round R is recorded, then resume it to N rounds')
     ap.add_argument("--meerkat-job", default="{}", help="JSON: deploy_job arguments for --runs "
                     "(e.g. site_clients, site_overrides); default sites: MEERKAT_SITES")
     args = ap.parse_args()
@@ -177,7 +224,8 @@ def main() -> None:
     try:
         result |= run(args.workdir, args.rounds, args.payload_bytes, args.intruder, args.late,
                       args.job_timeout, [r for r in args.runs.split(",") if r], args.resume_to,
-                      [r for r in args.resume_runs.split(",") if r], json.loads(args.meerkat_job))
+                      [r for r in args.resume_runs.split(",") if r], json.loads(args.meerkat_job),
+                      json.loads(args.kill) if args.kill else None)
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
         raise

@@ -368,6 +368,7 @@ def site(site_name: str, site_arg: str) -> Callable[[bytes], bytes]:
                 kept = store.rounds()
                 if kept:
                     store.load(kept[-1], states)
+                    host.states_replaced()
                     served = kept[-1]
             else:
                 store.clear()
@@ -381,7 +382,7 @@ def site(site_name: str, site_arg: str) -> Callable[[bytes], bytes]:
             r = max(p.round for p in plans.values())
             if r <= served:  # the server went back to an earlier checkpoint
                 store.restore_before(r, states, reset)
-                host._pool_round = -1  # the copies it shared are stale
+                host.states_replaced()
             replies = {k: host.handle(p) for k, p in plans.items()}
             store.save(r, states)
             served = r

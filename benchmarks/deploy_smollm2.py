@@ -123,6 +123,7 @@ def main() -> None:
     steps = [int(t) for t in args.steps.split(",")]
     netns_missing = selftest.netns_available()
     t0 = time.monotonic()
+    load_before = os.getloadavg()
     out: dict = {"deployed": {}, "in_process": {}}
     with tempfile.TemporaryDirectory() as tmp:
         runs, mask = {}, None
@@ -174,6 +175,8 @@ def main() -> None:
         "meets_target": all(out["deployed"][f"T={t}"]["transport_median_s"] < TARGET_S
                             for t in steps),
         **out, "prepare_s": prepare_s, "total_s": time.monotonic() - t0,
+        "load_average_1_5_15": {"before": load_before, "after": os.getloadavg(),
+                                "note": "other work on the machine during the run"},
     })
 
 

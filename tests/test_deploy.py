@@ -1,5 +1,6 @@
 """Real FLARE deployment on this machine: provisioned server and two sites as processes, mutual
-TLS, the echo job through the admin API (~20 s, one deployment shared by the tests below).
+TLS, the echo job and Meerkat jobs through the admin API, then a restart of every process and
+a resumed Meerkat job (one deployment shared by the tests below, ~2 min on 2 cores).
 
 Everything runs inside private user, network and PID namespaces (fedmeerkat.deploy.selftest):
 nothing can leave the machine, and every process dies with the namespace whatever happens.
@@ -11,6 +12,7 @@ import pytest
 
 pytest.importorskip("nvflare", reason="nvflare not installed (pip install nvflare==2.9.0)")
 
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -22,16 +24,8 @@ ROUNDS = 3
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    why = selftest.netns_available()
-    if why:
-        pytest.skip(f"no private namespaces for the deployment test ({why})")
-    workdir = tmp_path_factory.mktemp("deploy") / "run"
-    result = selftest.launch(workdir, ["--rounds", str(ROUNDS), "--intruder", "--late"],
-                             timeout_s=150)
-    assert result["returncode"] == 0, result.get("error") or result["output"]
-    assert result["netns_pid"] == 1  # it really ran in its own PID namespace
-    return result
+def deployment(deployed_runs):
+    return deployed_runs[2]
 
 
 def test_every_round_reaches_one_resident_trainer_per_site(deployment):
@@ -74,58 +68,70 @@ def test_kits_of_another_project_are_refused(deployment):
 
 # ---- the real thing: Meerkat on the tiny model, deployed vs in process --------------------
 DOWNLINKS = ("sparse-weights", "scalars")
-
-
-def _base(root, tiny_model_dir):
-    import random
-
-    rng = random.Random(0)
-    pos, neg = ["great", "good", "fun", "lovely"], ["terrible", "bad", "dull", "awful"]
-    rows = ["sentence,label"] + [
-        f"the film was {rng.choice(pos if i % 2 else neg)} and {rng.choice(pos if i % 2 else neg)},{i % 2}"
-        for i in range(60)]
-    (root / "r.csv").write_text("\n".join(rows) + "\n")
-    (root / "c.txt").write_text((" ".join(["the film was a very good film and the actors were lovely"] * 3) + "\n") * 8)
-    return [f"model={tiny_model_dir}", "task=local", f"data_files={root / 'r.csv'}",
-            "template={sentence} It was", "label_words=[' good',' bad']",
-            f"calib_corpus={root / 'c.txt'}", "calib_sequences=4", "calib_seq_len=16",
-            "clients=3", "rounds=3", "local_steps=2", "batch_size=4", "lr=0.05", "eps=0.01",
-            "density=0.05", "eval_every=1", "partition=iid"]
+FIRST, LAST = 2, 4  # rounds before everything is stopped, rounds after the restart
+RESTARTED = "scalars"  # the downlink whose run is stopped and resumed (the other runs through)
+# a run whose site-2 trainer is killed once round 1 is recorded: rounds close after
+# round_timeout without its client, the job finishes, and a resumed job brings it back
+KILL = {"site": "site-2", "client": "2", "after_round": 1, "rounds": 3, "resume_to": 5,
+        "round_timeout": 5}
 
 
 @pytest.fixture(scope="module")
 def deployed_runs(tmp_path_factory, tiny_model_dir):
-    """Prepared runs (one per downlink) run as FLARE jobs on one deployment, and the same
-    configs run in process."""
+    """Prepared runs (one per downlink) run as FLARE jobs: the sparse-weights one for LAST
+    rounds, the scalars one for FIRST rounds; then every process stops, the server and sites
+    start again as new processes and resume the scalars run to LAST rounds (the in-process
+    resume tests in test_deploy_resume.py cover both downlinks and a server crash mid-round).
+    Beside them, the same configs run in process for LAST rounds."""
     why = selftest.netns_available()
     if why:
         pytest.skip(f"no private namespaces for the deployment test ({why})")
+    from deploy_config import base_overrides
+
     from fedmeerkat.config import load_config
     from fedmeerkat.deploy.meerkat import prepare_run
     from fedmeerkat.runners.simulation import run
 
     root = tmp_path_factory.mktemp("meerkat")
-    base = _base(root, tiny_model_dir)
-    runs = {d: prepare_run(load_config(None, [*base, f"downlink={d}", f"out={root / d}"]), quiet=True)
+    base = base_overrides(root, tiny_model_dir)
+    runs = {d: prepare_run(load_config(None, [*base, f"downlink={d}", f"out={root / d}",
+                                              f"rounds={FIRST if d == RESTARTED else LAST}"]),
+                           quiet=True)
             for d in DOWNLINKS}
-    result = selftest.launch(root / "deploy", ["--rounds", "1",
-                                               "--runs", ",".join(str(p) for p in runs.values())],
-                             timeout_s=240)
+    killed = prepare_run(load_config(None, [*base, "downlink=scalars", f"out={root / 'killed'}",
+                                            f"rounds={KILL['rounds']}",
+                                            f"round_timeout={KILL['round_timeout']}"]), quiet=True)
+    # one deployment for every test here: the echo job (with a late round, intruders trying to
+    # join), then the Meerkat runs, then the restart
+    result = selftest.launch(root / "deploy", ["--rounds", str(ROUNDS), "--intruder", "--late",
+                                               "--resume-to", str(LAST),
+                                               "--runs", ",".join(str(p) for p in runs.values()),
+                                               "--resume-runs", str(runs[RESTARTED]),
+                                               "--kill", json.dumps({
+                                                   "run": str(killed), "site": KILL["site"],
+                                                   "after_round": KILL["after_round"],
+                                                   "resume_to": KILL["resume_to"]})],
+                             timeout_s=480)
     assert result["returncode"] == 0, result.get("error") or result["output"]
-    local = {d: Path(run(load_config(None, [*base, f"downlink={d}", f"mask={runs[d] / 'mask.safetensors'}",
+    assert result["netns_pid"] == 1  # it really ran in its own PID namespace
+    local = {d: Path(run(load_config(None, [*base, f"rounds={LAST}", f"downlink={d}",
+                                           f"mask={runs[d] / 'mask.safetensors'}",
                                            f"out={root / ('local-' + d)}"]), quiet=True)["out"])
              for d in DOWNLINKS}
-    return runs, local, result
+    return runs, local, result, killed
 
 
 @pytest.mark.parametrize("downlink", DOWNLINKS)
 def test_deployed_meerkat_is_bit_identical_to_the_in_process_run(deployed_runs, downlink):
-    import json
-
+    """Also after a full stop and restart (scalars: FIRST rounds, then resumed to LAST)."""
     from safetensors.torch import load_file
 
-    runs, local, result = deployed_runs
+    runs, local, result, _ = deployed_runs
     assert result["runs"][str(runs[downlink])]["status"] == "FINISHED:COMPLETED"
+    if downlink == RESTARTED:
+        assert result["resumed"][str(runs[downlink])]["status"] == "FINISHED:COMPLETED"
+        # the FLARE server and sites that resumed it are new processes
+        assert set(result["resumed"]["pids"].values()).isdisjoint(result["pids"].values())
     deployed = load_file(str(runs[downlink] / "final_state.safetensors"))["theta"]
     here = load_file(str(local[downlink] / "final_state.safetensors"))["theta"]
     assert torch.equal(deployed, here)
@@ -136,6 +142,43 @@ def test_deployed_meerkat_is_bit_identical_to_the_in_process_run(deployed_runs, 
             "test_auc", "test_macro_f1", "test_best_shift_accuracy")  # the last three: from site logits
     assert read[0][0]["test_auc"] is not None and read[0][0]["test_macro_f1"] is not None
     assert [{k: r.get(k) for k in keys} for r in read[0]] == [{k: r.get(k) for k in keys} for r in read[1]]
-    assert len(read[0]) == 4  # round 0 and three rounds
+    assert [r["round"] for r in read[0]] == list(range(LAST + 1))
     summary = json.loads((runs[downlink] / "summary.json").read_text())
-    assert summary["transport"] == "nvflare" and summary["rounds"] == 3
+    assert summary["transport"] == "nvflare" and summary["rounds"] == LAST
+    # one resident trainer per site: its PID never changes within a job (every round has a
+    # reply from every site); the restart brought new ones
+    pids = {s: [r["site_pids"][s] for r in read[0][1:]] for s in selftest.MEERKAT_SITES}
+    jobs = [(0, FIRST), (FIRST, LAST)] if downlink == RESTARTED else [(0, LAST)]
+    for site, seen in pids.items():
+        assert len(seen) == LAST, (site, seen)
+        per_job = [set(seen[a:b]) for a, b in jobs]
+        assert all(len(p) == 1 for p in per_job), (site, seen)
+        assert len(set.union(*per_job)) == len(jobs), (site, seen)
+    assert len({p for seen in pids.values() for p in seen}) == len(pids) * len(jobs)
+
+
+def test_a_killed_site_trainer_is_left_out_then_rejoins_on_resume_and_catches_up(deployed_runs):
+    """FLARE never relaunches a launch_once trainer within its job (docs/deploy.md): the run
+    finishes without that site's client, and the next job (--resume) brings it back."""
+    _, _, result, killed = deployed_runs
+    k = result["killed"]
+    assert k["killed"]["status"] == "FINISHED:COMPLETED", k
+    assert k["rejoined"]["status"] == "FINISHED:COMPLETED", k
+    records = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == list(range(KILL["resume_to"] + 1))
+    client, after = KILL["client"], KILL["after_round"]
+    before = records[1:after + 1]
+    assert all(client in r["bytes"] and r["site_pids"][KILL["site"]] == k["killed_pid"]
+               for r in before)
+    # the round in flight when it died may still have its reply; every later round of the
+    # job closes at round_timeout without it, and the others go on
+    gone = records[after + 2:KILL["rounds"] + 1]
+    assert gone and all(int(client) in r["missing"] and client not in r["bytes"] for r in gone)
+    assert all(len(r["bytes"]) == 2 and r["train_loss"] is not None for r in gone)
+    assert all(KILL["site"] not in r["site_pids"] for r in gone)
+    back = records[KILL["rounds"] + 1:]
+    assert back and all(client in r["bytes"] and not r.get("missing") for r in back)
+    assert all(r["site_pids"][KILL["site"]] != k["killed_pid"] for r in back)  # a new trainer
+    # it caught up: the first plan after its absence brought the aggregates it missed
+    missed = len([r for r in records[after + 1:KILL["rounds"] + 1] if client not in r["bytes"]])
+    assert back[0]["sync"][client] in (f"scalars:{missed + 1}", "vector"), back[0]["sync"]

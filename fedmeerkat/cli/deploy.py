@@ -5,6 +5,8 @@
     server WS                               the FLARE server, in the foreground
     site WS NAME                            one site, in the foreground
     submit WS RUN_DIR --site a=0,1 ...      submit the run, follow it, wait until it ends
+           [--resume [--set rounds=N]]      continue it from its checkpoint and the sites' state
+           [--evaluate server|sites]        who evaluates (server: it loads the model)
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def cmd_site(ns: argparse.Namespace) -> int:
 
 def cmd_submit(ns: argparse.Namespace) -> int:
     from fedmeerkat.deploy import admin
-    from fedmeerkat.deploy.meerkat import deploy_job
+    from fedmeerkat.deploy.meerkat import check_resume_overrides, deploy_job
     from fedmeerkat.deploy.provision import load_kits
 
     run_dir = Path(ns.run_dir).resolve()
@@ -90,7 +92,16 @@ def cmd_submit(ns: argparse.Namespace) -> int:
     for spec in ns.site_set:  # SITE:key=value
         site, _, kv = spec.partition(":")
         overrides.setdefault(site, []).append(kv)
-    job = deploy_job(run_dir, site_clients, overrides, interval=ns.interval)
+    from fedmeerkat.config import ConfigError
+
+    if ns.set and not ns.resume:
+        raise ConfigError("--set changes a resumed run only (prepare fixes the rest)")
+    if ns.resume:
+        check_resume_overrides(ns.set, run_dir)
+        if not (run_dir / "checkpoint.safetensors").is_file():
+            raise ConfigError(f"{run_dir} holds no checkpoint.safetensors: nothing to resume")
+    job = deploy_job(run_dir, site_clients, overrides, interval=ns.interval, resume=ns.resume,
+                     overrides=ns.set, evaluation=ns.evaluate)
     jobs = run_dir / "flare_job"
     job.export_job(str(jobs))
     kits = load_kits(ns.workspace)
@@ -150,6 +161,14 @@ def add_parser(sub) -> None:
     j.add_argument("--site-set", action="append", default=[], metavar="NAME:KEY=VALUE",
                    help="config override at one site, e.g. site-2:data_files=/data/mine.csv "
                    "or site-1:device=cuda:1")
+    j.add_argument("--resume", action="store_true", help="continue the run from its checkpoint "
+                   "(server) and each site's state folder (RUN_DIR/site_state/SITE)")
+    j.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --resume: change rounds, eval_every, ... (as `fedmeerkat run "
+                   "--resume`), at the server and every site")
+    j.add_argument("--evaluate", choices=("sites", "server"), default="sites",
+                   help="sites: each evaluates on its test data, averaged by size; server: the "
+                   "server loads the run's model and task and evaluates (default sites)")
     j.add_argument("--interval", type=float, default=0.02, help="FLARE polling periods (s)")
     j.add_argument("--wait-sites", type=float, default=120.0, help="seconds to wait for sites")
     j.add_argument("--timeout", type=float, default=86400.0, help="seconds the job may run")

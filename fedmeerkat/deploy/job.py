@@ -83,7 +83,11 @@ class BytesController(ModelController):
 
     def __init__(self, driver: str, sites: list[str], driver_args: dict | None = None,
                  round_timeout: int = 600, task_check_period: float = 0.02):
-        super().__init__(persistor_id="", task_check_period=task_check_period)
+        # A site's failed task (e.g. its trainer died: FLARE then fails each of its tasks) is
+        # ignored rather than aborting the job: its reply is missing, as a late one, and the
+        # driver goes on without it (FLARE's default panics once min_responses is out of reach).
+        super().__init__(persistor_id="", ignore_result_error=True,
+                         task_check_period=task_check_period)
         self.driver, self.sites, self.driver_args = driver, sites, driver_args
         self.round_timeout = round_timeout
 

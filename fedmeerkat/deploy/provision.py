@@ -76,6 +76,15 @@ def allow_classes(kit: Path, classes: list[str]) -> None:
     resources = json.loads((local / "resources.json.default").read_text())
     allowed = resources.setdefault("class_allow_list", [])
     allowed += [c for c in classes if c not in allowed]
+    # FLARE's default keeps every server's job store and snapshots in /tmp/nvflare, shared by
+    # all deployments on a machine: a (re)started server would mark another deployment's
+    # running jobs abandoned and could schedule its submitted ones. Keep them in the kit.
+    if "snapshot_persistor" in resources:
+        storage = resources["snapshot_persistor"]["args"]["storage"]["args"]
+        storage["root_dir"] = str(Path(kit).resolve() / "snapshot-storage")
+    for comp in resources.get("components", []):
+        if comp.get("id") == "job_manager":
+            comp["args"]["uri_root"] = str(Path(kit).resolve() / "jobs-storage")
     (local / "resources.json").write_text(json.dumps(resources, indent=2) + "\n")
 
 

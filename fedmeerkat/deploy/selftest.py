@@ -6,7 +6,9 @@ Provisions a project (server on 127.0.0.1, site-1, site-2, an admin) on free por
 server and both sites as separate processes with mutual TLS, runs the echo job for --rounds
 rounds through the admin API, downloads its result and writes WORKDIR/result.json: every round's
 replies and time, startup and job times, and the connected sites. With --late, two more rounds:
-one where site-2 answers after the deadline, then a normal one. With --intruder it also
+one where site-2 answers after the deadline, then a normal one. With --runs (prepared Meerkat
+run folders) it runs each as a job after the echo job; with --resume-to N it then stops every
+process, starts the server and sites again and resumes each of --resume-runs to N rounds. With --intruder it also
 provisions a second project (its own root CA) with two sites that point at the same server:
 "intruder" holds that project's kit as is; "impostor" holds it with our project's rootCA.pem
 (public in every kit), so it trusts our server and only its own certificate can betray it. The
@@ -71,7 +73,9 @@ def console_lines(kit: Path, needle: str) -> list[str]:
 
 
 def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bool,
-        job_timeout_s: float, runs: list[str] | None = None) -> dict:
+        job_timeout_s: float, runs: list[str] | None = None, resume_to: int = 0,
+        resume_runs_: list[str] | None = None, meerkat_job: dict | None = None,
+        kill: dict | None = None) -> dict:
     from fedmeerkat.deploy import admin, processes
     from fedmeerkat.deploy.job import make_job
     from fedmeerkat.deploy.provision import provision
@@ -109,12 +113,15 @@ def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bo
                 from fedmeerkat.deploy.meerkat import deploy_job
 
                 name = Path(run_dir).name.replace(".", "_")
-                deploy_job(run_dir, MEERKAT_SITES).export_job(str(workdir / "jobs"))
+                job_args = {"site_clients": MEERKAT_SITES, **(meerkat_job or {})}
+                deploy_job(run_dir, **job_args).export_job(str(workdir / "jobs"))
                 t = time.monotonic()
                 job_id, meta, _ = admin.run_job(s, workdir / "jobs" / name,
                                                 workdir / "results" / name, timeout_s=job_timeout_s)
                 result["runs"][run_dir] = {"job_id": job_id, "status": meta.get("status"),
                                            "seconds": time.monotonic() - t}
+            if kill:  # a run whose site trainer is killed mid-job, then resumed
+                result["killed"] = kill_and_rejoin(s, workdir, kill, job_timeout_s)
             # By now the intruder has been trying to register for the whole job.
             result["connected"] = admin.connected_sites(s)
             result["intruders"] = {
@@ -122,8 +129,74 @@ def run(workdir: Path, rounds: int, payload_bytes: int, intruder: bool, late: bo
                        "handshake_failures": console_lines(kit, "Handshake failed"),
                        "certificate_errors": console_lines(kit, "CERTIFICATE")}
                 for name, kit in extra.items()}
+    if resume_to and resume_runs_:  # everything stopped; new processes continue these runs
+        result["resumed"] = resume_runs(workdir, kits, resume_runs_, resume_to, job_timeout_s)
     result["total_s"] = time.monotonic() - t0
     return result
+
+
+def kill_and_rejoin(s, workdir: Path, kill: dict, job_timeout_s: float) -> dict:
+    """Run kill["run"] as a job; once its metrics record round kill["after_round"], SIGKILL the
+    trainer of kill["site"] (its PID from metrics.jsonl), let the job finish without it, then
+    resume the run to kill["resume_to"] rounds on the same FLARE processes."""
+    import signal
+    import threading
+
+    from fedmeerkat.deploy import admin
+    from fedmeerkat.deploy.meerkat import deploy_job
+
+    run_dir, out = Path(kill["run"]), {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        metrics = run_dir / "metrics.jsonl"
+        while not stop.wait(0.02):
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            for line in lines:
+                r = json.loads(line)
+                if r["round"] == kill["after_round"] and kill["site"] in r.get("site_pids", {}):
+                    pid = r["site_pids"][kill["site"]]
+                    os.kill(pid, signal.SIGKILL)  # the trainer this job launched at that site
+                    out["killed_pid"], out["killed_after_round"] = pid, r["round"]
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    name = run_dir.name.replace(".", "_")
+    for tag, job in (("killed", deploy_job(run_dir, MEERKAT_SITES)),
+                     ("rejoined", deploy_job(run_dir, MEERKAT_SITES, resume=True,
+                                             overrides=[f"rounds={kill['resume_to']}"]))):
+        job.export_job(str(workdir / f"jobs_{tag}"))
+        t = time.monotonic()
+        job_id, meta, _ = admin.run_job(s, workdir / f"jobs_{tag}" / name,
+                                        workdir / f"results_{tag}" / name, timeout_s=job_timeout_s)
+        stop.set()
+        watcher.join(timeout=5)
+        out[tag] = {"job_id": job_id, "status": meta.get("status"), "seconds": time.monotonic() - t}
+    return out
+
+
+def resume_runs(workdir: Path, kits, runs: list[str], rounds: int, job_timeout_s: float) -> dict:
+    """Start the server and sites again (new processes) and resume each run to `rounds`."""
+    from fedmeerkat.deploy import admin, processes
+    from fedmeerkat.deploy.meerkat import deploy_job
+
+    out: dict = {}
+    with processes.running(kits) as procs:
+        out["pids"] = {name: p.pid for name, p in procs.items()}
+        with admin.session(kits) as s:
+            admin.wait_for_sites(s, list(SITES))
+            for run_dir in runs:
+                name = Path(run_dir).name.replace(".", "_")
+                deploy_job(run_dir, MEERKAT_SITES, resume=True,
+                           overrides=[f"rounds={rounds}"]).export_job(str(workdir / "jobs_resumed"))
+                t = time.monotonic()
+                job_id, meta, _ = admin.run_job(s, workdir / "jobs_resumed" / name,
+                                                workdir / "results_resumed" / name,
+                                                timeout_s=job_timeout_s)
+                out[run_dir] = {"job_id": job_id, "status": meta.get("status"),
+                                "seconds": time.monotonic() - t}
+    return out
 
 
 def main() -> None:
@@ -137,12 +210,22 @@ def main() -> None:
     ap.add_argument("--job-timeout", type=float, default=180.0)
     ap.add_argument("--runs", default="", help="comma-separated prepared run folders to run "
                     "as Meerkat jobs on the same deployment (sites: MEERKAT_SITES)")
+    ap.add_argument("--resume-to", type=int, default=0, help="then stop everything, start the "
+                    "server and sites again and resume each of --resume-runs to this many rounds")
+    ap.add_argument("--resume-runs", default="", help="comma-separated run folders (of --runs)")
+    ap.add_argument("--kill", default="", help='JSON {"run": RUN_DIR, "site": SITE, '
+                    '"after_round": R, "resume_to": N}: run it, kill the site\'s trainer once '
+                    'round R is recorded, then resume it to N rounds')
+    ap.add_argument("--meerkat-job", default="{}", help="JSON: deploy_job arguments for --runs "
+                    "(e.g. site_clients, site_overrides); default sites: MEERKAT_SITES")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     result: dict = {"netns_pid": os.getpid()}  # 1 inside launch()'s PID namespace
     try:
         result |= run(args.workdir, args.rounds, args.payload_bytes, args.intruder, args.late,
-                      args.job_timeout, [r for r in args.runs.split(",") if r])
+                      args.job_timeout, [r for r in args.runs.split(",") if r], args.resume_to,
+                      [r for r in args.resume_runs.split(",") if r], json.loads(args.meerkat_job),
+                      json.loads(args.kill) if args.kill else None)
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
         raise

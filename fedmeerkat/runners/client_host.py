@@ -43,5 +43,10 @@ class ClientHost:
         share_copies([state], self._pool)  # memory flat in K (scalar downlink)
         return reply.to_bytes()
 
+    def states_replaced(self) -> None:
+        """The clients' states were set from elsewhere (a deployed site restoring a snapshot):
+        forget the copies shared so far."""
+        self._pool, self._pool_round = {}, -1
+
     def handle_bytes(self, blob: bytes) -> bytes:
         return self.handle(RoundPlan.from_bytes(blob))

@@ -36,13 +36,15 @@ def main() -> None:
     wall = time.time() - start
     records = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rounds = [{k: r.get(k) for k in ("round", "train_loss", "test_accuracy", "test_loss",
-                                      "predicted_share", "bytes_up", "bytes_down")}
+                                      "predicted_share", "test_auc", "test_macro_f1",
+                                      "test_best_shift_accuracy", "bytes_up", "bytes_down")}
               for r in records]
     write_result("demo", {"config": "configs/demo.toml", "overrides": args.overrides,
                           "wall_seconds": round(wall, 1), "summary": summary, "rounds": rounds})
     for r in rounds:
         if r["test_accuracy"] is not None:
-            print(f"round {r['round']}: test accuracy {r['test_accuracy']:.3f}")
+            print(f"round {r['round']}: test accuracy {r['test_accuracy']:.3f}, AUC "
+                  f"{r['test_auc']}, best-shift accuracy {r['test_best_shift_accuracy']}")
     print(f"wall {wall:.0f} s, mask: {summary['mask_source']}")
 
 

@@ -125,6 +125,7 @@ class MeerkatServer:
         # Called with (step, z) for every z drawn while applying a round (GradIP analytics).
         self.step_observer: Callable[[int, torch.Tensor], None] | None = None
         self.calib_grad: torch.Tensor | None = None  # mask's mean calibration gradient
+        self._screened: tuple[int, tuple[Any, ...], Screened] | None = None  # see `screen`
 
     def summary_extra(self) -> dict[str, Any]:
         """Method-specific entries for summary.json."""
@@ -194,12 +195,22 @@ class MeerkatServer:
     def screen(self, round_idx: int, replies: list[Any]) -> Screened:
         """Which replies round `round_idx` may use, and why not the others; changes nothing.
         Call it before `apply` of the same round (it reads the round's plan: participants and
-        step counts)."""
-        return screen_replies(
+        step counts). The verdict is kept for `apply` of the same replies, so a driver that
+        screens first (to count usable replies) does not pay for the screen twice (a vector
+        reply's checks read the whole vector)."""
+        # the cache holds the replies themselves, so their identities cannot be reused
+        if self._screened is not None:
+            r0, seen, kept = self._screened
+            if r0 == round_idx and len(seen) == len(replies) and all(
+                    a is b for a, b in zip(seen, replies, strict=True)):
+                return kept
+        verdict = screen_replies(
             round_idx, replies,
             expected_steps={k: self.steps_for(round_idx, k) for k in self.participants(round_idx)},
             reply_type=self.reply_type, bound=self.bound, magnitude=self._magnitude,
             clip=self._clip if self.clip_ok else None, vector_size=self.theta.numel())
+        self._screened = (round_idx, tuple(replies), verdict)
+        return verdict
 
     def _accept(self, round_idx: int, replies: list[Any]) -> tuple[list[Any], Screened]:
         """(usable replies in client order, the screen's verdict). Only an accepted client
@@ -207,6 +218,7 @@ class MeerkatServer:
         lost or rejected is caught up later from where it was (sync_client skips aggregates
         it already applied)."""
         verdict = self.screen(round_idx, replies)
+        self._screened = None  # the round's state changes now: never reuse this verdict
         for r in verdict.accepted:
             self.synced[r.client_id] = round_idx - 1
             self.applied[r.client_id] = round_idx

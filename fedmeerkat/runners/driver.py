@@ -35,6 +35,7 @@ import torch
 
 from fedmeerkat.federated import MeerkatServer, RoundPlan
 from fedmeerkat.federated.messages import reply_from_bytes
+from fedmeerkat.federated.validate import Screened
 from fedmeerkat.models.scoring import format_metrics
 
 
@@ -90,9 +91,9 @@ class RoundDriver:
             self.run_round(r)
 
     def _attempt(self, r: int) -> tuple[list[Any], dict[int, list[int]], dict[int, str],
-                                        list[int], int]:
+                                        list[int], Screened]:
         """One exchange of round r: (parsed replies, client -> [up, down] bytes, transport-level
-        rejections, missing clients, number of usable replies by the server's screen)."""
+        rejections, missing clients, the server's screen of the replies)."""
         plans = self.server.plan_round(r)
         self.on_plans(plans)
         blobs = PlanBytes(plans)
@@ -116,16 +117,16 @@ class RoundDriver:
             sizes[k] = [len(got[k]), blobs.plans[k].nbytes()]  # nbytes == len(to_bytes())
             replies.append(reply)  # the server screens the rest (federated/validate.py)
         missing = sorted(set(blobs) - set(got))
-        usable = len(self.server.screen(r, replies).accepted)
-        return replies, sizes, rejected, missing, usable
+        verdict = self.server.screen(r, replies)  # kept by the server for apply()
+        return replies, sizes, rejected, missing, verdict
 
     def run_round(self, r: int) -> dict[str, Any]:
         failed: list[dict[str, Any]] = []
         for attempt in range(1, self.round_retries + 2):
-            replies, sizes, rejected, missing, usable = self._attempt(r)
+            replies, sizes, rejected, missing, verdict = self._attempt(r)
+            usable = len(verdict.accepted)
             if usable >= self.min_clients:
                 break
-            verdict = self.server.screen(r, replies)
             note: dict[str, Any] = {
                 "attempt": attempt, "usable": usable,
                 "bytes_up": sum(u for u, _ in sizes.values()),

@@ -96,6 +96,7 @@ class RunConfig:
     eval_batch_size: int = _f(32, "batch size for evaluation", min=1)
     out: str = _f("", "run folder; empty = runs/<task>-<method>-<time>")
     threads: int = _f(0, "torch CPU threads (0 = torch default)", min=0)
+    z_cache_mb: int = _f(0, "full-fedzo in simulation: keep up to this many MiB of drawn z so the clients of a round (shared seeds) and the server reuse it; same bits, T x model-size memory buys about 3K x fewer draws (0 = off: MeZO memory)", min=0)
     round_timeout: float = _f(0.0, "seconds a round waits for replies; later ones leave their client out of the round (0 = wait for all)", min=0)
     # replies and dropouts (federated/validate.py, runners/driver.py, docs/reliability.md)
     reply_bound: float = _f(100.0, "leave out (or clip) a reply whose max |g| exceeds this many times the round's median max |g| (applies with >= 3 valid replies; 0 = off)", min=0)

@@ -283,3 +283,24 @@ def test_decomfl_config_is_the_decomfl_setting():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "decomfl.toml")
     assert (cfg.clients, cfg.clients_per_round, cfg.local_steps, cfg.alpha, cfg.downlink) == (
         8, 2, 1, 1.0, "scalars")
+
+
+def test_z_cache_changes_no_bit_of_a_full_fedzo_run(tiny_model_dir, sentiment_csv, calib_txt,
+                                                     isolated_cache, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from fedmeerkat.zo import dense
+
+    draws = []
+    real = dense.draw_z
+    monkeypatch.setattr(dense, "draw_z", lambda *a, **k: draws.append(1) or real(*a, **k))
+    finals = {}
+    for mb in (0, 64):
+        draws.clear()
+        out, _, s = _run(tmp_path, f"cache{mb}", tiny_model_dir, sentiment_csv, calib_txt,
+                         "method=full-fedzo", f"z_cache_mb={mb}")
+        theta = load_file(out / "final_state.safetensors")["theta"]
+        finals[mb] = (theta, s["final_accuracy"], len(draws))
+    assert torch.equal(finals[64][0], finals[0][0]) and finals[64][1] == finals[0][1]
+    # without the cache every client draws each z 3x a step and the server once more
+    assert finals[64][2] * 3 < finals[0][2]

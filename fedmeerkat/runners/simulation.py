@@ -53,6 +53,7 @@ from fedmeerkat.runners.spaces import build_space
 from fedmeerkat.tasks import load_task
 from fedmeerkat.tasks.base import TaskData
 from fedmeerkat.zo import SparseMask, SparseView, StepResult
+from fedmeerkat.zo.dense import z_cache
 from fedmeerkat.zo.seeds import mix
 from fedmeerkat.zo.step import eps_resolution_warning
 
@@ -290,7 +291,8 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
                          round_timeout=cfg.round_timeout, min_clients=cfg.min_clients,
                          round_retries=cfg.round_retries, on_plans=on_plans)
     try:
-        driver.run(cfg.rounds)
+        with z_cache(cfg.z_cache_mb << 20):  # full-fedzo only: see zo.dense.z_cache
+            driver.run(cfg.rounds)
     except RoundFailed as e:
         raise RoundFailed(f"{e}; {out} holds round {server.round}: continue with "
                           f"`fedmeerkat run --resume {out}`") from None

@@ -23,7 +23,9 @@ run by every client, with the federated protocol of Meerkat (shared seeds, scala
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +40,57 @@ from fedmeerkat.zo.step import StepResult
 DENSE_FORMAT = "dense-1"
 
 
+class _ZCache:
+    """Least recently used z tensors up to `max_bytes` (callers never write into a z)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        z = self.items.get(key)
+        if z is not None:
+            self.items.move_to_end(key)
+            self.hits += 1
+            return z
+        self.misses += 1
+        z = make()
+        size = z.numel() * z.element_size()
+        if size <= self.max_bytes:
+            self.items[key] = z
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self.items.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+        return z
+
+
+_cache: _ZCache | None = None
+
+
+@contextmanager
+def z_cache(max_bytes: int) -> Iterator[_ZCache | None]:
+    """Within the block, `tensor_z` keeps drawn z up to `max_bytes` (0: no cache). For the
+    in-process simulation: every client of a round steps along the same seeds and the server
+    replays them, so with room for one round's T z (T x the model's float32 size) a round draws
+    each z once instead of 3K + 1 times. z is a pure function of its integers, so the bits are
+    those of a fresh draw; the price is memory, which is why it is off by default."""
+    global _cache
+    prev, _cache = _cache, (_ZCache(max_bytes) if max_bytes > 0 else None)
+    try:
+        yield _cache
+    finally:
+        _cache = prev
+
+
 def tensor_z(seed: int, index: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """z of tensor `index` for step seed `seed`: float32 on `device`, a pure function of the
-    integers (the same bits on every device)."""
-    return draw_z(mix(seed, index), n, device=device)
+    integers (the same bits on every device). Read-only when a `z_cache` is active."""
+    if _cache is None:
+        return draw_z(mix(seed, index), n, device=device)
+    return _cache.get((seed, index, n, str(device)),
+                      lambda: draw_z(mix(seed, index), n, device=device))
 
 
 @dataclass

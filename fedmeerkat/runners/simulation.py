@@ -187,11 +187,15 @@ def _eval(prep: Prepared, cfg: RunConfig) -> EvalResult:
     return evaluate(prep.scorer, prep.test_ids, prep.test_labels, cfg.eval_batch_size)
 
 
-def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[str, Any]:
+def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
+        initial: EvalResult | None = None) -> dict[str, Any]:
     """Run federated training as configured; returns the summary (also in out/summary.json).
 
     With `resume`, `cfg.out` is an existing run folder: training continues after the last
     checkpointed round and ends bit-identical to a run that was never interrupted.
+    `initial`: the round-0 evaluation of this same model on this same test set, taken by an
+    earlier run (experiments/claims.py shares it between runs that differ only in method, lr
+    or mask; the untrained model is the same for all of them), so it is not computed again.
     """
     start = time.time()
     cfg, out = open_run_folder(cfg, resume)
@@ -252,7 +256,10 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> dict[st
         view.write(server.theta)
         log(f"resuming {out} after round {server.round} of {cfg.rounds}")
     else:
-        initial = last = _eval(prep, cfg)
+        if initial is not None and initial.num_examples != len(prep.test_ids):
+            raise ValueError(f"the given initial evaluation has {initial.num_examples} "
+                             f"examples, this run's test set {len(prep.test_ids)}")
+        initial = last = initial or _eval(prep, cfg)
         log(f"round 0: test accuracy {initial.accuracy:.4f} "
             f"(predicted share {_fmt(initial.predicted_share)}; {format_metrics(eval_record(initial))})")
         metrics.append({"round": 0, "train_loss": None, **eval_record(initial),

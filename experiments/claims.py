@@ -1,0 +1,271 @@
+"""The paper's three claims at CPU scale, in one command: `python experiments/claims.py`.
+
+Claim 1 (Sec. 3.1, Table 1): sparse ZO on a calibration mask (Meerkat) against Full-FedZO,
+    the same density with a random or a weight-magnitude mask, and LoRA-FedZO.
+Claim 2 (Sec. 3.2, Fig. 3): GradIP of a single-label client against an IID client.
+Claim 3 (Sec. 3.3, Table 13): Meerkat-VP against Meerkat and random client selection.
+
+Every run is an ordinary in-process simulation (runners.simulation.run) with the sizes of the
+suite file (default experiments/cpu.toml: its comments say why each value). Stages, in order:
+  1. grid:   every Claim-1 arm at every lr of its grid, on `select_task` at seeds[0];
+  2. select: per arm, the lr with the lowest training loss in the last round (no test data);
+  3. claim1: every arm at its lr on every task and seed (grid runs are reused);
+  4. claim2: the GradIP experiment (runners.gradip_experiment) per task and seed, at Meerkat's lr;
+  5. claim3: meerkat-vp and meerkat-random-select at Meerkat's lr on every task and seed.
+Each run's folder is RUNS/<name>; a run with a summary.json is not run again, so an interrupted
+suite continues where it stopped (an unfinished run restarts: each takes a minute or two).
+The untrained model's test evaluation is taken once per (task, seed) and shared.
+
+Output: experiments/results/claims.json (every run's metrics, the picks, command, versions,
+machine, wall time); then `python experiments/results_md.py` writes docs/results.md and its
+plots from that file alone.
+
+Flags:
+  --config FILE     suite file (default experiments/cpu.toml)
+  --runs DIR        run folders (default runs/experiments/<suite file stem>)
+  --out FILE        result file (default experiments/results/claims.json)
+  --set K=V ...     override [base] keys for every run, e.g. --set rounds=20 local_steps=10
+  --stages S ...    only these stages (grid claim1 claim2 claim3; select always runs)
+  --threads N       torch threads (default: torch's)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fedmeerkat.config import build_config, check_inputs  # noqa: E402
+from fedmeerkat.runners.gradip_experiment import run_gradip  # noqa: E402
+from fedmeerkat.runners.simulation import eval_from_record, run  # noqa: E402
+
+# Claim-1 arms: name -> what makes it that arm (on top of [base])
+ARMS: dict[str, dict[str, Any]] = {
+    "meerkat": {"method": "meerkat"},
+    "full-fedzo": {"method": "full-fedzo"},
+    "random-mask": {"method": "meerkat", "mask_kind": "random"},
+    "magnitude-mask": {"method": "meerkat", "mask_kind": "weight-magnitude"},
+    "lora-fedzo": {"method": "lora-fedzo"},
+}
+# Claim-3 arms (beside Claim 1's meerkat), at Meerkat's lr
+VP_ARMS: dict[str, dict[str, Any]] = {
+    "meerkat-vp": {"method": "meerkat-vp"},
+    "random-select": {"method": "meerkat-random-select"},
+}
+STAGES = ("grid", "claim1", "claim2", "claim3")
+METRICS = ("accuracy", "auc", "macro_f1", "best_shift_accuracy")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import fedmeerkat
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "fedmeerkat": getattr(fedmeerkat, "__version__", "")}
+
+
+def machine() -> dict[str, Any]:
+    return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "system": platform.system()}
+
+
+def lr_name(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+class Suite:
+    def __init__(self, spec: dict[str, Any], runs: Path, base_overrides: dict[str, Any]):
+        self.spec = spec
+        self.runs = runs
+        self.base = {**spec["base"], **base_overrides}
+        self.tasks: dict[str, dict[str, Any]] = spec["tasks"]
+        self.suite = spec["suite"]
+        self.grids: dict[str, list[float]] = spec["grids"]
+        missing = set(ARMS) - set(self.grids)
+        if missing:
+            raise SystemExit(f"suite file: [grids] lacks {sorted(missing)}")
+        self.initial: dict[tuple[str, int], Any] = {}
+        self.records: list[dict[str, Any]] = []
+
+    def config(self, task: str, seed: int, extra: dict[str, Any], out: Path):
+        raw = {k: v for k, v in self.base.items()}
+        method_keys = {k: raw.pop(k) for k in list(raw) if k.startswith(("vp_", "lora_"))}
+        raw.update(self.tasks[task])
+        raw.update(extra)
+        raw.update(task=task, seed=seed, out=str(out), method_keys=method_keys)
+        cfg = build_config(raw)
+        check_inputs(cfg)
+        return cfg
+
+    def run(self, stage: str, arm: str, extra: dict[str, Any], task: str, seed: int,
+            lr: float) -> dict[str, Any]:
+        name = f"{task}/{arm}/lr{lr_name(lr)}-seed{seed}"
+        out = self.runs / name
+        done = out / "summary.json"
+        if not done.exists():
+            if out.exists():
+                log(f"{name}: unfinished, restarting it")
+                shutil.rmtree(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cfg = self.config(task, seed, {**extra, "lr": lr}, out)
+            t = time.time()
+            log(f"{stage} {name} ...")
+            run(cfg, quiet=True, initial=self.initial.get((task, seed)))
+            log(f"{stage} {name} done in {time.time() - t:.0f} s")
+        summary = json.loads(done.read_text())
+        metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        if (task, seed) not in self.initial:
+            self.initial[(task, seed)] = eval_from_record(metrics[0], summary["test_examples"])
+        steps = sum(sum(r.get("client_steps", {}).values()) for r in metrics[1:])
+        rec = {"stage": stage, "arm": arm, "task": task, "seed": seed, "lr": lr, "run": name,
+               "method": summary["method"], "mask_kind": summary["mask_kind"],
+               "trainable": summary["mask_nnz"], "forwards": 2 * steps,
+               "final_train_loss": metrics[-1]["train_loss"],
+               "train_loss": [r["train_loss"] for r in metrics[1:]],
+               "wall_seconds": summary["wall_seconds"],
+               "upload_bytes_per_client": summary["upload_bytes_per_client"],
+               **{f"{w}_{m}": summary[f"{w}_{m}"] for w in ("initial", "final") for m in METRICS},
+               "vp_detected": summary.get("vp_detected"),
+               "vp_early_stopped": summary.get("vp_early_stopped")}
+        self.records = [r for r in self.records if r["run"] != name or r["stage"] != stage]
+        self.records.append(rec)
+        return rec
+
+    def pick(self, arm: str) -> dict[str, Any]:
+        """The lr of `arm` with the lowest last-round training loss on the selection task."""
+        task, seed = self.suite["select_task"], self.suite["seeds"][0]
+        tried = [r for r in self.records if r["stage"] == "grid" and r["arm"] == arm]
+        finite = [r for r in tried if r["final_train_loss"] is not None
+                  and r["final_train_loss"] == r["final_train_loss"]
+                  and abs(r["final_train_loss"]) != float("inf")]
+        if not finite:
+            raise SystemExit(f"{arm}: no grid run on {task} seed {seed} finished with a finite loss")
+        best = min(finite, key=lambda r: r["final_train_loss"])
+        return {"arm": arm, "lr": best["lr"], "task": task, "seed": seed,
+                "losses": {lr_name(r["lr"]): r["final_train_loss"] for r in tried}}
+
+    def grid(self) -> None:
+        task, seed = self.suite["select_task"], self.suite["seeds"][0]
+        for arm, extra in ARMS.items():
+            for lr in self.grids[arm]:
+                self.run("grid", arm, extra, task, seed, lr)
+
+    def claim1(self, picks: dict[str, dict[str, Any]]) -> None:
+        for task in self.tasks:
+            for seed in self.suite["seeds"]:
+                for arm, extra in ARMS.items():
+                    self.run("claim1", arm, extra, task, seed, picks[arm]["lr"])
+
+    def claim2(self, lr: float) -> list[dict[str, Any]]:
+        results = []
+        for task in self.tasks:
+            for seed in self.suite["seeds"]:
+                out = self.runs / task / "gradip" / f"lr{lr_name(lr)}-seed{seed}"
+                path = out / "gradip.json"
+                if not path.exists():
+                    cfg = self.config(task, seed, {"method": "meerkat-vp", "lr": lr}, out)
+                    t = time.time()
+                    log(f"claim2 {task} seed {seed} ...")
+                    run_gradip(cfg, steps=int(self.suite["gradip_steps"]),
+                               label=int(self.suite["gradip_label"]), quiet=True)
+                    log(f"claim2 {task} seed {seed} done in {time.time() - t:.0f} s")
+                g = json.loads(path.read_text())
+                results.append({"task": task, "seed": seed, "lr": lr, "steps": g["steps"],
+                                "label": g["label"], "class_names": g["class_names"],
+                                "calib_grad_norm": g["calib_grad_norm"],
+                                "clients": [{k: c[k] for k in ("name", "gradip", "loss",
+                                                                "label_histogram")}
+                                            for c in g["clients"]],
+                                "wall_seconds": g["wall_seconds"]})
+        return results
+
+    def claim3(self, lr: float) -> None:
+        for task in self.tasks:
+            for seed in self.suite["seeds"]:
+                for arm, extra in VP_ARMS.items():
+                    self.run("claim3", arm, extra, task, seed, lr)
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected key=value")
+        out[key.strip()] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "experiments" / "cpu.toml"))
+    ap.add_argument("--runs", default="")
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "claims.json"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec_path = Path(args.config)
+    spec = tomllib.loads(spec_path.read_text())
+    runs = Path(args.runs) if args.runs else ROOT / "runs" / "experiments" / spec_path.stem
+    suite = Suite(spec, runs, parse_sets(args.set))
+    start = time.time()
+    log(f"suite {spec_path.name}: run folders under {runs}")
+
+    suite.grid()  # always: the picks need it (finished runs are read, not re-run)
+    picks = {arm: suite.pick(arm) for arm in ARMS}
+    for arm, p in picks.items():
+        log(f"pick {arm}: lr {p['lr']:g} (last-round training loss by lr: {p['losses']})")
+    meerkat_lr = picks["meerkat"]["lr"]
+    gradip: list[dict[str, Any]] = []
+    if "claim1" in args.stages:
+        suite.claim1(picks)
+    if "claim2" in args.stages:
+        gradip = suite.claim2(meerkat_lr)
+    if "claim3" in args.stages:
+        suite.claim3(meerkat_lr)
+
+    result = {
+        "command": "python " + " ".join(shlex.quote(a) for a in [
+            str(Path(sys.argv[0]).resolve().relative_to(ROOT))
+            if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else sys.argv[0], *sys.argv[1:]]),
+        "suite_file": spec_path.name, "suite": spec, "overrides": parse_sets(args.set),
+        "stages": args.stages, "versions": versions(), "machine": machine(),
+        "picks": picks, "runs": suite.records, "gradip": gradip,
+        "wall_seconds": round(time.time() - start, 1),
+        "note": "wall_seconds is this invocation's; runs finished by an earlier invocation "
+                "were read, not re-run (each run's own wall_seconds is in its record)",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+    log(f"wrote {out} ({len(suite.records)} runs, {time.time() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

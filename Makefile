@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck clean
+.PHONY: install demo test lint typecheck clean experiments results
 
 install: $(STAMP)
 
@@ -22,8 +22,24 @@ demo: install
 test: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 
+# The paper's three claims at CPU scale (about 1.5 h on 2 cores), then docs/results.md from the
+# result file. Resumable: finished runs are kept in runs/experiments/ and not run again.
+experiments: install
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python experiments/claims.py
+	$(BIN)/python experiments/results_md.py
+
+# Every result file of benchmarks/ and experiments/ again (about 2.5 h on 2 cores; the FLARE
+# benchmarks need unprivileged user namespaces, see docs/deploy.md).
+results: install
+	cd benchmarks && for cmd in "bytes.py" "step_cost.py" "device.py" "memory.py" \
+	    "memory.py --model smollm2-135m --seq 64 --out results/memory_smollm2.json" \
+	    "clients_memory.py --repeats 5" "server_cost.py" "demo.py" "fault_suite.py" \
+	    "deploy_overhead.py" "deploy_overhead.py --payload-bytes 424704" "deploy_smollm2.py"; do \
+	  echo "== $$cmd"; OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python $$cmd || exit 1; done
+	$(MAKE) experiments
+
 lint: install
-	$(BIN)/ruff check fedmeerkat tests benchmarks
+	$(BIN)/ruff check fedmeerkat tests benchmarks experiments
 
 typecheck: install
 	$(BIN)/mypy fedmeerkat

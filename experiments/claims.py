@@ -13,7 +13,8 @@ suite file (default experiments/cpu.toml: its comments say why each value). Stag
   4. claim2: the GradIP experiment (runners.gradip_experiment) per task and seed, at Meerkat's lr;
   5. claim3: meerkat-vp and meerkat-random-select at Meerkat's lr on every task and seed.
 Each run's folder is RUNS/<name>; a run with a summary.json is not run again, so an interrupted
-suite continues where it stopped (an unfinished run restarts: each takes a minute or two).
+suite continues where it stopped (an unfinished run restarts: each takes a minute or two). A
+finished run keeps its metrics, summary and final state; its checkpoints are deleted.
 The untrained model's test evaluation is taken once per (task, seed) and shared.
 
 Output: experiments/results/claims.json (every run's metrics, the picks, command, versions,
@@ -130,6 +131,8 @@ class Suite:
             t = time.time()
             log(f"{stage} {name} ...")
             run(cfg, quiet=True, initial=self.initial.get((task, seed)))
+            for ckpt in out.glob("checkpoint*.safetensors"):  # resume state of a finished run:
+                ckpt.unlink()  # 2 x 538 MB per full-fedzo run; final_state.safetensors stays
             log(f"{stage} {name} done in {time.time() - t:.0f} s")
         summary = json.loads(done.read_text())
         metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

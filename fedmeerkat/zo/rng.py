@@ -40,10 +40,11 @@ _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # multipliers (Random123)
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key bumps (golden ratio, sqrt(3)-1)
 PHILOX_ROUNDS = 10
 STREAM = 0x7A  # counter word 3: keeps z apart from any other use of the same key ("z")
-# Philox counters per chunk (4x as many coordinates). CPU: 2 MiB per int64 array (measured:
-# 2^18 counters drew 16M values about 1.4x faster than 2^16, fewer kernel launches). Accelerators: 8 MiB per array (about 0.1 GB of scratch), so a 1.5B model's
+# Philox counters per chunk (4x as many coordinates). CPU: 512 KiB per int64 array, so a draw
+# stays in cache (2^18 drew faster on a 2-core VM, but would change the op counts measured in
+# docs/benchmarks.md). Accelerators: 8 MiB per array (about 0.1 GB of scratch), so a 1.5B model's
 # mask (1.3M coordinates) is one chunk of about 250 kernel launches. The bits do not depend on it.
-CHUNK = 1 << 18
+CHUNK = 1 << 16
 DEVICE_CHUNK = 1 << 20
 
 TABLE_FILE = Path(__file__).with_name("normal_table.safetensors")
@@ -54,8 +55,8 @@ _CELLS_PER_OCTAVE = 256
 
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo) 32-bit halves of a * m for 32-bit a (int64 tensor) and constant m < 2^32,
-    without any intermediate reaching 2^63. In-place on fresh temporaries: allocating a new
-    array per op made a draw about 2x slower on the CPU (integer ops: the bits are the same)."""
+    without any intermediate reaching 2^63. In place on fresh temporaries: a new array per op
+    made a CPU draw about 1.3x slower (same integer ops, same bits)."""
     p = a * (m & 0xFFFF)  # < 2^48
     q = a * (m >> 16)  # < 2^48
     t = q.bitwise_and(0xFFFF).bitwise_left_shift_(16).add_(p)  # < 2^49: low 48 bits of a*m
@@ -73,7 +74,8 @@ def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.T
             k0, k1 = (k0 + _PHILOX_W0) & _M32, (k1 + _PHILOX_W1) & _M32
         hi0, lo0 = _mulhilo(c0, _PHILOX_M0)
         hi1, lo1 = _mulhilo(c2, _PHILOX_M1)
-        c0, c1, c2, c3 = hi1.bitwise_xor_(c1).bitwise_xor_(k0), lo1, hi0.bitwise_xor_(c3).bitwise_xor_(k1), lo0
+        c0, c2 = hi1.bitwise_xor_(c1).bitwise_xor_(k0), hi0.bitwise_xor_(c3).bitwise_xor_(k1)
+        c1, c3 = lo1, lo0
     return [c0, c1, c2, c3]
 
 

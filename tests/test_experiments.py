@@ -1,0 +1,155 @@
+"""experiments/: the claims suite end to end on a tiny model (every stage, the lr pick, the
+shared zero-shot evaluation, resuming without re-running), and the verdict rules of
+results_md on results where each claim holds and where it does not."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from experiments import claims, results_md
+
+
+def _suite(tmp_path, tiny_model_dir, sentiment_csv, calib_txt):
+    text = f"""
+[base]
+model = "{tiny_model_dir}"
+clients = 3
+partition = "dirichlet-client"
+alpha = 0.5
+weighting = "uniform"
+rounds = 2
+local_steps = 2
+batch_size = 4
+eps = 1e-3
+density = 0.01
+calib_corpus = "{calib_txt}"
+calib_sequences = 4
+calib_seq_len = 32
+eval_every = 0
+lora_rank = 2
+z_cache_mb = 64
+vp_calibration = "round"
+vp_calibration_steps = 2
+vp_init_steps = 1
+vp_later_steps = 1
+vp_gradip_units = "raw"
+
+[tasks.local]
+data_files = "{sentiment_csv}"
+template = "{{sentence}} so it was"
+label_words = [" bad", " good"]
+
+[suite]
+seeds = [0, 1]
+select_task = "local"
+gradip_steps = 3
+gradip_label = 0
+
+[grids]
+meerkat = [1e-3, 1e-2]
+random-mask = [1e-2]
+magnitude-mask = [1e-2]
+lora-fedzo = [1e-2]
+full-fedzo = [1e-4]
+"""
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return path
+
+
+def test_suite_runs_every_claim_and_resumes_without_rerunning(
+        tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path):
+    spec = _suite(tmp_path, tiny_model_dir, sentiment_csv, calib_txt)
+    runs, out = tmp_path / "runs", tmp_path / "claims.json"
+    argv = ["--config", str(spec), "--runs", str(runs), "--out", str(out)]
+    assert claims.main(argv) == 0
+    data = json.loads(out.read_text())
+    recs = data["runs"]
+    # the pick is the grid run with the lowest last-round training loss
+    grid = {r["lr"]: r["final_train_loss"] for r in recs
+            if r["stage"] == "grid" and r["arm"] == "meerkat"}
+    assert data["picks"]["meerkat"]["lr"] == min(grid, key=grid.get) and len(grid) == 2
+    claim1 = [r for r in recs if r["stage"] == "claim1"]
+    assert {(r["arm"], r["seed"]) for r in claim1} == {(a, s) for a in claims.ARMS for s in (0, 1)}
+    assert len({r["forwards"] for r in claim1}) == 1  # the same forward budget for every arm
+    assert claim1[0]["forwards"] == 2 * 3 * 2 * 2
+    kinds = {r["arm"]: (r["method"], r["mask_kind"]) for r in claim1}
+    assert kinds["random-mask"] == ("meerkat", "random")
+    assert kinds["magnitude-mask"] == ("meerkat", "weight-magnitude")
+    # every run of a seed starts from the one shared zero-shot evaluation
+    for s in (0, 1):
+        assert len({r["initial_auc"] for r in recs if r["seed"] == s}) == 1
+    claim3 = [r for r in recs if r["stage"] == "claim3"]
+    assert {r["method"] for r in claim3} == {"meerkat-vp", "meerkat-random-select"}
+    assert all(r["lr"] == data["picks"]["meerkat"]["lr"] for r in claim3)
+    assert len(data["gradip"]) == 2 and all(len(c["gradip"]) == 3
+                                            for g in data["gradip"] for c in g["clients"])
+    assert data["versions"]["torch"] and data["machine"]["cpu_count"]
+
+    assert not list(runs.rglob("checkpoint*.safetensors"))  # finished runs keep no resume state
+    summaries = sorted(runs.rglob("summary.json"))
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    assert claims.main(argv) == 0  # everything done: read back, nothing run again
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps
+    assert json.loads(out.read_text())["runs"] == recs
+
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    assert results_md.main(["--claims", str(out), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "## Which claims held" in text and "Claim 2" in text
+    assert (page.parent / "results_claims13.png").stat().st_size > 0
+    assert (page.parent / "results_claim2.png").stat().st_size > 0
+
+
+def _run(arm, stage, seed, initial, final):
+    return {"arm": arm, "stage": stage, "seed": seed, "task": "t", "lr": 1e-3, "forwards": 8,
+            "wall_seconds": 1.0, "vp_early_stopped": [],
+            **{f"{w}_{m}": v for w, v in (("initial", initial), ("final", final))
+               for m in ("accuracy", "auc", "best_shift_accuracy", "macro_f1")}}
+
+
+def _data(meerkat_gain, vp_gain, single_drops):
+    runs = []
+    for s in (0, 1, 2):
+        for arm in results_md.CLAIM1:
+            runs.append(_run(arm, "claim1", s, 0.7, 0.7 + (meerkat_gain if arm == "meerkat" else 0.0)))
+        runs.append(_run("meerkat-vp", "claim3", s, 0.7, 0.7 + vp_gain))
+        runs.append(_run("random-select", "claim3", s, 0.7, 0.7))
+    decaying = [8.0, 8.0, 4.0, 4.0, 1.0, 1.0]
+    flat = [3.0, 2.0, 3.0, 2.0, 3.0, 2.0]
+    gradip = [{"task": "t", "seed": s, "wall_seconds": 1.0,
+               "clients": [{"name": "iid", "gradip": flat},
+                           {"name": "single-label", "gradip": decaying if single_drops else flat}]}
+              for s in (0, 1, 2)]
+    spec = {"base": {"clients": 3, "rounds": 1, "local_steps": 1, "partition": "iid", "alpha": 1,
+                     "weighting": "uniform", "batch_size": 1, "eps": 1e-3, "density": 1e-3,
+                     "max_test": 10},
+            "tasks": {"t": {}}, "suite": {"seeds": [0, 1, 2], "select_task": "t",
+                                           "gradip_steps": 6, "gradip_label": 0}}
+    return {"runs": runs, "gradip": gradip, "suite": spec, "suite_file": "x.toml", "command": "c",
+            "versions": {"python": "3", "torch": "t", "transformers": "x"},
+            "machine": {"processor": "p", "cpu_count": 2, "torch_threads": 2}, "picks": {}}
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_verdicts_follow_the_stated_rules(holds, tmp_path):
+    data = _data(0.05 if holds else -0.01, 0.08 if holds else 0.0, holds)
+    text = results_md.render(copy.deepcopy(data), tmp_path, ".")
+    summary = text.split("## Which claims held")[1]
+    word = "t: held" if holds else "t: not held"
+    assert summary.count(word) == 3, summary
+    if holds:  # one seed against is enough to fail: "beats" and "learns" need every seed
+        mk = next(r for r in data["runs"] if r["arm"] == "meerkat" and r["seed"] == 1)
+        mk["final_auc"] = 0.69
+        lines = results_md.render(data, tmp_path, ".").split("## Which claims held")[1]
+        claim1 = next(x for x in lines.splitlines() if x.startswith("- Claim 1"))
+        assert claim1.endswith("t: not held.")
+
+
+def test_gradip_drop_is_first_third_over_last_third():
+    assert results_md.gradip_drop([6, 6, 3, 3, 1, -1]) == 6.0
+    assert results_md.gradip_drop([1, 1, 1]) == 1.0

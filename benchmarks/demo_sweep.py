@@ -3,6 +3,11 @@ learning rates, each judged by the threshold-free metrics (ROC-AUC of the label-
 accuracy at the best single bias shift), which recalibration alone cannot raise.
 
     python benchmarks/demo_sweep.py [--only NAME ...]
+    ATEN_CPU_CAPABILITY=avx2 python benchmarks/demo_sweep.py --only demo --tag avx2
+
+The second form re-runs a variant on other CPU kernels of the same machine (stored as
+"demo@avx2", with the kernels torch reports): z is the same bits there, the forwards are not,
+so the two runs show how far the figures move between machines.
 
 Every variant keeps the demo's model, task, mask, batch (16) and 500 test examples and trains
 within the demo's 15-minute budget on a 2-core CPU; the untrained model is evaluated once and
@@ -14,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
 from _common import RESULTS, write_result
 
 from fedmeerkat.config import load_config
@@ -42,14 +51,16 @@ KEYS = ("accuracy", "auc", "macro_f1", "best_shift_accuracy")
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--tag", default="", help="suffix of the stored names (e.g. the kernels)")
     args = ap.parse_args()
     path = RESULTS / "demo_sweep.json"
     done = {v["name"]: v for v in json.loads(path.read_text())["variants"]} if path.exists() else {}
     initial = None
-    for name in args.only:
+    for variant in args.only:
+        name = f"{variant}@{args.tag}" if args.tag else variant
         if name in done:
             continue
-        why, overrides = VARIANTS[name]
+        why, overrides = VARIANTS[variant]
         out = Path(tempfile.mkdtemp(prefix=f"demo-sweep-{name}-")) / "run"
         cfg = load_config(str(ROOT / "configs" / "demo.toml"),
                           [*overrides, "eval_every=0", f"out={out}"])
@@ -60,7 +71,13 @@ def main() -> None:
         initial = eval_from_record(first, summary["test_examples"])
         steps = cfg.rounds * cfg.local_steps
         done[name] = {
-            "name": name, "why": why, "overrides": overrides, "lr": cfg.lr,
+            "name": name, "why": why,
+            "command": " ".join(filter(None, [
+                f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}"
+                if "ATEN_CPU_CAPABILITY" in os.environ else "",
+                "python", *map(shlex.quote, sys.argv)])),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY", ""), "overrides": overrides, "lr": cfg.lr,
             "global_steps": steps, "client_steps": steps * (cfg.clients_per_round or cfg.clients),
             "wall_seconds": round(wall, 1),
             **{f"{w}_{k}": summary[f"{w}_{k}"] for w in ("initial", "final") for k in KEYS},
@@ -71,7 +88,7 @@ def main() -> None:
               f"{summary['initial_best_shift_accuracy']:.3f} -> {summary['final_best_shift_accuracy']:.3f}"
               f" ({wall:.0f} s)", flush=True)
         write_result("demo_sweep", {"config": "configs/demo.toml",
-                                    "variants": [done[n] for n in VARIANTS if n in done]})
+                                    "variants": list(done.values())})
 
 
 if __name__ == "__main__":

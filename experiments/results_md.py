@@ -140,7 +140,9 @@ def render(data: dict[str, Any], img_dir: Path, img_rel: str) -> str:
     seeds = spec["suite"]["seeds"]
     steps = int(base["rounds"]) * int(base["local_steps"])
     forwards = 2 * int(base["clients"]) * steps
-    total = sum(r["wall_seconds"] for r in runs) + sum(g["wall_seconds"] for g in data["gradip"])
+    unique = {r.get("run", id(r)): r for r in runs}  # a grid run reused by claim1 counts once
+    total = sum(r["wall_seconds"] for r in unique.values()) + sum(
+        g["wall_seconds"] for g in data["gradip"])
     v, m = data["versions"], data["machine"]
     out = [
         "# Results: the paper's claims at CPU scale",
@@ -150,7 +152,7 @@ def render(data: dict[str, Any], img_dir: Path, img_rel: str) -> str:
         "",
         f"- Machine: {m['processor']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads; "
         f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}.",
-        f"- Compute: {len(runs)} runs and {len(data['gradip'])} GradIP experiments, "
+        f"- Compute: {len(unique)} runs and {len(data['gradip'])} GradIP experiments, "
         f"{total / 60:.0f} min of run time in all (sum of each run's own wall time).",
         f"- Sizes (`experiments/{data['suite_file']}`): SmolLM2-135M, K = {base['clients']} "
         f"clients, all in every round, {base['partition']} alpha = {base['alpha']}, "
@@ -184,7 +186,10 @@ def render(data: dict[str, Any], img_dir: Path, img_rel: str) -> str:
         p = data["picks"].get(arm)
         if p:
             losses = ", ".join(f"{k}: {val:.4f}" for k, val in p["losses"].items())
-            out.append(f"| {ARM_LABELS[arm]} | {losses} | {p['lr']:g} |")
+            grid = spec.get("grids", {}).get(arm, [])
+            edge = " (largest in its grid)" if grid and p["lr"] == max(grid) else (
+                " (smallest in its grid)" if grid and p["lr"] == min(grid) else "")
+            out.append(f"| {ARM_LABELS[arm]} | {losses} | {p['lr']:g}{edge} |")
 
     # ---- Claim 1 (Table 1 layout: methods x tasks)
     out += ["", "## Claim 1: a calibration mask beats the alternatives (paper Table 1 layout)", "",
@@ -234,6 +239,26 @@ def render(data: dict[str, Any], img_dir: Path, img_rel: str) -> str:
         verdicts["1"][t] = held
         out.append(f"| {t} | {word(lrn)} | " + " | ".join(word(b) for b in bt)
                    + f" | **{'held' if held else 'not held' if held is False else 'not run'}** |")
+    out += ["", "What moved most (mean change of the headline metric over the seeds; a run "
+            "counts as diverged when its last round's training loss is 20% above its first "
+            "round's):", ""]
+    for t in tasks:
+        changes = {}
+        for arm in CLAIM1:
+            rs = list(by_seed(runs, arm, t, "claim1").values())
+            if rs:
+                changes[arm] = statistics.mean(r[f"final_{metric_of[t]}"] - r[f"initial_{metric_of[t]}"]
+                                               for r in rs)
+        if not changes:
+            continue
+        best = max(changes, key=changes.__getitem__)
+        diverged = {arm: sum(1 for r in by_seed(runs, arm, t, "claim1").values()
+                             if r.get("train_loss") and r["train_loss"][-1] > 1.2 * r["train_loss"][0])
+                    for arm in CLAIM1}
+        div = ", ".join(f"{a} {n}/{len(by_seed(runs, a, t, 'claim1'))}"
+                        for a, n in diverged.items() if n) or "none"
+        out.append(f"- {t}: largest gain {best} ({changes[best]:+.3f}); Meerkat "
+                   f"{changes.get('meerkat', float('nan')):+.3f}; diverged runs: {div}.")
     out += ["", f"![Claim 1 and 3: change of the headline metric]({img_rel}/results_claims13.png)", ""]
 
     # ---- Claim 2

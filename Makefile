@@ -22,13 +22,13 @@ demo: install
 test: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 
-# The paper's three claims at CPU scale (about 1.5 h on 2 cores), then docs/results.md from the
+# The paper's three claims at CPU scale (about an hour on 2 cores), then docs/results.md from the
 # result file. Resumable: finished runs are kept in runs/experiments/ and not run again.
 experiments: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python experiments/claims.py
 	$(BIN)/python experiments/results_md.py
 
-# Every result file of benchmarks/ and experiments/ again (about 2.5 h on 2 cores; the FLARE
+# Every result file of benchmarks/ and experiments/ again (a few hours on 2 cores; the FLARE
 # benchmarks need unprivileged user namespaces, see docs/deploy.md).
 results: install
 	cd benchmarks && for cmd in "bytes.py" "step_cost.py" "device.py" "memory.py" \
@@ -36,6 +36,8 @@ results: install
 	    "clients_memory.py --repeats 5" "server_cost.py" "demo.py" "fault_suite.py" \
 	    "deploy_overhead.py" "deploy_overhead.py --payload-bytes 424704" "deploy_smollm2.py"; do \
 	  echo "== $$cmd"; OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python $$cmd || exit 1; done
+	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --fresh && \
+	  ATEN_CPU_CAPABILITY=avx2 OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --only demo --tag avx2
 	$(MAKE) experiments
 
 lint: install

@@ -12,7 +12,7 @@ so the two runs show how far the figures move between machines.
 Every variant keeps the demo's model, task, mask, batch (16) and 500 test examples and trains
 within the demo's 15-minute budget on a 2-core CPU; the untrained model is evaluated once and
 shared. Result: benchmarks/results/demo_sweep.json (rewritten after each variant, so an
-interrupted sweep keeps what finished; finished variants are not run again).
+interrupted sweep keeps what finished; finished variants are not run again unless --fresh).
 """
 
 from __future__ import annotations
@@ -52,9 +52,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--tag", default="", help="suffix of the stored names (e.g. the kernels)")
+    ap.add_argument("--fresh", action="store_true", help="start a new result file")
     args = ap.parse_args()
     path = RESULTS / "demo_sweep.json"
-    done = {v["name"]: v for v in json.loads(path.read_text())["variants"]} if path.exists() else {}
+    done = {} if args.fresh or not path.exists() else {
+        v["name"]: v for v in json.loads(path.read_text())["variants"]}
     initial = None
     for variant in args.only:
         name = f"{variant}@{args.tag}" if args.tag else variant

@@ -39,6 +39,8 @@ def main() -> None:
                                       "predicted_share", "test_auc", "test_macro_f1",
                                       "test_best_shift_accuracy", "bytes_up", "bytes_down")}
               for r in records]
+    if not args.out:  # a temporary folder of this machine: not part of the result
+        summary["out"] = "<temporary folder>"
     write_result("demo", {"config": "configs/demo.toml", "overrides": args.overrides,
                           "wall_seconds": round(wall, 1), "summary": summary, "rounds": rounds})
     for r in rounds:

@@ -46,15 +46,12 @@ class _ZCache:
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
         self.items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self.hits = self.misses = 0
 
     def get(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         z = self.items.get(key)
         if z is not None:
             self.items.move_to_end(key)
-            self.hits += 1
             return z
-        self.misses += 1
         z = make()
         size = z.numel() * z.element_size()
         if size <= self.max_bytes:

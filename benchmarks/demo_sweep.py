@@ -30,7 +30,7 @@ import torch
 from _common import RESULTS, write_result
 
 from fedmeerkat.config import load_config
-from fedmeerkat.runners.simulation import eval_from_record, run
+from fedmeerkat.runners.simulation import evaluated_part, run
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> (why, overrides of configs/demo.toml). Global ZO steps = rounds x local_steps; with
@@ -70,7 +70,7 @@ def main() -> None:
         summary = run(cfg, quiet=True, initial=initial)
         wall = time.time() - start
         first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-        initial = eval_from_record(first, summary["test_examples"])
+        initial = evaluated_part(first)
         steps = cfg.rounds * cfg.local_steps
         done[name] = {
             "name": name, "why": why,

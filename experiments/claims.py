@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedmeerkat.config import build_config, check_inputs  # noqa: E402
 from fedmeerkat.runners.gradip_experiment import run_gradip  # noqa: E402
-from fedmeerkat.runners.simulation import eval_from_record, run  # noqa: E402
+from fedmeerkat.runners.simulation import evaluated_part, run  # noqa: E402
 
 # Claim-1 arms: name -> what makes it that arm (on top of [base])
 ARMS: dict[str, dict[str, Any]] = {
@@ -137,7 +137,7 @@ class Suite:
         summary = json.loads(done.read_text())
         metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         if (task, seed) not in self.initial:
-            self.initial[(task, seed)] = eval_from_record(metrics[0], summary["test_examples"])
+            self.initial[(task, seed)] = evaluated_part(metrics[0])
         steps = sum(sum(r.get("client_steps", {}).values()) for r in metrics[1:])
         rec = {"stage": stage, "arm": arm, "task": task, "seed": seed, "lr": lr, "run": name,
                "method": summary["method"], "mask_kind": summary["mask_kind"],

@@ -64,6 +64,8 @@ class RunConfig:
     max_train: int = _f(0, "cap on training examples, seeded subsample (0 = all)", min=0)
     max_test: int = _f(0, "cap on test examples, seeded subsample (0 = all)", min=0)
     test_fraction: float = _f(0.2, "test share when the data has no test split", gt=0, lt=1)
+    val_fraction: float = _f(0.1, "validation share carved (seeded, stratified) from the training pool before partitioning; model selection (lr=auto, best round) reads it, never test (0 = none)", min=0, lt=1)
+    max_val: int = _f(500, "cap on validation examples; the rest stays training data (0 = no cap)", min=0)
     max_length: int = _f(128, "prompt tokens kept (the start is cut, the answer end kept)", min=8)
     # method
     method: str = _f("meerkat", "federated method", choices=METHODS)
@@ -71,7 +73,10 @@ class RunConfig:
     rounds: int = _f(20, "communication rounds R", min=1)
     local_steps: int = _f(10, "local ZO steps per round T", min=1)
     batch_size: int = _f(16, "examples per ZO step", min=1)
-    lr: float = _f(1e-4, "learning rate", gt=0)
+    lr: float = _f(1e-4, "learning rate; 'auto' = lr_auto=true (picked on the validation split before the run)", gt=0)
+    lr_auto: bool = _f(False, "pick lr from lr_auto_grid on the validation split before the run (runners/tune.py; its cost is printed); `lr=auto` sets it")
+    lr_auto_grid: list = _f([3e-5, 1e-4, 3e-4, 1e-3], "candidate lrs of lr=auto")
+    lr_auto_steps: int = _f(40, "centralized ZO steps per lr=auto candidate (x 2 forwards)", min=1)
     eps: float = _f(1e-3, "perturbation scale of the two-point estimate", gt=0)
     weighting: str = _f("samples", "FedAvg weights: by client sample count or uniform", choices=WEIGHTINGS)
     clients_per_round: int = _f(0, "clients sampled per round (0 = all)", min=0)
@@ -194,6 +199,9 @@ def _apply_method_keys(raw: dict[str, Any]) -> dict[str, Any]:
 
 def build_config(raw: dict[str, Any]) -> RunConfig:
     raw = _apply_method_keys(raw)
+    if isinstance(raw.get("lr"), str) and raw["lr"].strip().lower() == "auto":
+        # lr=auto: the search starts from the default lr's place; its pick replaces lr
+        raw = {**raw, "lr": default_of(COMMON["lr"]), "lr_auto": True}
     values, own = {}, {}
     for key, value in raw.items():
         if key not in FIELDS:
@@ -239,6 +247,20 @@ def validate_combination(cfg: RunConfig) -> None:
     if 0 < cfg.reply_bound < 1:
         raise ConfigError(f"reply_bound: must be 0 (off) or >= 1, got {cfg.reply_bound!r} "
                           "(below 1 it would leave out half of every round)")
+    if cfg.lr_auto:
+        from fedmeerkat.runners.tune import SEARCHABLE  # torch-free
+
+        if cfg.method not in SEARCHABLE:
+            raise ConfigError(f"lr_auto: searches plain ZO-SGD steps; method={cfg.method} is "
+                              f"not one (use {', '.join(SEARCHABLE)}, or give lr=)")
+        if not cfg.val_fraction:
+            raise ConfigError("lr_auto: needs a validation split (val_fraction > 0); it never "
+                              "reads test data")
+        grid = cfg.lr_auto_grid
+        if not grid or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                               and 0 < v < float("inf") for v in grid):
+            raise ConfigError(f"lr_auto_grid: expected a non-empty list of positive numbers, "
+                              f"got {grid!r}")
     per_round = cfg.clients_per_round or cfg.clients
     if cfg.min_clients > per_round:
         raise ConfigError(f"min_clients: {cfg.min_clients} exceeds the {per_round} clients "

@@ -198,9 +198,10 @@ def test_random_selection_stops_as_many_clients_as_vp_flags_at_random():
 # ---- end to end through the CLI on the tiny Llama -------------------------------------------
 # vp_later_ratio=2 splits this seeded tiny run's four clients (one has rho_later 2.9, the
 # others 0.6-1.7): the test pins the mechanics (detect, early-stop, resume), not the detector.
+# val_fraction=0: the whole pool trains, as when the ratios above were read off.
 VP_ARGS = ("method=meerkat-vp", "partition=mixed-single-label", "vp_calibration_steps=16",
            "vp_init_steps=4", "vp_later_steps=4", "vp_threshold=0", "vp_later_ratio=2",
-           "rounds=4", "downlink=scalars")
+           "rounds=4", "downlink=scalars", "val_fraction=0")
 
 
 def test_vp_run_end_to_end_and_resume_bit_identical(tiny_model_dir, sentiment_csv, calib_txt,

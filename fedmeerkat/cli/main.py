@@ -25,7 +25,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-import tomllib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from fedmeerkat.config import (  # noqa: E402
@@ -52,11 +51,11 @@ def _config(args: list[str]) -> RunConfig:
 
 def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     from fedmeerkat.config import parse_overrides
-    from fedmeerkat.runners.run_folder import RESUMABLE_KEYS
+    from fedmeerkat.runners.run_folder import RESUMABLE_KEYS, read_run_config
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
-    raw = tomllib.loads((run_dir / "config.toml").read_text())
+    raw = read_run_config(run_dir)
     changes = parse_overrides(overrides)
     bad = sorted(set(changes) - set(RESUMABLE_KEYS))
     if bad:
@@ -92,6 +91,14 @@ def cmd_run(ns: argparse.Namespace) -> int:
         if s.get(f"initial_{key}") is not None or s.get(f"final_{key}") is not None:
             print(f"{name + ':':<24} {_num(s.get(f'initial_{key}'))} -> "
                   f"{_num(s.get(f'final_{key}'))}")
+    if s.get("final_val_accuracy") is not None:
+        key = "auc" if s.get("final_val_auc") is not None else "macro_f1"
+        print(f"validation ({s['val_examples']} examples): accuracy "
+              f"{_num(s.get('initial_val_accuracy'))} -> {_num(s.get('final_val_accuracy'))}, "
+              f"{'ROC-AUC' if key == 'auc' else 'macro-F1'} {_num(s.get(f'initial_val_{key}'))}"
+              f" -> {_num(s.get(f'final_val_{key}'))}; best round by validation: "
+              f"{s.get('best_val_round')}")
+    print(f"verdict:                 {s['gain']}")
     print(f"bytes per client per round: up {s['upload_bytes_per_client']:.0f}, "
           f"down {s['download_bytes_per_client']:.0f}; wall {s['wall_seconds']:.0f} s")
     from fedmeerkat.report import plot_run

@@ -344,12 +344,21 @@ def open_run_folder(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path]:
     return cfg, out
 
 
+def read_run_config(run_dir: Path) -> dict:
+    """A run folder's config.toml as written. A folder from before validation splits existed
+    (no val_fraction) trained on the whole pool: it reads as val_fraction = 0, so resuming or
+    evaluating it sees the training set it was trained on."""
+    raw = tomllib.loads((run_dir / "config.toml").read_text())
+    raw.setdefault("val_fraction", 0.0)
+    return raw
+
+
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
     """A run folder's resolved config, with `key=value` overrides (eval, export). Its mask= is
     dropped: the folder has its own copy of the mask."""
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
-    raw = tomllib.loads((run_dir / "config.toml").read_text())
+    raw = read_run_config(run_dir)
     raw.pop("mask", None)
     raw.update(parse_overrides(overrides or []))
     return build_config(raw)

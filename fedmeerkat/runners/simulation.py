@@ -7,14 +7,18 @@ the byte counts are those of the real wire format and the simulation exercises i
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomli_w
 import torch
 from tqdm import tqdm
 
@@ -50,8 +54,10 @@ from fedmeerkat.runners.run_folder import (
     write_json_atomic,
 )
 from fedmeerkat.runners.spaces import build_space
+from fedmeerkat.runners.tune import search_cost, search_lr
 from fedmeerkat.tasks import load_task
 from fedmeerkat.tasks.base import TaskData
+from fedmeerkat.tasks.common import with_validation
 from fedmeerkat.zo import SparseMask, SparseView, StepResult
 from fedmeerkat.zo.dense import z_cache
 from fedmeerkat.zo.seeds import mix
@@ -74,6 +80,9 @@ class Prepared:
     train_labels: np.ndarray
     test_ids: list[list[int]]
     test_labels: np.ndarray
+    # carved from the training pool (val_fraction); empty when val_fraction=0
+    val_ids: list[list[int]] = field(default_factory=list)
+    val_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 class SharedModel:
@@ -109,7 +118,7 @@ def load_task_for(cfg: RunConfig) -> TaskData:
 
 
 def _load_task(cfg: RunConfig) -> TaskData:
-    return load_task(
+    task = load_task(
         cfg.task,
         data_files=cfg.data_files or None,
         template=cfg.template or None,
@@ -120,13 +129,15 @@ def _load_task(cfg: RunConfig) -> TaskData:
         max_train=cfg.max_train or None,
         max_test=cfg.max_test or None,
     )
+    return with_validation(task, cfg.val_fraction, cfg.max_val or None, cfg.seed)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = load_task_for(cfg)  # data first: a bad task fails before the slow model load
-    log(f"task {task.spec.name}: {len(task.train)} train / {len(task.test)} test ({task.source})")
+    log(f"task {task.spec.name}: {len(task.train)} train / {len(task.val)} validation / "
+        f"{len(task.test)} test ({task.source})")
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     scorer = LabelScorer(model, tokenizer, task.spec.label_words)
 
@@ -136,7 +147,9 @@ def prepare(cfg: RunConfig) -> Prepared:
 
     train_ids, train_labels = enc(task.train)
     test_ids, test_labels = enc(task.test)
-    return Prepared(model, tokenizer, task, scorer, train_ids, train_labels, test_ids, test_labels)
+    val_ids, val_labels = enc(task.val)
+    return Prepared(model, tokenizer, task, scorer, train_ids, train_labels, test_ids, test_labels,
+                    val_ids, val_labels)
 
 
 def get_mask(cfg: RunConfig, prep: Prepared, parts: list[np.ndarray],
@@ -183,19 +196,57 @@ def settings_of(cfg: RunConfig) -> FedSettings:
                        reply_bound_action=cfg.reply_bound_action)
 
 
-def _eval(prep: Prepared, cfg: RunConfig) -> EvalResult:
-    return evaluate(prep.scorer, prep.test_ids, prep.test_labels, cfg.eval_batch_size)
+def evaluate_splits(prep: Prepared, cfg: RunConfig) -> dict[str, Any]:
+    """The model as it is now on validation (if carved) and test: a metrics.jsonl record."""
+    test = evaluate(prep.scorer, prep.test_ids, prep.test_labels, cfg.eval_batch_size)
+    val = (evaluate(prep.scorer, prep.val_ids, prep.val_labels, cfg.eval_batch_size)
+           if prep.val_ids else None)
+    return eval_record(test, val)
+
+
+def pick_lr(cfg: RunConfig, prep: Prepared, view: Any, theta0: torch.Tensor,
+            out: Path) -> RunConfig:
+    """lr=auto (runners/tune.py): search lr on the validation split, save the search as
+    out/lr_search.json and the pick in out/config.toml (lr = the pick, lr_auto = false), so a
+    resumed run trains with the same lr and never searches again. In simulation the search
+    trains on the pooled training examples of all clients, a centralized pilot."""
+    grid = [float(v) for v in cfg.lr_auto_grid]
+    log(f"lr=auto: searching {', '.join(f'{v:g}' for v in sorted(grid))} on the validation "
+        f"split: {search_cost(grid, cfg.lr_auto_steps, cfg.batch_size, len(prep.val_ids))}")
+    start = time.time()
+    model = SharedModel(prep, view)
+
+    def evaluate_val() -> dict[str, Any]:
+        val = evaluate(prep.scorer, prep.val_ids, prep.val_labels, cfg.eval_batch_size)
+        return {k: v for k, v in eval_record(val, val).items() if k.startswith("val_")}
+
+    found = search_lr(view=view, theta0=theta0, train_loss=model.loss,
+                      num_train=len(prep.train_ids), evaluate_val=evaluate_val, grid=grid,
+                      steps=cfg.lr_auto_steps, batch_size=cfg.batch_size, eps=cfg.eps,
+                      seed=cfg.seed, log=log)
+    found["wall_seconds"] = round(time.time() - start, 1)
+    write_json_atomic(out / "lr_search.json", found)
+    cfg = dataclasses.replace(cfg, lr=found["lr"], lr_auto=False)
+    tmp = out / "config.toml.tmp"
+    tmp.write_text(tomli_w.dumps(cfg.to_dict()))
+    os.replace(tmp, out / "config.toml")
+    note = "" if found["improves_on_untrained"] else (
+        " (no candidate beat the untrained model on validation: the smallest harm is kept)")
+    log(f"lr=auto: lr {found['lr']:g} ({found['forwards']} forwards, "
+        f"{found['wall_seconds']:.0f} s){note}; saved in {out}/lr_search.json")
+    return cfg
 
 
 def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
-        initial: EvalResult | None = None) -> dict[str, Any]:
+        initial: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run federated training as configured; returns the summary (also in out/summary.json).
 
     With `resume`, `cfg.out` is an existing run folder: training continues after the last
     checkpointed round and ends bit-identical to a run that was never interrupted.
-    `initial`: the round-0 evaluation of this same model on this same test set, taken by an
-    earlier run (experiments/claims.py shares it between runs that differ only in method, lr
-    or mask; the untrained model is the same for all of them), so it is not computed again.
+    `initial`: the round-0 evaluation record (metrics.jsonl's first line) of this same model
+    on these same validation and test sets, taken by an earlier run (experiments/claims.py and
+    benchmarks/learning.py share it between runs that differ only in method, lr or mask; the
+    untrained model is the same for all of them), so it is not computed again.
     """
     start = time.time()
     cfg, out = open_run_folder(cfg, resume)
@@ -225,6 +276,8 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
     log(f"trainable ({space.kind}): {mask.nnz:,} of {mask.eligible_numel:,} eligible values "
         f"(density {mask.density:.2e}), {mask_source}")
     theta0 = view.gather()
+    if cfg.lr_auto and not resume:
+        cfg = pick_lr(cfg, prep, view, theta0, out)
     dtypes = {p.dtype for p in prep.model.parameters()}
     warn = eps_resolution_warning(theta0, cfg.eps, min(dtypes, key=lambda d: torch.finfo(d).bits))
     if warn:
@@ -250,19 +303,19 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
         if not records:
             raise InputError(f"{out}/metrics.jsonl lacks round 0; the run cannot be resumed")
         metrics.rewrite(records)
-        initial = eval_from_record(records[0], len(prep.test_ids))
-        evaluated = [r for r in records if r.get("test_accuracy") is not None]
-        last = eval_from_record(evaluated[-1], len(prep.test_ids))
+        initial = evaluated_part(records[0])
+        last = evaluated_part([r for r in records if r.get("test_accuracy") is not None][-1])
         view.write(server.theta)
         log(f"resuming {out} after round {server.round} of {cfg.rounds}")
     else:
-        if initial is not None and initial.num_examples != len(prep.test_ids):
-            raise ValueError(f"the given initial evaluation has {initial.num_examples} "
-                             f"examples, this run's test set {len(prep.test_ids)}")
-        initial = last = initial or _eval(prep, cfg)
-        log(f"round 0: test accuracy {initial.accuracy:.4f} "
-            f"(predicted share {_fmt(initial.predicted_share)}; {format_metrics(eval_record(initial))})")
-        metrics.append({"round": 0, "train_loss": None, **eval_record(initial),
+        sizes = {"test_examples": len(prep.test_ids), "val_examples": len(prep.val_ids)}
+        if initial is not None and any(initial.get(k) != v for k, v in sizes.items()):
+            raise ValueError(f"the given initial evaluation has {initial.get('test_examples')} "
+                             f"test / {initial.get('val_examples')} validation examples, this "
+                             f"run {sizes['test_examples']} / {sizes['val_examples']}")
+        initial = last = evaluated_part(initial) if initial else evaluate_splits(prep, cfg)
+        log(f"round 0: {format_evaluation(initial)}")
+        metrics.append({"round": 0, "train_loss": None, **initial,
                         "bytes_up": 0, "bytes_down": 0})
         save_checkpoint(out, server, states, digest)
 
@@ -274,7 +327,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
     def on_step(res: StepResult) -> None:
         bar.update(1)
         step_losses.append(res.loss)
-        bar.set_postfix(loss=f"{np.mean(step_losses[-10:]):.4f}", acc=f"{last.accuracy:.3f}")
+        bar.set_postfix(loss=f"{np.mean(step_losses[-10:]):.4f}", acc=f"{last['test_accuracy']:.3f}")
 
     def on_plans(plans: list[RoundPlan]) -> None:
         # the bar assumed round 1's step count for every round; VP's early stops change it
@@ -285,8 +338,9 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
         if not (r == cfg.rounds or (cfg.eval_every and r % cfg.eval_every == 0)):
             return None
         view.write(server.theta)
-        last = _eval(prep, cfg)
-        return eval_record(last)
+        last = evaluate_splits(prep, cfg)
+        bar.write(f"round {r}: {format_evaluation(last)}", file=sys.stderr)
+        return last
 
     host = ClientHost(get_method(cfg.method), cfg.method_settings, settings,
                       SharedModel(prep, view), {s.client_id: s for s in states}, on_step)
@@ -313,10 +367,12 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
     down_total = sum(r["bytes_down"] for r in records)
     summary = {
         "model": cfg.model, "task": cfg.task, "method": cfg.method,
-        "initial_accuracy": initial.accuracy, "final_accuracy": last.accuracy,
-        "initial_predicted_share": initial.predicted_share,
-        "final_predicted_share": last.predicted_share,
+        "initial_accuracy": initial["test_accuracy"], "final_accuracy": last["test_accuracy"],
+        "initial_predicted_share": initial["predicted_share"],
+        "final_predicted_share": last["predicted_share"],
         **summary_metrics(initial, last),
+        **best_round(records),
+        "gain": gain_verdict(initial, last),
         "rounds": server.round, "clients": cfg.clients, "local_steps": cfg.local_steps,
         "clients_per_round": cfg.clients_per_round or cfg.clients, "downlink": cfg.downlink,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "eps": cfg.eps, "lr_schedule": cfg.lr_schedule,
@@ -324,6 +380,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
         "mask_kind": mask.meta.get("mask_kind", cfg.mask_kind), "trainable_space": space.kind,
         "partition": cfg.partition, "alpha": cfg.alpha,
         "train_examples": len(prep.train_ids), "test_examples": len(prep.test_ids),
+        "val_examples": len(prep.val_ids), "val_fraction": cfg.val_fraction,
         "upload_bytes_per_client": up_total / max(1, client_rounds),
         "download_bytes_per_client": down_total / max(1, client_rounds),
         "upload_bytes_total": up_total, "download_bytes_total": down_total,
@@ -343,23 +400,100 @@ def _fmt(share: list[float]) -> str:
 
 # ---- evaluation records (metrics.jsonl, summary.json); the deployed server uses them too -----
 THRESHOLD_FREE = ("auc", "macro_f1", "best_shift_accuracy")  # models.scoring.label_metrics
+SPLITS = ("test", "val")
 
 
-def eval_record(res: EvalResult) -> dict[str, Any]:
-    """An evaluation's entries of a metrics.jsonl line."""
-    return {"test_accuracy": res.accuracy, "test_loss": res.loss,
-            "predicted_share": res.predicted_share, **res.metrics("test_")}
+def eval_record(res: EvalResult, val: EvalResult | None = None) -> dict[str, Any]:
+    """An evaluation's entries of a metrics.jsonl line: test_* always, val_* when the run has a
+    validation set (None otherwise, so every line has the same keys)."""
+    out: dict[str, Any] = {"test_accuracy": res.accuracy, "test_loss": res.loss,
+                           "predicted_share": res.predicted_share, **res.metrics("test_"),
+                           "test_examples": res.num_examples}
+    out.update({"val_accuracy": None if val is None else val.accuracy,
+                "val_loss": None if val is None else val.loss,
+                **({f"val_{k}": None for k in THRESHOLD_FREE} if val is None
+                   else val.metrics("val_")),
+                "val_examples": 0 if val is None else val.num_examples})
+    return out
+
+
+EVAL_KEYS = ("test_accuracy", "test_loss", "predicted_share", "test_examples", "val_accuracy",
+             "val_loss", "val_examples", *(f"{s}_{k}" for s in SPLITS for k in THRESHOLD_FREE))
+
+
+def evaluated_part(rec: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation entries of a metrics line (older run folders lack some: None)."""
+    return {k: rec.get(k) for k in EVAL_KEYS}
 
 
 def eval_from_record(rec: dict[str, Any], n: int) -> EvalResult:
-    """The EvalResult a metrics line holds (run folders older than a metric give None)."""
+    """The test EvalResult a metrics line holds (run folders older than a metric give None)."""
     return EvalResult(rec["test_accuracy"], rec.get("test_loss", math.nan),
                       rec.get("predicted_share", []), n,
                       **{k: rec.get(f"test_{k}") for k in THRESHOLD_FREE})
 
 
-def summary_metrics(initial: EvalResult, final: EvalResult) -> dict[str, Any]:
-    """initial_* and final_* threshold-free metrics for summary.json."""
-    return {f"{when}_{k}": getattr(res, k) for when, res in (("initial", initial), ("final", final))
-            for k in THRESHOLD_FREE}
+def format_evaluation(rec: dict[str, Any]) -> str:
+    """'test accuracy 0.586 (predicted share 0.02/0.98; AUC ...); validation AUC ...'"""
+    text = (f"test accuracy {rec['test_accuracy']:.4f} (predicted share "
+            f"{_fmt(rec['predicted_share'] or [])}; {format_metrics(rec)})")
+    if rec.get("val_accuracy") is not None:
+        text += (f"; validation accuracy {rec['val_accuracy']:.4f}, "
+                 f"{format_metrics(rec, 'val_')}")
+    return text
 
+
+def primary_metric(rec: dict[str, Any], split: str = "val") -> float | None:
+    """The one number model selection compares: ROC-AUC with two classes, macro-F1 with more
+    (both threshold-free, so a pure recalibration cannot win), accuracy where neither exists."""
+    for k in ("auc", "macro_f1", "accuracy"):
+        v = rec.get(f"{split}_{k}")
+        if v is not None:
+            return float(v)
+    return None
+
+
+def best_round(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The evaluated round with the best validation metric (primary_metric; the earliest on a
+    tie) and its test metrics: selection never reads test. Empty without a validation set."""
+    scored = [(primary_metric(r), -r["round"], r) for r in records
+              if r.get("test_accuracy") is not None and primary_metric(r) is not None]
+    if not scored:
+        return {}
+    _, _, r = max(scored, key=lambda x: (x[0], x[1]))
+    return {"best_val_round": r["round"], "best_val_metric": primary_metric(r),
+            **{f"best_val_round_test_{k}": r.get(f"test_{k}") for k in ("accuracy", *THRESHOLD_FREE)}}
+
+
+def summary_metrics(initial: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
+    """initial_* and final_* threshold-free test metrics (and initial_val_* / final_val_*
+    with their validation accuracy) for summary.json."""
+    out = {f"{when}_{k}": rec.get(f"test_{k}") for when, rec in (("initial", initial),
+                                                                ("final", final))
+           for k in THRESHOLD_FREE}
+    out.update({f"{when}_val_{k}": rec.get(f"val_{k}") for when, rec in (("initial", initial),
+                                                                        ("final", final))
+                for k in ("accuracy", *THRESHOLD_FREE)})
+    return out
+
+
+# A change this small in the threshold-free metric is not called learning: on 1,000 test
+# examples the spread of ROC-AUC between seeds of one setting is about this size.
+GAIN_MARGIN = 0.01
+
+
+def gain_verdict(initial: dict[str, Any], final: dict[str, Any]) -> str:
+    """One line: is the change from the untrained model learning or recalibration? Learning
+    raises the threshold-free test metric (ROC-AUC / macro-F1, primary_metric); recalibration
+    raises accuracy alone (a shift of the label bias), which they do not see."""
+    a, b = primary_metric(initial, "test"), primary_metric(final, "test")
+    d_acc = final["test_accuracy"] - initial["test_accuracy"]
+    if a is None or b is None:
+        return "no threshold-free metric: learning cannot be told from recalibration"
+    name = "ROC-AUC" if initial.get("test_auc") is not None else "macro-F1"
+    if b - a >= GAIN_MARGIN:
+        return f"learning: test {name} {a:.3f} -> {b:.3f} (+{b - a:.3f})"
+    if d_acc >= GAIN_MARGIN:
+        return (f"recalibration, not learning: test accuracy +{d_acc:.3f} but {name} "
+                f"{a:.3f} -> {b:.3f}")
+    return f"no gain: test {name} {a:.3f} -> {b:.3f}, accuracy {d_acc:+.3f}"

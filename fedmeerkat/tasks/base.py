@@ -49,12 +49,14 @@ class TaskSpec:
 
 @dataclass
 class TaskData:
-    """A task ready for training: its spec plus train and test examples."""
+    """A task ready for training: its spec plus train, test and (once carved from the
+    training pool, tasks.common.with_validation) validation examples."""
 
     spec: TaskSpec
     train: list[Example]
     test: list[Example]
     source: str  # human-readable provenance (package file, hub id, local path) and split seed
+    val: list[Example] = field(default_factory=list)
 
     def train_labels(self) -> list[int]:
         return [e.label for e in self.train]

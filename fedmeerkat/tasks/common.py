@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from fedmeerkat.tasks.base import Example, TaskData, TaskSpec
-from fedmeerkat.tasks.splits import stratified_split, subsample_indices, take
+from fedmeerkat.tasks.splits import stratified_split, subsample_indices, take, validation_split
 
 Row = Mapping[str, Any]
 # Turns one raw row into (text fields, class index).
@@ -93,3 +93,20 @@ def finish(spec: TaskSpec, train: list[Example], test: list[Example], source: st
             f"task {spec.name!r}: empty split (train={len(train)}, test={len(test)}); {source}"
         )
     return TaskData(spec=spec, train=train, test=test, source=source)
+
+
+def with_validation(task: TaskData, val_fraction: float, max_val: int | None,
+                    split_seed: int) -> TaskData:
+    """The task with a validation set carved out of its training examples (seeded and
+    stratified, tasks.splits.validation_split), before any partition over clients sees them:
+    validation examples are never trained on and never test examples. Model selection (lr,
+    best round, lr=auto) reads validation metrics only."""
+    if not val_fraction:
+        return task
+    tr, va = validation_split(task.train_labels(), val_fraction, max_val, split_seed)
+    if len(va) == 0:
+        return task
+    return TaskData(spec=task.spec, train=take(task.train, tr), test=task.test,
+                    source=f"{task.source}; validation {len(va)} of the training pool "
+                           f"(val_fraction={val_fraction} max_val={max_val})",
+                    val=take(task.train, va))

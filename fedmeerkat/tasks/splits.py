@@ -14,7 +14,7 @@ import numpy as np
 T = TypeVar("T")
 
 # Purpose tags for the seed sequence (fixed: changing them changes every split).
-_SPLIT, _TRAIN_SUB, _TEST_SUB = 0, 1, 2
+_SPLIT, _TRAIN_SUB, _TEST_SUB, _VAL = 0, 1, 2, 3
 
 
 def _rng(split_seed: int, purpose: int) -> np.random.Generator:
@@ -24,13 +24,13 @@ def _rng(split_seed: int, purpose: int) -> np.random.Generator:
 
 
 def stratified_split(
-    labels: Sequence[int], test_fraction: float, split_seed: int
+    labels: Sequence[int], test_fraction: float, split_seed: int, *, purpose: int = _SPLIT
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, test), each in shuffled order, with about `test_fraction` of every class
     in test. A class with at least two examples keeps at least one on each side."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    rng = _rng(split_seed, _SPLIT)
+    rng = _rng(split_seed, purpose)
     y = np.asarray(labels, dtype=np.int64)
     train, test = [], []
     for c in np.unique(y):
@@ -43,6 +43,26 @@ def stratified_split(
     tr = rng.permutation(np.concatenate(train)) if train else np.zeros(0, np.int64)
     te = rng.permutation(np.concatenate(test)) if test else np.zeros(0, np.int64)
     return tr, te
+
+
+def validation_split(
+    labels: Sequence[int], val_fraction: float, max_val: int | None, split_seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) of a training pool: a seeded, stratified validation share of
+    `val_fraction`, at most `max_val` examples (None or 0: no cap). The cap lowers the share
+    rather than dropping examples, so whatever is not validation stays training data. Its own
+    seed stream: the same pool and seed always give the same validation set."""
+    n = len(labels)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    size = int(round(n * val_fraction))
+    if max_val:
+        size = min(size, max_val)
+    if size == 0:
+        return np.arange(n, dtype=np.int64), np.zeros(0, np.int64)
+    if n - size < 1:
+        raise ValueError(f"val_fraction={val_fraction} leaves no training data of {n} examples")
+    return stratified_split(labels, size / n, split_seed, purpose=_VAL)
 
 
 def subsample_indices(n: int, cap: int | None, split_seed: int, which: str) -> np.ndarray | None:

@@ -1,0 +1,320 @@
+"""Does sparse ZO make the model better, and at what cost in forward passes?
+
+    python benchmarks/learning.py [--plan session|full] [--only GROUP ...] [--threads N]
+    python benchmarks/learning.py --plot-only        # docs/learning.png from the result file
+
+Every run is an ordinary in-process simulation (runners.simulation.run) in
+runs/learning/<group>/<name>; a finished run (summary.json) is read back, an interrupted one is
+resumed from its checkpoint (`run(..., resume=True)`), and benchmarks/results/learning.json is
+rewritten after every run, so the benchmark can be stopped at any time and continued with the
+same command. A finished run whose config.toml differs from the planned one is an error, not
+silently reused.
+
+Setting shared by every run (BASE below): SmolLM2-135M (packaged), mask from the packaged news
+text (32 sequences of 128 tokens, cached), max_length 48, 1,000 test examples, a validation set
+of 500 carved from the training pool (val_fraction 0.1, seeded and stratified), batch 16. Each
+seed is its own split, data order and z seeds.
+
+Groups (GROUPS), in the order they run:
+  rt-central-grid   rotten_tomatoes, one IID client: sparse ZO at seed 0, 300 steps (600
+                    forwards of 16), evaluated every 100 steps, over the plan's grid;
+  rt-central-fo     first-order SGD on the same mask (fedavg-backprop trainable=mask), the upper
+                    bound, 50 steps;
+  rt-central-seeds  the grid's pick (by validation, below) at seeds 0, 1, 2;
+  ...               the full plan adds: eps and density at the picked lr, a cosine schedule,
+                    3,000 forwards, Full-FedZO and LoRA-FedZO over lr, bbc_news, K=10
+                    Dirichlet clients (both conventions).
+Selection: within a grid, the run whose best evaluated round has the highest VALIDATION
+primary metric (ROC-AUC with two classes, macro-F1 otherwise; runners.simulation.
+primary_metric); ties go to the smaller lr. Test metrics are written only for the picks'
+seeds group and for the first-order reference, never for the other grid points.
+
+Output: benchmarks/results/learning.json (every run's validation curve against forwards and
+examples, the picks, test curves of the picked setting, the targets of the learning issue
+judged from those figures, what of the full plan has not run, command, versions, machine);
+docs/learning.png (validation and test ROC-AUC against forwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import RESULTS, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "learning"
+
+from fedmeerkat.config import build_config  # noqa: E402
+from fedmeerkat.runners.run_folder import load_run_config  # noqa: E402
+from fedmeerkat.runners.simulation import evaluated_part, primary_metric, run  # noqa: E402
+
+BASE: dict[str, Any] = {
+    "model": "smollm2-135m", "batch_size": 16, "max_length": 48, "max_test": 1000,
+    "val_fraction": 0.1, "max_val": 500, "calib_sequences": 32, "calib_seq_len": 128,
+    "density": 1e-3, "eps": 1e-3, "method": "meerkat",
+}
+CENTRAL = {"task": "rotten_tomatoes", "clients": 1, "partition": "iid"}
+# 300 ZO steps (600 forwards of 16) as 6 rounds of 50, evaluated after every 100 steps
+ZO_300 = {"rounds": 6, "local_steps": 50, "eval_every": 2}
+METRICS = ("accuracy", "auc", "macro_f1", "best_shift_accuracy")
+
+
+def lr_name(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def zo_run(lr: float, seed: int = 0, **extra: Any) -> tuple[str, dict[str, Any]]:
+    tag = "".join(f"-{k}{v}" for k, v in sorted(extra.items()) if k not in ZO_300)
+    return (f"zo-lr{lr_name(lr)}{tag}-seed{seed}",
+            {**CENTRAL, **ZO_300, "lr": lr, "seed": seed, **extra})
+
+
+# group -> (kind, runs). kind "grid": pick by validation; "reference": report test as is;
+# "seeds": the pick of the grid named, at every seed (test reported).
+PLANS: dict[str, dict[str, Any]] = {
+    "session": {
+        "rt-central-grid": ("grid", [zo_run(1e-4), zo_run(3e-4)]),
+        "rt-central-fo": ("reference", [
+            ("fo-sgd-lr3e-2-seed0", {**CENTRAL, "method": "fedavg-backprop", "trainable": "mask",
+                                     "lr": 3e-2, "seed": 0, "rounds": 2, "local_steps": 25,
+                                     "eval_every": 1})]),
+        "rt-central-seeds": ("seeds", "rt-central-grid", (0, 1, 2)),
+    },
+}
+# the full plan: the session's groups and the rest of the learning issue's grid (not yet run)
+PLANS["full"] = {
+    **PLANS["session"],
+    "rt-central-grid": ("grid", [zo_run(1e-4), zo_run(3e-4), zo_run(1e-3), zo_run(3e-5),
+                                 zo_run(1e-4, eps=1e-2), zo_run(1e-4, eps=1e-4),
+                                 zo_run(1e-4, density=1e-4), zo_run(1e-4, density=1e-2),
+                                 zo_run(3e-4, lr_schedule="cosine")]),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def planned_config(settings: dict[str, Any], out: Path):
+    return build_config({**BASE, **settings, "out": str(out)})
+
+
+def same_config(out: Path, cfg) -> bool:
+    have = tomllib.loads((out / "config.toml").read_text())
+    want = cfg.to_dict()
+    return all(have.get(k) == v for k, v in want.items() if k != "out")
+
+
+class Bench:
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.initial: dict[tuple[str, int], dict[str, Any]] = {}  # (task, seed) -> round 0
+
+    def ensure(self, group: str, name: str, settings: dict[str, Any]) -> Path:
+        out = RUNS / group / name
+        cfg = planned_config({**settings, **({"threads": self.threads} if self.threads else {})},
+                             out)
+        if (out / "config.toml").exists() and not same_config(out, cfg):
+            raise SystemExit(f"{out} holds a run of another config; remove it to run the plan")
+        if (out / "summary.json").exists():
+            return out
+        t = time.time()
+        if any(out.glob("checkpoint*.safetensors")):
+            log(f"{group}/{name}: resuming")
+            run(load_run_config(out), quiet=True, resume=True)
+        else:
+            if out.exists():  # created but nothing checkpointed: start it again
+                for f in sorted(out.rglob("*"), reverse=True):
+                    f.unlink() if f.is_file() else f.rmdir()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            log(f"{group}/{name} ...")
+            run(cfg, quiet=True, initial=self.initial.get((cfg.task, cfg.seed)))
+        for ckpt in out.glob("checkpoint*.safetensors"):  # a finished run keeps final_state
+            ckpt.unlink()
+        log(f"{group}/{name} done in {time.time() - t:.0f} s")
+        return out
+
+    def read(self, out: Path) -> dict[str, Any]:
+        summary = json.loads((out / "summary.json").read_text())
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        cfg = tomllib.loads((out / "config.toml").read_text())
+        self.initial.setdefault((cfg["task"], cfg["seed"]), evaluated_part(records[0]))
+        fo = cfg["method"] == "fedavg-backprop"
+        curve, steps = [], 0
+        for r in records:
+            steps += sum(r.get("client_steps", {}).values()) if r["round"] else 0
+            if r.get("test_accuracy") is None:
+                continue
+            curve.append({"round": r["round"], "steps": steps,
+                          # a first-order step is one forward and one backward
+                          "forwards": steps if fo else 2 * steps,
+                          "examples": steps * cfg["batch_size"] * (1 if fo else 2),
+                          **{f"{s}_{m}": r.get(f"{s}_{m}") for s in ("val", "test")
+                             for m in METRICS}})
+        return {"run": str(out.relative_to(ROOT)), "task": cfg["task"], "seed": cfg["seed"],
+                "method": cfg["method"], "lr": cfg["lr"], "eps": cfg["eps"],
+                "density": cfg["density"], "lr_schedule": cfg["lr_schedule"],
+                "batch_size": cfg["batch_size"], "clients": cfg["clients"],
+                "wall_seconds": summary["wall_seconds"], "curve": curve}
+
+
+def best_val(rec: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """The best evaluated round of a run by the validation primary metric (earliest on ties)."""
+    scored = [(primary_metric(p), -p["steps"], p) for p in rec["curve"][1:]]
+    scored = [s for s in scored if s[0] is not None]
+    if not scored:
+        return -math.inf, rec["curve"][0]
+    v, _, p = max(scored, key=lambda s: (s[0], s[1]))
+    return v, p
+
+
+def without_test(rec: dict[str, Any]) -> dict[str, Any]:
+    return {**rec, "curve": [{k: v for k, v in p.items() if not k.startswith("test_")}
+                             for p in rec["curve"]]}
+
+
+def judge(seeds: list[dict[str, Any]], fo: list[dict[str, Any]]) -> dict[str, Any]:
+    """The learning issue's centralized targets, read off the picked setting's seeds."""
+    out: dict[str, Any] = {}
+    gains = []
+    for rec in seeds:
+        c = rec["curve"]
+        within = [p for p in c if p["forwards"] <= 600]
+        gains.append({"seed": rec["seed"], "forwards": within[-1]["forwards"],
+                      "test_auc_gain": within[-1]["test_auc"] - c[0]["test_auc"],
+                      "test_best_shift_gain": (within[-1]["test_best_shift_accuracy"]
+                                               - c[0]["test_best_shift_accuracy"])})
+    out["per_seed_within_600_forwards"] = gains
+    out["auc_gain_at_least_0.05_every_seed_within_600"] = (
+        len(gains) == 3 and all(g["test_auc_gain"] >= 0.05 for g in gains))
+    out["best_shift_rises_every_seed"] = bool(gains) and all(
+        g["test_best_shift_gain"] > 0 for g in gains)
+    long_runs = [r for r in seeds if r["curve"][-1]["forwards"] >= 3000]
+    out["auc_gain_at_least_0.10_within_3000"] = (
+        None if not long_runs else all(
+            max(p["test_auc"] for p in r["curve"] if p["forwards"] <= 3000)
+            - r["curve"][0]["test_auc"] >= 0.10 for r in long_runs))
+    if fo:
+        f = fo[0]["curve"]
+        out["first_order_bound_test_auc_gain"] = f[-1]["test_auc"] - f[0]["test_auc"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plan", default="session", choices=list(PLANS))
+    ap.add_argument("--only", nargs="*", default=None, help="groups to run (default: all)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--plot-only", action="store_true")
+    args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads((RESULTS / "learning.json").read_text()))
+        return
+    bench, plan = Bench(args.threads), PLANS[args.plan]
+    groups: dict[str, Any] = {}
+    started = time.time()
+    for group, spec in plan.items():
+        if args.only is not None and group not in args.only:
+            continue
+        kind = spec[0]
+        if kind == "seeds":
+            grid = groups.get(spec[1])
+            if not grid or "pick" not in grid:
+                log(f"{group}: its grid {spec[1]} has not been picked yet; skipped")
+                continue
+            pick = grid["pick_settings"]
+            runs = [(pick["name"].replace("-seed0", f"-seed{s}"), {**pick["settings"], "seed": s})
+                    for s in spec[2]]
+        else:
+            runs = spec[1]
+        recs = []
+        for name, settings in runs:
+            recs.append(bench.read(bench.ensure(group, name, settings)))
+            groups[group] = summarize(group, kind, runs, recs)
+            save(args, plan, groups, started)
+    save(args, plan, groups, started)
+
+
+def summarize(group: str, kind: str, runs: list, recs: list[dict[str, Any]]) -> dict[str, Any]:
+    if kind != "grid":
+        return {"kind": kind, "runs": recs}
+    scored = [(best_val(r)[0], -r["lr"], i) for i, r in enumerate(recs)]
+    out: dict[str, Any] = {"kind": kind, "runs": [without_test(r) for r in recs],
+                           "rule": "highest validation primary metric at the run's best "
+                                   "evaluated round; ties: the smaller lr"}
+    if len(recs) == len(runs):  # pick only once the whole grid has run
+        _, _, i = max(scored)
+        v, p = best_val(recs[i])
+        out["pick"] = recs[i]["run"]
+        out["pick_val_metric"] = v
+        out["pick_best_round_steps"] = p["steps"]
+        out["pick_settings"] = {"name": runs[i][0], "settings": runs[i][1]}
+    return out
+
+
+def save(args, plan, groups: dict[str, Any], started: float) -> None:
+    import transformers
+
+    import fedmeerkat
+
+    seeds = next((g["runs"] for g in groups.values() if g["kind"] == "seeds"), [])
+    fo = next((g["runs"] for g in groups.values() if g["kind"] == "reference"), [])
+    data = {
+        "plan": args.plan, "base": BASE,
+        "versions": {"fedmeerkat": fedmeerkat.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__,
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                     "platform": platform.platform()},
+        "groups": groups,
+        "targets_centralized": judge(seeds, fo) if len(seeds) else None,
+        "not_run": {"groups_of_the_full_plan": [g for g in PLANS["full"] if g not in groups],
+                    "grid_points_of_the_full_plan": [
+                        n for g, s in PLANS["full"].items() if s[0] == "grid"
+                        for n, _ in s[1] if not (RUNS / g / n / "summary.json").exists()]},
+        "wall_seconds_this_invocation": round(time.time() - started, 1),
+    }
+    write_result("learning", data)
+    plot(data)
+
+
+def plot(data: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, split in zip(axes, ("val", "test"), strict=True):
+        for group, g in data["groups"].items():
+            for r in g["runs"]:
+                pts = [p for p in r["curve"] if p.get(f"{split}_auc") is not None]
+                if not pts:
+                    continue
+                label = (f"{'FO-SGD' if r['method'] == 'fedavg-backprop' else 'ZO'} lr {r['lr']:g}"
+                         f" seed {r['seed']}")
+                ax.plot([p["forwards"] for p in pts], [p[f"{split}_auc"] for p in pts],
+                        marker="o", label=label, linestyle="--" if group.endswith("fo") else "-")
+        ax.set_title(f"rotten_tomatoes, one client: {'validation' if split == 'val' else 'test'}"
+                     " ROC-AUC")
+        ax.set_xlabel("forward passes of 16 examples (first order: forward+backward)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("ROC-AUC")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = ROOT / "docs" / "learning.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Model selection never reads test: the validation split (disjoint from train and test, seeded,
+stratified, before partitioning), validation in every evaluation, the best round and lr=auto
+chosen on it, and benchmarks/learning.py's pick and resume. Mechanics only, not figures."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+import torch
+
+from fedmeerkat.cli.main import main
+from fedmeerkat.config import ConfigError, load_config
+from fedmeerkat.runners.simulation import best_round, gain_verdict
+from fedmeerkat.runners.tune import search_lr
+from fedmeerkat.tasks import load_task
+from fedmeerkat.tasks.common import with_validation
+from fedmeerkat.tasks.splits import validation_split
+from tests.test_cli import _args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_validation_split_is_seeded_stratified_capped_and_keeps_the_rest_for_training():
+    labels = np.array([0] * 700 + [1] * 300)
+    tr, va = validation_split(labels, 0.1, None, split_seed=4)
+    assert len(va) == 100 and len(tr) == 900 and not set(tr) & set(va)
+    assert sorted(np.r_[tr, va]) == list(range(1000))  # nothing dropped
+    assert (labels[va] == 1).sum() == 30  # stratified
+    again, va2 = validation_split(labels, 0.1, None, split_seed=4)
+    assert np.array_equal(va, va2) and np.array_equal(tr, again)
+    assert not np.array_equal(va, validation_split(labels, 0.1, None, split_seed=5)[1])
+    tr, va = validation_split(labels, 0.1, 40, split_seed=4)  # the cap returns the rest
+    assert len(va) == 40 and len(tr) == 960
+    tr, va = validation_split(labels, 0.0, None, split_seed=4)
+    assert len(va) == 0 and len(tr) == 1000
+
+
+def test_task_validation_is_disjoint_from_train_and_test():
+    task = with_validation(load_task("bbc_news", split_seed=1), 0.1, 50, split_seed=1)
+    text = lambda e: e.fields["text"]  # noqa: E731
+    train, val, test = ({text(e) for e in s} for s in (task.train, task.val, task.test))
+    assert len(task.val) == 50 and not train & val and not val & test
+    assert len({e.label for e in task.val}) == 5  # every class kept
+
+
+def test_validation_keys_are_checked():
+    with pytest.raises(ConfigError, match="val_fraction"):
+        load_config(None, ["val_fraction=1"])
+    with pytest.raises(ConfigError, match="lr_auto: needs a validation split"):
+        load_config(None, ["lr=auto", "val_fraction=0"])
+    with pytest.raises(ConfigError, match="lr_auto: searches plain ZO-SGD"):
+        load_config(None, ["lr=auto", "method=fedavg-backprop"])
+    with pytest.raises(ConfigError, match="lr_auto_grid"):
+        load_config(None, ["lr=auto", "lr_auto_grid=[]"])
+    cfg = load_config(None, ["lr=auto"])
+    assert cfg.lr_auto and cfg.lr == 1e-4
+
+
+def test_run_evaluates_validation_and_picks_the_best_round_on_it(
+        tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, out, "val_fraction=0.25",
+                      "eval_every=1")) == 0
+    printed = capsys.readouterr().out
+    assert "verdict:" in printed and "validation (16 examples)" in printed
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_examples"] == 16 and r["val_accuracy"] is not None for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    partition = json.loads((out / "partition.json").read_text())
+    assert summary["val_examples"] == 16 and sum(partition["sizes"]) == 64 - 16
+    assert summary["train_examples"] == 48
+    assert summary["best_val_round"] == best_round(records)["best_val_round"]
+
+
+def test_best_round_reads_validation_only():
+    recs = [{"round": r, "test_accuracy": 0.5, "val_auc": v, "test_auc": t}
+            for r, v, t in ((0, 0.6, 0.9), (1, 0.8, 0.1), (2, 0.8, 0.2), (3, 0.7, 0.95))]
+    best = best_round(recs)
+    assert best["best_val_round"] == 1 and best["best_val_round_test_auc"] == 0.1  # earliest tie
+    assert best_round([{"round": 0, "test_accuracy": 0.5, "val_auc": None}]) == {}
+
+
+def test_gain_verdict_tells_learning_from_recalibration():
+    before = {"test_accuracy": 0.58, "test_auc": 0.73}
+    assert gain_verdict(before, {"test_accuracy": 0.60, "test_auc": 0.78}).startswith("learning")
+    assert gain_verdict(before, {"test_accuracy": 0.66, "test_auc": 0.72}).startswith("recalib")
+    assert gain_verdict(before, {"test_accuracy": 0.58, "test_auc": 0.735}).startswith("no gain")
+
+
+class _Scalar:
+    """A one-coordinate 'model': loss (theta - 1)^2, validation metric -|theta - 1|."""
+
+    def __init__(self):
+        self.theta = torch.zeros(1)
+        self.device = torch.device("cpu")
+
+    def write(self, theta):
+        self.theta = theta.clone()
+
+
+def test_search_lr_picks_by_validation_and_leaves_the_model_untrained():
+    view = _Scalar()
+    theta0 = torch.zeros(1)
+    seen_train = []
+
+    def loss(ids):
+        seen_train.append(ids)
+        return float((view.theta - 1) ** 2)
+
+    def val():
+        return {"val_auc": -float(abs(view.theta - 1)), "val_accuracy": 0.5}
+
+    found = search_lr(view=view, theta0=theta0, train_loss=loss, num_train=10,
+                      evaluate_val=val, grid=[1e-6, 1e-2, 1e-4], steps=20, batch_size=2,
+                      eps=1e-3, seed=0, log=lambda m: None)
+    assert found["lr"] == 1e-2 and found["improves_on_untrained"]
+    assert [c["lr"] for c in found["candidates"]] == [1e-6, 1e-4, 1e-2]
+    assert float(view.theta) == 0.0  # the run starts from the untrained model
+    # every candidate saw the same batches
+    per = len(seen_train) // 3
+    assert all(np.array_equal(a, b) for a, b in zip(seen_train[:per], seen_train[per:2 * per],
+                                                     strict=True))
+
+
+def test_lr_auto_run_saves_its_pick_resumably_and_never_reads_test(
+        tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path, capsys):
+    searches = []
+    for max_test in (4, 12):  # another test set, same train and validation
+        out = tmp_path / f"run{max_test}"
+        assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, out, "lr=auto",
+                          "lr_auto_grid=[1e-3, 1e-1]", "lr_auto_steps=2", "rounds=1",
+                          "val_fraction=0.25", f"max_test={max_test}")) == 0
+        found = json.loads((out / "lr_search.json").read_text())
+        cfg = load_config(out / "config.toml")
+        assert not cfg.lr_auto and cfg.lr == found["lr"]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["lr"] == found["lr"] and summary["test_examples"] == max_test
+        searches.append([(c["lr"], c["val_metric"]) for c in found["candidates"]])
+    assert searches[0] == searches[1]
+    assert "lr=auto: searching" in capsys.readouterr().err
+
+
+def _learning_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("learning_bench", ROOT / "benchmarks" / "learning.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rec(run, lr, vals):
+    return {"run": run, "lr": lr, "seed": 0, "method": "meerkat",
+            "curve": [{"steps": 50 * i, "forwards": 100 * i, "val_auc": v,
+                       "test_auc": 1 - v} for i, v in enumerate(vals)]}
+
+
+def test_learning_benchmark_picks_on_validation_and_hides_grid_test():
+    lb = _learning_module()
+    runs = [("a", {"lr": 1e-4}), ("b", {"lr": 3e-4})]
+    g = lb.summarize("grid", "grid", runs, [_rec("a", 1e-4, [0.7, 0.78]),
+                                           _rec("b", 3e-4, [0.7, 0.74])])
+    assert g["pick"] == "a" and g["pick_settings"]["name"] == "a"
+    assert all("test_auc" not in p for r in g["runs"] for p in r["curve"])
+    partial = lb.summarize("grid", "grid", runs, [_rec("a", 1e-4, [0.7, 0.78])])
+    assert "pick" not in partial  # no pick before the whole grid ran
+
+
+def test_learning_benchmark_resumes_and_does_not_rerun(
+        tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path, monkeypatch):
+    lb = _learning_module()
+    monkeypatch.setattr(lb, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    monkeypatch.setattr(lb, "BASE", {
+        "model": tiny_model_dir, "task": "local", "data_files": sentiment_csv,
+        "template": "{sentence} so it was", "label_words": [" bad", " good"],
+        "calib_corpus": calib_txt, "calib_sequences": 4, "calib_seq_len": 32, "density": 0.01,
+        "batch_size": 4, "val_fraction": 0.25, "max_val": 0, "clients": 1, "partition": "iid",
+        "rounds": 2, "local_steps": 2, "eval_every": 1, "lr": 1e-3, "seed": 0})
+    bench = lb.Bench(threads=0)
+    calls = []
+    real_run = lb.run
+
+    def interrupted(cfg, **kw):  # dies after its first round's checkpoint
+        calls.append(kw.get("resume", False))
+        if kw.get("resume"):
+            return real_run(cfg, **kw)
+        real_run(dataclasses.replace(cfg, rounds=1), **kw)
+        (Path(cfg.out) / "summary.json").unlink()  # as if killed after round 1 of 2
+        (Path(cfg.out) / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lb, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.ensure("g", "r", {})
+    out = bench.ensure("g", "r", {})  # resumed from round 1's checkpoint
+    assert calls == [False, True]
+    rec = bench.read(out)
+    assert [p["steps"] for p in rec["curve"]] == [0, 2, 4] and rec["curve"][-1]["forwards"] == 8
+    monkeypatch.setattr(lb, "run", lambda *a, **k: pytest.fail("a finished run ran again"))
+    assert bench.ensure("g", "r", {}) == out
+    with pytest.raises(SystemExit, match="another config"):
+        bench.ensure("g", "r", {"lr": 1e-2})

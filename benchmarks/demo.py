@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="", help="run folder (default: a new temporary one)")
+    ap.add_argument("--fresh-cache", action="store_true",
+                    help="a new empty cache, so the wall time includes converting the model and "
+                         "computing the mask, as on a fresh machine")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args()
+    if args.fresh_cache:
+        os.environ["FEDMEERKAT_CACHE"] = tempfile.mkdtemp(prefix="demo-cache-")
     out = args.out or str(Path(tempfile.mkdtemp(prefix="demo-")) / "run")
     cfg = load_config(str(ROOT / "configs" / "demo.toml"), [*args.overrides, f"out={out}"])
     start = time.time()
@@ -37,16 +43,19 @@ def main() -> None:
     records = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rounds = [{k: r.get(k) for k in ("round", "train_loss", "test_accuracy", "test_loss",
                                       "predicted_share", "test_auc", "test_macro_f1",
-                                      "test_best_shift_accuracy", "bytes_up", "bytes_down")}
+                                      "test_best_shift_accuracy", "val_accuracy", "val_auc",
+                                      "val_best_shift_accuracy", "bytes_up", "bytes_down")}
               for r in records]
     if not args.out:  # a temporary folder of this machine: not part of the result
         summary["out"] = "<temporary folder>"
     write_result("demo", {"config": "configs/demo.toml", "overrides": args.overrides,
-                          "wall_seconds": round(wall, 1), "summary": summary, "rounds": rounds})
+                          "wall_seconds": round(wall, 1), "fresh_cache": args.fresh_cache,
+                          "summary": summary, "rounds": rounds})
     for r in rounds:
         if r["test_accuracy"] is not None:
             print(f"round {r['round']}: test accuracy {r['test_accuracy']:.3f}, AUC "
                   f"{r['test_auc']}, best-shift accuracy {r['test_best_shift_accuracy']}")
+    print(f"verdict: {summary['gain']}")
     print(f"wall {wall:.0f} s, mask: {summary['mask_source']}")
 
 

@@ -207,3 +207,11 @@ def test_learning_benchmark_resumes_and_does_not_rerun(
     assert bench.ensure("g", "r", {}) == out
     with pytest.raises(SystemExit, match="another config"):
         bench.ensure("g", "r", {"lr": 1e-2})
+
+
+def test_lr_auto_is_refused_for_deployment(tmp_path):
+    from fedmeerkat.deploy.meerkat import prepare_run
+
+    with pytest.raises(ConfigError, match="simulation only"):
+        prepare_run(load_config(None, ["lr=auto", f"out={tmp_path / 'r'}"]))
+    assert not (tmp_path / "r").exists()

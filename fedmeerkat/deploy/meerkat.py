@@ -430,6 +430,9 @@ def prepare_run(cfg, quiet: bool = False) -> Path:
     if get_method(cfg.method).space(cfg.method_settings) != "mask":
         raise ConfigError(f"method: {cfg.method} trains no Meerkat mask; deployment runs the "
                           "methods that do (the server replays mask-sized vectors)")
+    if cfg.lr_auto:  # the search trains a pilot on pooled examples: only a simulation has them
+        raise ConfigError("lr_auto: simulation only (the search trains on the pooled training "
+                          "data); run it with `fedmeerkat run` and deploy with its lr=")
     cfg, out = open_run_folder(cfg, resume=False)
     prep = prepare(cfg)
     parts = partition(prep.train_labels, cfg.clients, cfg.partition, alpha=cfg.alpha,

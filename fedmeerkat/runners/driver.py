@@ -185,7 +185,10 @@ class RoundDriver:
             self.log(f"round {r}: train loss {outcome.train_loss:.4f}, test accuracy "
                      f"{result['test_accuracy']:.4f} (predicted share "
                      f"{'/'.join(f'{s:.2f}' for s in result['predicted_share'])}; "
-                     f"{format_metrics(result)})")
+                     f"{format_metrics(result)})"
+                     + (f"; validation accuracy {result['val_accuracy']:.4f}, "
+                        f"{format_metrics(result, 'val_')}"
+                        if result.get("val_accuracy") is not None else ""))
         if outcome.arrays:  # compact per-round trajectories (e.g. GradIP per client and step)
             self.save_arrays(r, outcome.arrays)
         self.append_metrics(record)

@@ -339,8 +339,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
             return None
         view.write(server.theta)
         last = evaluate_splits(prep, cfg)
-        bar.write(f"round {r}: {format_evaluation(last)}", file=sys.stderr)
-        return last
+        return last  # the driver logs it
 
     host = ClientHost(get_method(cfg.method), cfg.method_settings, settings,
                       SharedModel(prep, view), {s.client_id: s for s in states}, on_step)

@@ -121,9 +121,10 @@ def planned_config(settings: dict[str, Any], out: Path):
 
 
 def same_config(out: Path, cfg) -> bool:
-    have = tomllib.loads((out / "config.toml").read_text())
+    # resolved through the config (keys added since the run was written take their defaults)
+    have = load_run_config(out).to_dict()
     want = cfg.to_dict()
-    return all(have.get(k) == v for k, v in want.items() if k != "out")
+    return all(have.get(k) == v for k, v in want.items() if k not in ("out", "mask"))
 
 
 class Bench:

@@ -28,16 +28,17 @@ experiments: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python experiments/claims.py
 	$(BIN)/python experiments/results_md.py
 
-# Every result file of benchmarks/ and experiments/ again (a few hours on 2 cores; the FLARE
+# Every result file of benchmarks/ and experiments/ again (several hours on 2 cores; the FLARE
 # benchmarks need unprivileged user namespaces, see docs/deploy.md).
 results: install
 	cd benchmarks && for cmd in "bytes.py" "step_cost.py" "device.py" "memory.py" \
 	    "memory.py --model smollm2-135m --seq 64 --out results/memory_smollm2.json" \
-	    "clients_memory.py --repeats 5" "server_cost.py" "demo.py" "fault_suite.py" \
+	    "clients_memory.py --repeats 5" "server_cost.py" "demo.py --fresh-cache" "fault_suite.py" \
 	    "deploy_overhead.py" "deploy_overhead.py --payload-bytes 424704" "deploy_smollm2.py"; do \
 	  echo "== $$cmd"; OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python $$cmd || exit 1; done
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --fresh && \
 	  ATEN_CPU_CAPABILITY=avx2 OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --only demo --tag avx2
+	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python learning.py
 	$(MAKE) experiments
 
 lint: install

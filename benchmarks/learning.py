@@ -38,6 +38,7 @@ docs/learning.png (validation and test ROC-AUC against forwards).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import platform
@@ -66,6 +67,7 @@ CENTRAL = {"task": "rotten_tomatoes", "clients": 1, "partition": "iid"}
 # 300 ZO steps (600 forwards of 16) as 6 rounds of 50, evaluated after every 100 steps
 ZO_300 = {"rounds": 6, "local_steps": 50, "eval_every": 2}
 METRICS = ("accuracy", "auc", "macro_f1", "best_shift_accuracy")
+LONG_REVIEWS = RUNS / "data" / "long_reviews.csv"  # benchmarks/long_reviews.py builds it
 
 
 def lr_name(lr: float) -> str:
@@ -109,6 +111,15 @@ PLANS["full"] = {
     "rt-central-lora-fedzo": ("grid", [zo_run(lr, method="lora-fedzo") for lr in (1e-4, 1e-3)]),
     "bbc-central-grid": ("grid", [zo_run(lr, task="bbc_news", max_length=128)
                                   for lr in (1e-4, 3e-4)]),
+    # the whole user path, unchanged settings plus lr=auto: bbc_news and long local texts
+    "auto": ("reference", [
+        ("auto-bbc_news-seed0", {**CENTRAL, **ZO_300, "task": "bbc_news", "max_length": 128,
+                                 "lr": "auto", "seed": 0}),
+        ("auto-long-reviews-seed0", {**CENTRAL, **ZO_300, "task": "local",
+                                     "data_files": str(LONG_REVIEWS), "max_length": 192,
+                                     "template": "{text} Overall, the critics found it",
+                                     "label_words": [" terrible", " great"], "lr": "auto",
+                                     "seed": 0})]),
 }
 
 
@@ -124,7 +135,9 @@ def same_config(out: Path, cfg) -> bool:
     # resolved through the config (keys added since the run was written take their defaults)
     have = load_run_config(out).to_dict()
     want = cfg.to_dict()
-    return all(have.get(k) == v for k, v in want.items() if k not in ("out", "mask"))
+    # lr=auto runs hold their pick (lr, lr_auto = false) once the search is done
+    skip = ("out", "mask", "lr", "lr_auto") if want["lr_auto"] else ("out", "mask")
+    return all(have.get(k) == v for k, v in want.items() if k not in skip)
 
 
 class Bench:
@@ -274,6 +287,14 @@ def main() -> None:
                         for n, o in spec[2]]
         else:
             runs = spec[1]
+        if group == "auto" and not LONG_REVIEWS.exists():
+            from long_reviews import corpus_rows, long_reviews
+
+            LONG_REVIEWS.parent.mkdir(parents=True, exist_ok=True)
+            with open(LONG_REVIEWS, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["text", "label"])
+                w.writerows(long_reviews(corpus_rows(), 100))
         recs = []
         for name, settings in runs:
             # the pick's seed-0 run is the grid's own run: read it there, not run again
@@ -306,8 +327,8 @@ def save(args, plan, groups: dict[str, Any], started: float) -> None:
 
     import fedmeerkat
 
-    seeds = next((g["runs"] for g in groups.values() if g["kind"] == "seeds"), [])
-    fo = next((g["runs"] for g in groups.values() if g["kind"] == "reference"), [])
+    seeds = groups.get("rt-central-seeds", {}).get("runs", [])
+    fo = groups.get("rt-central-fo", {}).get("runs", [])
     data = {
         "plan": args.plan, "base": BASE,
         "versions": {"fedmeerkat": fedmeerkat.__version__, "torch": torch.__version__,

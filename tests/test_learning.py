@@ -215,3 +215,16 @@ def test_lr_auto_is_refused_for_deployment(tmp_path):
     with pytest.raises(ConfigError, match="simulation only"):
         prepare_run(load_config(None, ["lr=auto", f"out={tmp_path / 'r'}"]))
     assert not (tmp_path / "r").exists()
+
+
+def test_long_reviews_are_long_and_share_no_snippet():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from long_reviews import corpus_rows, long_reviews
+
+    rows = [r for r in corpus_rows() if r["movie_name"] < "b"]  # a slice: quick
+    reviews = long_reviews(rows, 100)
+    assert reviews and all(len(t.split()) >= 100 for t, _ in reviews)
+    assert {label for _, label in reviews} == {0, 1}
+    snippets = [" ".join(r["text"].split()) for r in rows if r["category"] != "plot"]
+    for s in snippets[:200]:
+        assert sum(s in t for t, _ in reviews) <= 1

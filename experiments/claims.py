@@ -8,7 +8,9 @@ Claim 3 (Sec. 3.3, Table 13): Meerkat-VP against Meerkat and random client selec
 Every run is an ordinary in-process simulation (runners.simulation.run) with the sizes of the
 suite file (default experiments/cpu.toml: its comments say why each value). Stages, in order:
   1. grid:   every Claim-1 arm at every lr of its grid, on `select_task` at seeds[0];
-  2. select: per arm, the lr with the lowest training loss in the last round (no test data);
+  2. select: per arm, the lr with the best last-round validation metric (ROC-AUC / macro-F1)
+             when the suite file carves validation (val_fraction > 0), else the lowest
+             last-round training loss (the committed cpu.toml run); never test data;
   3. claim1: every arm at its lr on every task and seed (grid runs are reused);
   4. claim2: the GradIP experiment (runners.gradip_experiment) per task and seed, at Meerkat's lr;
   5. claim3: meerkat-vp and meerkat-random-select at Meerkat's lr on every task and seed.
@@ -51,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedmeerkat.config import build_config, check_inputs  # noqa: E402
 from fedmeerkat.runners.gradip_experiment import run_gradip  # noqa: E402
-from fedmeerkat.runners.simulation import evaluated_part, run  # noqa: E402
+from fedmeerkat.runners.simulation import evaluated_part, primary_metric, run  # noqa: E402
 
 # Claim-1 arms: name -> what makes it that arm (on top of [base])
 ARMS: dict[str, dict[str, Any]] = {
@@ -143,6 +145,8 @@ class Suite:
                "method": summary["method"], "mask_kind": summary["mask_kind"],
                "trainable": summary["mask_nnz"], "forwards": 2 * steps,
                "final_train_loss": metrics[-1]["train_loss"],
+               # validation ROC-AUC / macro-F1 of the last round (None without validation)
+               "final_val_metric": primary_metric(metrics[-1], "val"),
                "train_loss": [r["train_loss"] for r in metrics[1:]],
                "wall_seconds": summary["wall_seconds"],
                "upload_bytes_per_client": summary["upload_bytes_per_client"],
@@ -154,9 +158,17 @@ class Suite:
         return rec
 
     def pick(self, arm: str) -> dict[str, Any]:
-        """The lr of `arm` with the lowest last-round training loss on the selection task."""
+        """The lr of `arm` on the selection task: the highest last-round validation metric
+        (ROC-AUC / macro-F1) when the suite carves a validation set, else (val_fraction = 0,
+        as in the committed cpu.toml run) the lowest last-round training loss."""
         task, seed = self.suite["select_task"], self.suite["seeds"][0]
         tried = [r for r in self.records if r["stage"] == "grid" and r["arm"] == arm]
+        if tried and all(r.get("final_val_metric") is not None for r in tried):
+            best = max(tried, key=lambda r: (r["final_val_metric"], -r["lr"]))
+            return {"arm": arm, "lr": best["lr"], "task": task, "seed": seed,
+                    "rule": "highest last-round validation metric",
+                    "val_metrics": {lr_name(r["lr"]): r["final_val_metric"] for r in tried},
+                    "losses": {lr_name(r["lr"]): r["final_train_loss"] for r in tried}}
         finite = [r for r in tried if r["final_train_loss"] is not None
                   and r["final_train_loss"] == r["final_train_loss"]
                   and abs(r["final_train_loss"]) != float("inf")]
@@ -164,6 +176,7 @@ class Suite:
             raise SystemExit(f"{arm}: no grid run on {task} seed {seed} finished with a finite loss")
         best = min(finite, key=lambda r: r["final_train_loss"])
         return {"arm": arm, "lr": best["lr"], "task": task, "seed": seed,
+                "rule": "lowest last-round training loss",
                 "losses": {lr_name(r["lr"]): r["final_train_loss"] for r in tried}}
 
     def grid(self) -> None:
@@ -240,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     suite.grid()  # always: the picks need it (finished runs are read, not re-run)
     picks = {arm: suite.pick(arm) for arm in ARMS}
     for arm, p in picks.items():
-        log(f"pick {arm}: lr {p['lr']:g} (last-round training loss by lr: {p['losses']})")
+        log(f"pick {arm}: lr {p['lr']:g} ({p['rule']}; by lr: "
+            f"{p.get('val_metrics', p['losses'])})")
     meerkat_lr = picks["meerkat"]["lr"]
     gradip: list[dict[str, Any]] = []
     if "claim1" in args.stages:

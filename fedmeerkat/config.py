@@ -46,6 +46,10 @@ DTYPES = tuple(_MODEL_DTYPES)
 WEIGHTINGS = ("samples", "uniform")
 MASK_KINDS = ("calibration", "weight-magnitude", "random", "task", "union")
 
+# methods whose client step is plain two-point ZO-SGD on the run's space: what lr=auto's
+# search (runners/tune.py) runs
+LR_SEARCHABLE = ("meerkat", "meerkat-vp", "meerkat-random-select", "full-fedzo", "lora-fedzo")
+
 __all__ = ["ConfigError", "RunConfig", "build_config", "describe", "load_config"]
 
 
@@ -248,11 +252,9 @@ def validate_combination(cfg: RunConfig) -> None:
         raise ConfigError(f"reply_bound: must be 0 (off) or >= 1, got {cfg.reply_bound!r} "
                           "(below 1 it would leave out half of every round)")
     if cfg.lr_auto:
-        from fedmeerkat.runners.tune import SEARCHABLE  # torch-free
-
-        if cfg.method not in SEARCHABLE:
+        if cfg.method not in LR_SEARCHABLE:
             raise ConfigError(f"lr_auto: searches plain ZO-SGD steps; method={cfg.method} is "
-                              f"not one (use {', '.join(SEARCHABLE)}, or give lr=)")
+                              f"not one (use {', '.join(LR_SEARCHABLE)}, or give lr=)")
         if not cfg.val_fraction:
             raise ConfigError("lr_auto: needs a validation split (val_fraction > 0); it never "
                               "reads test data")

@@ -153,3 +153,16 @@ def test_verdicts_follow_the_stated_rules(holds, tmp_path):
 def test_gradip_drop_is_first_third_over_last_third():
     assert results_md.gradip_drop([6, 6, 3, 3, 1, -1]) == 6.0
     assert results_md.gradip_drop([1, 1, 1]) == 1.0
+
+
+def test_pick_reads_validation_when_the_suite_has_it(tmp_path):
+    spec = {"base": {}, "tasks": {}, "suite": {"select_task": "t", "seeds": [0]},
+            "grids": {arm: [1e-4] for arm in claims.ARMS}}
+    suite = claims.Suite(spec, tmp_path, {})
+    rec = {"stage": "grid", "arm": "meerkat"}
+    suite.records = [{**rec, "lr": 1e-4, "final_train_loss": 0.70, "final_val_metric": 0.80},
+                     {**rec, "lr": 1e-3, "final_train_loss": 0.50, "final_val_metric": 0.60}]
+    assert suite.pick("meerkat")["lr"] == 1e-4  # training loss would take 1e-3
+    for r in suite.records:
+        r["final_val_metric"] = None  # no validation set: the training-loss rule
+    assert suite.pick("meerkat")["lr"] == 1e-3

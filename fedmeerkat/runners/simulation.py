@@ -54,7 +54,7 @@ from fedmeerkat.runners.run_folder import (
     write_json_atomic,
 )
 from fedmeerkat.runners.spaces import build_space
-from fedmeerkat.runners.tune import search_cost, search_lr
+from fedmeerkat.runners.tune import primary_metric, search_cost, search_lr
 from fedmeerkat.tasks import load_task
 from fedmeerkat.tasks.base import TaskData
 from fedmeerkat.tasks.common import with_validation
@@ -440,16 +440,6 @@ def format_evaluation(rec: dict[str, Any]) -> str:
         text += (f"; validation accuracy {rec['val_accuracy']:.4f}, "
                  f"{format_metrics(rec, 'val_')}")
     return text
-
-
-def primary_metric(rec: dict[str, Any], split: str = "val") -> float | None:
-    """The one number model selection compares: ROC-AUC with two classes, macro-F1 with more
-    (both threshold-free, so a pure recalibration cannot win), accuracy where neither exists."""
-    for k in ("auc", "macro_f1", "accuracy"):
-        v = rec.get(f"{split}_{k}")
-        if v is not None:
-            return float(v)
-    return None
 
 
 def best_round(records: list[dict[str, Any]]) -> dict[str, Any]:

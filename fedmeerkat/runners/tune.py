@@ -31,8 +31,16 @@ from fedmeerkat.zo.seeds import mix
 
 _LR_SEARCH_TAG = 0x6C72  # seed-stream domain of the search's batches and z ("lr")
 
-# methods whose client step is plain two-point ZO-SGD on the run's space (what the search runs)
-SEARCHABLE = ("meerkat", "meerkat-vp", "meerkat-random-select", "full-fedzo", "lora-fedzo")
+
+
+def primary_metric(rec: dict[str, Any], split: str = "val") -> float | None:
+    """The one number model selection compares: ROC-AUC with two classes, macro-F1 with more
+    (both threshold-free, so a pure recalibration cannot win), accuracy where neither exists."""
+    for k in ("auc", "macro_f1", "accuracy"):
+        v = rec.get(f"{split}_{k}")
+        if v is not None:
+            return float(v)
+    return None
 
 
 def search_cost(grid: list[float], steps: int, batch_size: int, val_examples: int) -> str:
@@ -47,8 +55,6 @@ def search_lr(*, view, theta0, train_loss: Callable[[np.ndarray], float], num_tr
               log: Callable[[str], object]) -> dict[str, Any]:
     """Run the search; the model is left at theta0. Returns the record saved as
     lr_search.json: every candidate's validation metrics, the winner and the rule."""
-    from fedmeerkat.runners.simulation import primary_metric  # the one selection metric
-
     view.write(theta0)
     untrained = evaluate_val()
     candidates = []

@@ -45,7 +45,9 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> list[l
     the start of the text is what gets cut. A leading BOS token, if the tokenizer adds one,
     is kept.
     """
-    out = []
+    out: list[list[int]] = []
+    if not prompts:  # an empty split (no validation set): fast tokenizers fail on []
+        return out
     bos = tokenizer.bos_token_id
     for ids in tokenizer(list(prompts), add_special_tokens=True).input_ids:
         if len(ids) > max_length:

@@ -65,7 +65,7 @@ class RunConfig:
     template: str = _f("", "prompt template override, e.g. '{sentence} It was'")
     label_words: list = _f([], "label word per class override, e.g. [' terrible', ' great']")
     label_field: str = _f("label", "label column for local files")
-    max_train: int = _f(0, "cap on training examples, seeded subsample (0 = all)", min=0)
+    max_train: int = _f(0, "cap on the training pool (validation is carved from it), seeded subsample (0 = all)", min=0)
     max_test: int = _f(0, "cap on test examples, seeded subsample (0 = all)", min=0)
     test_fraction: float = _f(0.2, "test share when the data has no test split", gt=0, lt=1)
     val_fraction: float = _f(0.1, "validation share carved (seeded, stratified) from the training pool before partitioning; model selection (lr=auto, best round) reads it, never test (0 = none)", min=0, lt=1)

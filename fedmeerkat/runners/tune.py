@@ -5,16 +5,17 @@ loss is a bad guide (a large lr lowers it by recalibrating the label bias while 
 examples, ROC-AUC, gets worse). So each candidate lr trains a short centralized sparse-ZO path
 from the untrained model on the run's training examples (the same batches and the same z
 seeds for every candidate, so they differ in lr only), and the candidate with the best
-validation metric (ROC-AUC with two classes, macro-F1 otherwise: runners.simulation.
-primary_metric) wins; ties go to the smaller lr. Test data is never read.
+validation metric (ROC-AUC with two classes, macro-F1 otherwise: `primary_metric` below)
+wins; ties go to the smaller lr. Test data is never read.
 
 Cost, printed before it starts: len(lr_auto_grid) x lr_auto_steps x 2 forwards of batch_size
 examples, plus len(lr_auto_grid) + 1 evaluations of the validation set. With the defaults (4
 candidates x 40 steps) that is 320 forwards, about as many as 160 steps of the run itself.
 
 Bounded and short, so biased: a 40-step horizon favours a larger lr than a 1,000-step run
-would want. The grid's top is kept at 1e-3 for that reason (at 1e-3 sparse ZO already hurt
-ROC-AUC on rotten_tomatoes after 100 steps: benchmarks/results/learning.json).
+would want. The grid's top is kept at 1e-3 for that reason (at 1e-3, one client per round,
+sparse ZO had cut ROC-AUC on rotten_tomatoes from 0.734 to 0.519 after 100 steps:
+benchmarks/results/demo_sweep.json).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from fedmeerkat.zo import zo_step
 from fedmeerkat.zo.seeds import mix
 
 _LR_SEARCH_TAG = 0x6C72  # seed-stream domain of the search's batches and z ("lr")
-
 
 
 def primary_metric(rec: dict[str, Any], split: str = "val") -> float | None:

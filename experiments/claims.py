@@ -179,6 +179,22 @@ class Suite:
                 "rule": "lowest last-round training loss",
                 "losses": {lr_name(r["lr"]): r["final_train_loss"] for r in tried}}
 
+    def planned(self, stages: list[str]) -> tuple[int, int]:
+        """(runs, forwards) the suite plans, an upper bound: every sampled client runs T steps
+        of 2 forwards each round (Meerkat-VP runs fewer after its calibration)."""
+        per_run = {}
+        for task in self.tasks:
+            cfg = {**self.base, **self.tasks[task]}
+            per_round = int(cfg.get("clients_per_round") or cfg.get("clients", 1))
+            per_run[task] = per_round * int(cfg["rounds"]) * int(cfg["local_steps"]) * 2
+        select, n_seeds = self.suite["select_task"], len(self.suite["seeds"])
+        runs = [(select, sum(len(self.grids[a]) for a in ARMS))]
+        if "claim1" in stages:  # the select task's seed-0 runs are the grid's own
+            runs += [(t, len(ARMS) * (n_seeds - (t == select))) for t in self.tasks]
+        if "claim3" in stages:
+            runs += [(t, len(VP_ARMS) * n_seeds) for t in self.tasks]
+        return sum(n for _, n in runs), sum(per_run[t] * n for t, n in runs)
+
     def grid(self) -> None:
         task, seed = self.suite["select_task"], self.suite["seeds"][0]
         for arm, extra in ARMS.items():
@@ -249,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     suite = Suite(spec, runs, parse_sets(args.set))
     start = time.time()
     log(f"suite {spec_path.name}: run folders under {runs}")
+    n_runs, forwards = suite.planned(args.stages)
+    log(f"plan: {n_runs} runs, at most {forwards:,} forwards of batch_size "
+        f"{suite.base.get('batch_size')} (finished runs are read, not re-run)")
 
     suite.grid()  # always: the picks need it (finished runs are read, not re-run)
     picks = {arm: suite.pick(arm) for arm in ARMS}

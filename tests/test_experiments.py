@@ -88,6 +88,11 @@ def test_suite_runs_every_claim_and_resumes_without_rerunning(
     assert len(data["gradip"]) == 2 and all(len(c["gradip"]) == 3
                                             for g in data["gradip"] for c in g["clients"])
     assert data["versions"]["torch"] and data["machine"]["cpu_count"]
+    # the budget printed before the start is what ran (VP runs fewer steps after calibrating)
+    n_runs, forwards = claims.Suite(json.loads(json.dumps(data["suite"])), runs, {}).planned(
+        list(claims.STAGES))
+    assert n_runs == len({r["run"] for r in recs})
+    assert forwards >= sum({r["run"]: r["forwards"] for r in recs}.values())
 
     assert not list(runs.rglob("checkpoint*.safetensors"))  # finished runs keep no resume state
     summaries = sorted(runs.rglob("summary.json"))
@@ -166,3 +171,27 @@ def test_pick_reads_validation_when_the_suite_has_it(tmp_path):
     for r in suite.records:
         r["final_val_metric"] = None  # no validation set: the training-loss rule
     assert suite.pick("meerkat")["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("name", ["cpu.toml", "gpu.toml"])
+def test_shipped_suites_resolve_and_state_their_budget(name, tmp_path):
+    """Every run a shipped suite file plans builds a valid config (no model loaded), and the
+    planned budget is the runs it will make: gpu.toml at the paper's scale of steps."""
+    import tomllib
+    from pathlib import Path
+
+    spec = tomllib.loads((Path(claims.ROOT) / "experiments" / name).read_text())
+    suite = claims.Suite(spec, tmp_path, {})
+    for task in suite.tasks:
+        for arm, extra in {**claims.ARMS, **claims.VP_ARMS}.items():
+            lrs = suite.grids.get(arm, suite.grids["meerkat"])
+            cfg = suite.config(task, suite.suite["seeds"][0], {**extra, "lr": lrs[0]}, tmp_path)
+            assert cfg.lr == lrs[0]
+    n_runs, forwards = suite.planned(list(claims.STAGES))
+    if name == "gpu.toml":
+        b = spec["base"]
+        assert b["clients"] == 10 and b["rounds"] * b["local_steps"] >= 500
+        assert b["batch_size"] == 16 and b["val_fraction"] > 0
+        assert (n_runs, forwards) == (8, 8 * 10 * 500 * 2)
+    else:
+        assert n_runs == 57  # the committed claims.json's run count

@@ -172,6 +172,26 @@ def test_learning_benchmark_picks_on_validation_and_hides_grid_test():
     assert "pick" not in partial  # no pick before the whole grid ran
 
 
+def test_learning_benchmark_picks_the_best_worst_seed():
+    """A setting that wins at seed 0 but fails at another seed loses to one that learns at
+    every seed; settings run at fewer seeds are screening only."""
+    lb = _learning_module()
+
+    def rec(name, lr, seed, vals):
+        return {**_rec(f"runs/{name}", lr, vals), "seed": seed}
+
+    runs = [(f"zo-lr{lr}-seed{s}", {"lr": lr, "seed": s}) for lr in (1e-4, 3e-4) for s in (0, 1)]
+    runs.append(("zo-lr1e-3-seed0", {"lr": 1e-3, "seed": 0}))
+    vals = {(1e-4, 0): [0.70, 0.76], (1e-4, 1): [0.72, 0.77],
+            (3e-4, 0): [0.70, 0.80], (3e-4, 1): [0.72, 0.71], (1e-3, 0): [0.70, 0.90]}
+    recs = [rec(n, c["lr"], c["seed"], vals[(c["lr"], c["seed"])]) for n, c in runs]
+    g = lb.summarize("grid", "grid", runs, recs)
+    assert g["pick_settings"]["name"] == "zo-lr0.0001-seed0"
+    assert abs(g["pick_worst_seed_val_gain"] - 0.05) < 1e-9
+    by = {sc["setting"]: sc for sc in g["scores"]}
+    assert by["zo-lr1e-3"]["seeds"] == 1 and abs(by["zo-lr0.0003"]["worst"] + 0.01) < 1e-9
+
+
 def test_learning_benchmark_resumes_and_does_not_rerun(
         tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path, monkeypatch):
     lb = _learning_module()

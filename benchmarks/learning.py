@@ -64,6 +64,7 @@ RUNS = ROOT / "runs" / "learning"
 from fedmeerkat.config import build_config  # noqa: E402
 from fedmeerkat.runners.run_folder import load_run_config  # noqa: E402
 from fedmeerkat.runners.simulation import evaluated_part, primary_metric, run  # noqa: E402
+from fedmeerkat.zo import forwards_per_direction  # noqa: E402
 
 BASE: dict[str, Any] = {
     "model": "smollm2-135m", "batch_size": 16, "max_length": 48, "max_test": 1000,
@@ -186,19 +187,24 @@ class Bench:
         cfg = tomllib.loads((out / "config.toml").read_text())
         self.initial.setdefault((cfg["task"], cfg["seed"]), evaluated_part(records[0]))
         fo = cfg["method"] == "fedavg-backprop"
+        # a first-order step is one forward and one backward; a ZO step counts one per
+        # direction (client_steps counts seeds), 2 forwards each, or (P+1)/P one-sided
+        per = 1.0 if fo else forwards_per_direction(cfg.get("zo_estimator", "two-point"),
+                                                    cfg.get("perturbations", 1))
         curve, steps = [], 0
         for r in records:
             steps += sum(r.get("client_steps", {}).values()) if r["round"] else 0
             if r.get("test_accuracy") is None:
                 continue
-            curve.append({"round": r["round"], "steps": steps,
-                          # a first-order step is one forward and one backward
-                          "forwards": steps if fo else 2 * steps,
-                          "examples": steps * cfg["batch_size"] * (1 if fo else 2),
+            forwards = round(steps * per)
+            curve.append({"round": r["round"], "steps": steps, "forwards": forwards,
+                          "examples": forwards * cfg["batch_size"],
                           **{f"{s}_{m}": r.get(f"{s}_{m}") for s in ("val", "test")
                              for m in METRICS}})
         return {"run": str(out.relative_to(ROOT)), "task": cfg["task"], "seed": cfg["seed"],
                 "method": cfg["method"], "lr": cfg["lr"], "eps": cfg["eps"],
+                "perturbations": cfg.get("perturbations", 1),
+                "zo_estimator": cfg.get("zo_estimator", "two-point"),
                 "density": cfg["density"], "lr_schedule": cfg["lr_schedule"],
                 "batch_size": cfg["batch_size"], "clients": cfg["clients"],
                 "wall_seconds": summary["wall_seconds"], "curve": curve}

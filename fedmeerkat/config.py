@@ -39,6 +39,7 @@ from fedmeerkat.options import setting as _f
 from fedmeerkat.tasks import TASKS
 from fedmeerkat.zo.dense import is_dense_file
 from fedmeerkat.zo.mask import DEFAULT_ELIGIBLE, SparseMask
+from fedmeerkat.zo.step import ESTIMATORS
 
 METHODS = tuple(m.name for m in ordered())  # the registry's, in its order
 PARTITIONS = ("iid", "dirichlet", "dirichlet-client", "single-label", "mixed-single-label")
@@ -82,6 +83,8 @@ class RunConfig:
     lr_auto_grid: list = _f([3e-5, 1e-4, 3e-4, 1e-3], "candidate lrs of lr=auto")
     lr_auto_steps: int = _f(40, "centralized ZO steps per lr=auto candidate (x 2 forwards)", min=1)
     eps: float = _f(1e-3, "perturbation scale of the two-point estimate", gt=0)
+    perturbations: int = _f(1, "seeded directions per local step, estimated at the same weights on one batch and averaged (each uploads its scalar; plans carry T x P seeds)", min=1)
+    zo_estimator: str = _f("two-point", "two-point: 2 forwards a direction (MeZO); one-sided: f(w+eps z) - f(w) with one shared f(w), P+1 forwards a step (FZOO)", choices=ESTIMATORS)
     weighting: str = _f("samples", "FedAvg weights: by client sample count or uniform", choices=WEIGHTINGS)
     clients_per_round: int = _f(0, "clients sampled per round (0 = all)", min=0)
     downlink: str = _f("sparse-weights", "server -> client: the averaged sparse vector (paper) or T+1 aggregated scalars", choices=DOWNLINKS)
@@ -274,6 +277,14 @@ def validate_combination(cfg: RunConfig) -> None:
             check_common({k: getattr(cfg, k) for k in COMMON})
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if (cfg.perturbations != 1 or cfg.zo_estimator != "two-point") and not get_method(
+            cfg.method).server.directions_ok:
+        raise ConfigError(f"perturbations/zo_estimator: method={cfg.method} runs one two-point "
+                          "direction a step (use method=meerkat or lora-fedzo)")
+    if cfg.local_steps * cfg.perturbations > MAX_STEPS:
+        raise ConfigError(f"perturbations: local_steps x perturbations = "
+                          f"{cfg.local_steps * cfg.perturbations} seeds a round exceed "
+                          f"{MAX_STEPS}, the most the wire format encodes")
     downlinks = get_method(cfg.method).downlinks
     if cfg.downlink not in downlinks:
         raise ConfigError(f"downlink: method {cfg.method} needs downlink={' or '.join(downlinks)} "

@@ -74,6 +74,9 @@ RESTARTED = "scalars"  # the downlink whose run is stopped and resumed (the othe
 # round_timeout without its client, the job finishes, and a resumed job brings it back
 KILL = {"site": "site-2", "client": "2", "after_round": 1, "rounds": 3, "resume_to": 5,
         "round_timeout": 5}
+# a ZO variant (several directions a step, one-sided estimates) deployed: still seeds and
+# scalars only, so still bit-identical to the in-process run
+VARIANT = ["perturbations=3", "zo_estimator=one-sided", "downlink=scalars"]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,8 @@ def deployed_runs(tmp_path_factory, tiny_model_dir):
                                               f"rounds={FIRST if d == RESTARTED else LAST}"]),
                            quiet=True)
             for d in DOWNLINKS}
+    runs["variant"] = prepare_run(load_config(None, [*base, *VARIANT, f"out={root / 'variant'}",
+                                                     f"rounds={LAST}"]), quiet=True)
     killed = prepare_run(load_config(None, [*base, "downlink=scalars", f"out={root / 'killed'}",
                                             f"rounds={KILL['rounds']}",
                                             f"round_timeout={KILL['round_timeout']}"]), quiet=True)
@@ -118,7 +123,25 @@ def deployed_runs(tmp_path_factory, tiny_model_dir):
                                            f"mask={runs[d] / 'mask.safetensors'}",
                                            f"out={root / ('local-' + d)}"]), quiet=True)["out"])
              for d in DOWNLINKS}
+    local["variant"] = Path(run(load_config(None, [
+        *base, *VARIANT, f"rounds={LAST}", f"mask={runs['variant'] / 'mask.safetensors'}",
+        f"out={root / 'local-variant'}"]), quiet=True)["out"])
     return runs, local, result, killed
+
+
+def test_a_deployed_zo_variant_is_bit_identical_to_the_in_process_run(deployed_runs):
+    from safetensors.torch import load_file
+
+    runs, local, result, _ = deployed_runs
+    assert result["runs"][str(runs["variant"])]["status"] == "FINISHED:COMPLETED"
+    deployed = load_file(str(runs["variant"] / "final_state.safetensors"))["theta"]
+    assert torch.equal(deployed, load_file(str(local["variant"] / "final_state.safetensors"))["theta"])
+    assert not torch.equal(deployed, load_file(str(runs["variant"] / "initial_state.safetensors"))["theta"])
+    read = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (runs["variant"], local["variant"])]
+    keys = ("round", "train_loss", "test_auc", "bytes_up", "client_steps")
+    assert [{k: r.get(k) for k in keys} for r in read[0]] == [{k: r.get(k) for k in keys} for r in read[1]]
+    assert all(v == 2 * 3 for r in read[0][1:] for v in r["client_steps"].values())
 
 
 @pytest.mark.parametrize("downlink", DOWNLINKS)

@@ -284,6 +284,7 @@ def serve(flare, run_dir: str, site_clients: dict[str, list[int]], resume: bool 
                                                                   ("final", last))
            for k in ("auc", "macro_f1", "best_shift_accuracy")},
         "rounds": server.round, "clients": cfg.clients, "local_steps": cfg.local_steps,
+        "perturbations": cfg.perturbations, "zo_estimator": cfg.zo_estimator,
         "clients_per_round": cfg.clients_per_round or cfg.clients, "downlink": cfg.downlink,
         "density": mask.density, "mask_nnz": mask.nnz, "partition": cfg.partition,
         "upload_bytes_per_client": up / max(1, client_rounds),

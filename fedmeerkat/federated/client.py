@@ -19,7 +19,7 @@ import torch
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated.aggregate import Aggregate, apply_aggregate
 from fedmeerkat.federated.messages import ClientReply, RoundPlan
-from fedmeerkat.zo import SparseView, StepResult, zo_step
+from fedmeerkat.zo import SparseView, StepResult, zo_multi_step, zo_step
 
 
 class LocalModel(Protocol):
@@ -111,12 +111,22 @@ def run_client(
     weight_decay: float = 0.0,
     on_step: Callable[[StepResult], object] | None = None,
     update: Callable[[torch.Tensor, torch.Tensor, float, float], object] | None = None,
+    perturbations: int = 1,
+    estimator: str = "two-point",
 ) -> ClientReply:
     """Algorithm 2, step 1: T two-point steps from the global sparse vector; upload T scalars.
 
-    `update` replaces the plain SGD update (see zo.step.zo_step)."""
+    `update` replaces the plain SGD update (see zo.step.zo_step). With `perturbations` P > 1 or
+    the one-sided estimator, each step takes P consecutive seeds of the plan on one batch
+    (zo.step.zo_multi_step) and uploads one scalar per seed: plan.num_steps counts seeds."""
     if plan.num_steps > len(plan.seeds) or plan.num_steps > len(lr):
         raise ValueError(f"plan asks for {plan.num_steps} steps with {len(plan.seeds)} seeds")
+    if perturbations != 1 or estimator != "two-point":
+        if update is not None:
+            raise ValueError("an update hook runs one direction a step (perturbations=1)")
+        return _run_multi(state, plan, model, eps=eps, lr=lr, batch_size=batch_size,
+                          weight_decay=weight_decay, on_step=on_step,
+                          perturbations=perturbations, estimator=estimator)
     device = model.view.device  # theta, z and the update live with the model
     theta = sync_client(state, plan, device=device).clone()
     model.view.write(theta)
@@ -131,6 +141,41 @@ def run_client(
         losses.append(res.loss)
         if on_step is not None:
             on_step(res)
+    return ClientReply(
+        round=plan.round,
+        client_id=state.client_id,
+        scalars=scalars,
+        num_samples=state.num_samples,
+        train_loss=float(np.mean(losses)) if losses else float("nan"),
+        losses=losses,
+    )
+
+
+def _run_multi(state: ClientState, plan: RoundPlan, model: LocalModel, *, eps: float,
+               lr: Sequence[float], batch_size: int, weight_decay: float,
+               on_step: Callable[[StepResult], object] | None, perturbations: int,
+               estimator: str) -> ClientReply:
+    """run_client with P directions a step: plan.num_steps seeds in steps of P."""
+    p = perturbations
+    if p < 1 or plan.num_steps % p:
+        raise ValueError(f"plan asks for {plan.num_steps} seeds, not a multiple of "
+                         f"perturbations={p}")
+    device = model.view.device
+    theta = sync_client(state, plan, device=device).clone()
+    model.view.write(theta)
+    scalars: list[float] = []
+    losses: list[float] = []
+    for t in range(0, plan.num_steps, p):
+        ids = state.example_ids[state.pointer.next_batch(batch_size)]
+        results = zo_multi_step(model.view, theta, plan.seeds[t:t + p], eps=eps,
+                                lrs=lr[t:t + p], estimator=estimator,
+                                weight_decay=weight_decay,
+                                loss_fn=functools.partial(model.loss, ids))
+        for res in results:
+            scalars.append(res.g)
+            losses.append(res.loss)
+            if on_step is not None:
+                on_step(res)
     return ClientReply(
         round=plan.round,
         client_id=state.client_id,

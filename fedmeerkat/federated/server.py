@@ -71,15 +71,27 @@ class FedSettings:
     reply_bound: float = 100.0
     reply_bound_abs: float = 0.0
     reply_bound_action: str = "reject"
+    # directions per local step (zo.step.zo_multi_step) and how each is estimated. A step of P
+    # directions is P consecutive seeds ("virtual steps") of lr / P each to everything after
+    # the client: plans carry T * P seeds and replies T * P scalars.
+    perturbations: int = 1
+    estimator: str = "two-point"
+
+    @property
+    def seeds_per_round(self) -> int:
+        return self.local_steps * self.perturbations
 
     def lrs(self, round_idx: int, num_seeds: int | None = None) -> list[float]:
-        """Learning rate of each local step of a round with `num_seeds` seeds (default T): the
-        schedule counts T steps per round, and steps beyond T (Meerkat-VP's calibration round)
-        keep the round's last value. Client and server both derive it from the plan."""
+        """Learning rate of each seed of a round with `num_seeds` seeds (default T * P): the
+        schedule counts T steps per round, each step's lr is split over its P directions, and
+        seeds beyond T * P (Meerkat-VP's calibration round) keep the round's last value.
+        Client and server both derive it from the plan."""
         first = (round_idx - 1) * self.local_steps
         total = self.rounds * self.local_steps
-        base = [lr_at(self.lr, self.lr_schedule, first + t, total) for t in range(self.local_steps)]
-        n = self.local_steps if num_seeds is None else num_seeds
+        p = self.perturbations
+        base = [lr_at(self.lr, self.lr_schedule, first + t, total) / p
+                for t in range(self.local_steps) for _ in range(p)]
+        n = self.seeds_per_round if num_seeds is None else num_seeds
         return (base + [base[-1]] * max(0, n - len(base)))[:n]
 
 
@@ -102,6 +114,10 @@ class MeerkatServer:
     reply_type: type = ClientReply  # the reply message this method expects
     clip_ok = True  # False: reply_bound_action = "clip" rejects instead (see validate.py)
     acknowledges = False  # plans tell each client the last round its reply was applied
+    # perturbations > 1 / zo_estimator = one-sided (FedSettings): the client runs
+    # zo.step.zo_multi_step. False where a method's steps are not plain seeded ZO-SGD steps
+    # (its step counts, update hook or client routine assume one direction a step).
+    directions_ok = True
 
     def __init__(self, settings: FedSettings, theta0: torch.Tensor, client_sizes: list[int]):
         if not client_sizes or min(client_sizes) <= 0:
@@ -109,6 +125,10 @@ class MeerkatServer:
         if settings.downlink not in self.downlinks:
             raise ValueError(f"{self.method} needs downlink in {self.downlinks}, "
                              f"got {settings.downlink!r}")
+        if not self.directions_ok and (settings.perturbations != 1
+                                       or settings.estimator != "two-point"):
+            raise ValueError(f"{self.method} runs one two-point direction a step "
+                             "(perturbations=1, zo_estimator=two-point)")
         if settings.clients_per_round > len(client_sizes):
             raise ValueError(f"clients_per_round={settings.clients_per_round} exceeds "
                              f"{len(client_sizes)} clients")
@@ -144,10 +164,11 @@ class MeerkatServer:
         return sorted(int(k) for k in rng.choice(self.num_clients, size=m, replace=False))
 
     def steps_for(self, round_idx: int, client_id: int) -> int:
-        return self.settings.local_steps
+        """Seeds (scalars) client_id runs in the round: T, or T * P with P directions a step."""
+        return self.settings.seeds_per_round
 
     def seeds(self, round_idx: int) -> list[int]:
-        return round_seeds(self.settings.seed, round_idx, self.settings.local_steps)
+        return round_seeds(self.settings.seed, round_idx, self.settings.seeds_per_round)
 
     def update_seeds(self, round_idx: int) -> list[int]:
         """The seeds the round's update runs along: the plans' seeds, or a prefix of them when

@@ -37,9 +37,13 @@ class ClientHost:
         if plan.round != self._pool_round:  # round -> the one copy of that round's vector
             self._pool, self._pool_round = share_copies(list(self.states.values())), plan.round
         s = self.settings
+        # only methods whose server allows it see these (config.py and the server refuse the
+        # others), so routines of one direction a step need not take them
+        directions = ({"perturbations": s.perturbations, "estimator": s.estimator}
+                      if s.perturbations != 1 or s.estimator != "two-point" else {})
         reply = self.routine(state, plan, self.model, eps=s.eps,
                              lr=s.lrs(plan.round, len(plan.seeds)), batch_size=s.batch_size,
-                             weight_decay=s.weight_decay, on_step=self.on_step)
+                             weight_decay=s.weight_decay, on_step=self.on_step, **directions)
         share_copies([state], self._pool)  # memory flat in K (scalar downlink)
         return reply.to_bytes()
 

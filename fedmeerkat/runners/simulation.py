@@ -193,7 +193,8 @@ def settings_of(cfg: RunConfig) -> FedSettings:
                        clients_per_round=cfg.clients_per_round,
                        device=cfg.server_device or cfg.device, reply_bound=cfg.reply_bound,
                        reply_bound_abs=cfg.reply_bound_abs,
-                       reply_bound_action=cfg.reply_bound_action)
+                       reply_bound_action=cfg.reply_bound_action,
+                       perturbations=cfg.perturbations, estimator=cfg.zo_estimator)
 
 
 def evaluate_splits(prep: Prepared, cfg: RunConfig) -> dict[str, Any]:
@@ -373,6 +374,7 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
         **best_round(records),
         "gain": gain_verdict(initial, last),
         "rounds": server.round, "clients": cfg.clients, "local_steps": cfg.local_steps,
+        "perturbations": cfg.perturbations, "zo_estimator": cfg.zo_estimator,
         "clients_per_round": cfg.clients_per_round or cfg.clients, "downlink": cfg.downlink,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "eps": cfg.eps, "lr_schedule": cfg.lr_schedule,
         "density": mask.density, "mask_nnz": mask.nnz, "mask_source": mask_source,

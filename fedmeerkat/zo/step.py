@@ -63,6 +63,71 @@ def zo_step(
     return StepResult(g=g, loss_plus=loss_plus, loss_minus=loss_minus)
 
 
+ESTIMATORS = ("two-point", "one-sided")
+
+
+def forwards_per_direction(estimator: str, perturbations: int) -> float:
+    """Forward passes per seeded direction (per uploaded scalar)."""
+    if estimator == "two-point":
+        return 2.0
+    if estimator == "one-sided":
+        return (perturbations + 1) / perturbations
+    raise ValueError(f"unknown zo_estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+
+
+@torch.no_grad()
+def zo_multi_step(
+    view: SparseView,
+    theta: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    eps: float,
+    lrs: Sequence[float],
+    loss_fn: Callable[[], float],
+    estimator: str = "two-point",
+    weight_decay: float = 0.0,
+) -> list[StepResult]:
+    """One step along P = len(seeds) directions, all estimated at the same theta on the same
+    batch, then applied as P plain SGD updates in seed order (lrs: one per direction, the
+    step's lr / P, so the update is lr times the mean of the P estimates).
+
+    estimator "two-point": g_i = (f(theta+eps z_i) - f(theta-eps z_i)) / (2 eps), 2P forwards
+    (MeZO's n-SPSA; DeComFL's P perturbations). "one-sided": g_i = (f(theta+eps z_i) - f(theta))
+    / eps with the one baseline f(theta) shared by the P directions, P+1 forwards (FZOO's
+    batched one-sided estimate, without its step normalisation).
+
+    Each direction uploads its own scalar, and applying the P updates one after another is
+    exactly what the server's replay does with P consecutive seeds (zo.step.replay_many), so
+    the protocol, the virtual path and the scalar downlink stay those of plain Meerkat.
+    Memory: theta, its updated copy and one z, each nnz floats.
+    """
+    if len(seeds) != len(lrs) or not seeds:
+        raise ValueError(f"{len(seeds)} seeds for {len(lrs)} learning rates")
+    forwards_per_direction(estimator, len(seeds))  # checks the name
+    new = theta.clone()
+    base = None
+    if estimator == "one-sided":
+        view.write(theta)
+        base = float(loss_fn())
+    out = []
+    for seed, lr in zip(seeds, lrs, strict=True):
+        z = draw_z(seed, theta.numel(), device=theta.device)
+        view.write(theta + eps * z)
+        loss_plus = float(loss_fn())
+        if base is None:
+            view.write(theta - eps * z)
+            loss_minus = float(loss_fn())
+            g = to_float32((loss_plus - loss_minus) / (2.0 * eps))
+        else:
+            loss_minus = base
+            g = to_float32((loss_plus - base) / eps)
+        sgd_update(new, z, g, lr, weight_decay)
+        out.append(StepResult(g=g, loss_plus=loss_plus, loss_minus=loss_minus))
+    theta.copy_(new)
+    view.write(theta)
+    return out
+
+
 def _lr_at(lr: float | Sequence[float], t: int) -> float:
     return float(lr) if isinstance(lr, int | float) else float(lr[t])
 

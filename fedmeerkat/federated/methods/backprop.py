@@ -88,6 +88,7 @@ def run_client_backprop(
 
 
 class BackpropServer(MeerkatServer):
+    directions_ok = False
     method = "fedavg-backprop"
     downlinks = ("sparse-weights",)  # a first-order update is not along seeded directions
 

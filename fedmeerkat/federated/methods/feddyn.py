@@ -154,6 +154,7 @@ def replay_feddyn(theta_g: torch.Tensor, seeds: Sequence[int], scalars: Sequence
 
 
 class FedDynServer(MeerkatServer):
+    directions_ok = False
     method = "meerkat-feddyn"
     downlinks = ("sparse-weights",)  # the server's h/alpha correction is not along seeded directions
     acknowledges = True  # clients commit h_k updates only for applied rounds

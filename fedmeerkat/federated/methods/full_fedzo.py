@@ -41,6 +41,7 @@ from fedmeerkat.zo.step import StepResult
 
 
 class FullFedZOServer(MeerkatServer):
+    directions_ok = False
     method = "full-fedzo"
 
     def __init__(self, settings: FedSettings, theta0: torch.Tensor, client_sizes: list[int],

@@ -114,6 +114,7 @@ class VPSettings:
 
 
 class VPServer(MeerkatServer):
+    directions_ok = False
     method = "meerkat-vp"
     selection = "gradip"  # who is early-stopped: the flagged clients
 

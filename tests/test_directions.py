@@ -1,0 +1,144 @@
+"""Several directions a step (perturbations) and the one-sided estimator (zo.step.zo_multi_step):
+forward counts, replay bit for bit from seeds and scalars, both downlinks bit-identical, the
+config's refusals, and a whole simulated run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedmeerkat.config import ConfigError, build_config
+from fedmeerkat.data.pointer import ClientDataPointer
+from fedmeerkat.federated import ClientState, FedSettings, MeerkatServer, RoundPlan, run_client
+from fedmeerkat.zo import SparseView, forwards_per_direction, replay, round_seeds, zo_multi_step
+from tests.test_federated import NetModel
+from tests.test_zo_core import TinyNet, data, tiny_mask
+
+
+@pytest.mark.parametrize("estimator,p", [("two-point", 3), ("one-sided", 4), ("one-sided", 1)])
+def test_multi_step_counts_forwards_and_replays_bit_for_bit(estimator, p):
+    net = TinyNet()
+    view = SparseView(dict(net.named_parameters()), tiny_mask(net))
+    x, y = data()
+    theta0 = view.gather()
+    theta = theta0.clone()
+    seeds, steps = round_seeds(0, 1, 4 * p), 4
+    lrs = [0.05 / p] * len(seeds)
+    calls = []
+
+    def loss(xb, yb):
+        calls.append(1)
+        return float(((net(xb) - yb) ** 2).mean())
+
+    scalars = []
+    for t in range(steps):
+        xb, yb = x[4 * t:4 * t + 4], y[4 * t:4 * t + 4]
+        res = zo_multi_step(view, theta, seeds[t * p:(t + 1) * p], eps=1e-2,
+                            lrs=lrs[t * p:(t + 1) * p], estimator=estimator,
+                            loss_fn=lambda xb=xb, yb=yb: loss(xb, yb))
+        assert len(res) == p
+        scalars += [r.g for r in res]
+    assert len(calls) == steps * p * forwards_per_direction(estimator, p)
+    # the server's replay: P consecutive seeds of lr / P each, in order
+    rebuilt = replay(theta0, seeds, scalars, lrs)
+    assert torch.equal(rebuilt, theta) and not torch.equal(theta, theta0)
+    assert torch.equal(view.gather(), theta)  # the model holds the updated weights
+
+
+def test_directions_are_estimated_at_the_same_weights():
+    # every direction of a step sees theta, not theta after the step's earlier directions
+    net = TinyNet()
+    view = SparseView(dict(net.named_parameters()), tiny_mask(net))
+    x, y = data()
+    theta = view.gather()
+    seen = []
+
+    def loss():
+        seen.append(view.gather().clone())
+        return float(((net(x[:4]) - y[:4]) ** 2).mean())
+
+    start = theta.clone()
+    zo_multi_step(view, theta, round_seeds(0, 1, 3), eps=1e-2, lrs=[0.1] * 3,
+                  estimator="one-sided", loss_fn=loss)
+    assert torch.equal(seen[0], start)  # the shared baseline
+    for v in seen[1:]:  # theta + eps z_i: within eps * |z| of the start, never the update
+        assert (v - start).abs().max() < 1e-2 * 6
+
+
+def _simulate(downlink, estimator, p, rounds=3, k=3, steps=2):
+    model = NetModel(density=0.9)
+    parts = np.array_split(np.arange(24), k)
+    theta0 = model.view.gather()
+    keep = downlink == "scalars"
+    states = [ClientState(i, q, ClientDataPointer(len(q), seed=i), theta0.clone() if keep else None)
+              for i, q in enumerate(parts)]
+    settings = FedSettings(local_steps=steps, lr=0.05, eps=1e-2, batch_size=4, seed=1,
+                           rounds=rounds, downlink=downlink, perturbations=p, estimator=estimator)
+    server = MeerkatServer(settings, theta0, [len(q) for q in parts])
+    for r in range(1, rounds + 1):
+        replies = []
+        for plan in server.plan_round(r):
+            plan = RoundPlan.from_bytes(plan.to_bytes())
+            assert plan.num_steps == len(plan.seeds) == steps * p
+            reply = run_client(states[plan.client_id], plan, model, eps=settings.eps,
+                               lr=settings.lrs(r), batch_size=4, perturbations=p,
+                               estimator=estimator)
+            assert len(reply.scalars) == steps * p
+            replies.append(reply)
+        out = server.apply(r, replies)
+        assert not out.rejected and out.client_steps == {c: steps * p for c in range(k)}
+    return server, theta0
+
+
+@pytest.mark.parametrize("estimator,p", [("two-point", 2), ("one-sided", 3)])
+def test_both_downlinks_give_the_same_model(estimator, p):
+    vec, theta0 = _simulate("sparse-weights", estimator, p)
+    sca, _ = _simulate("scalars", estimator, p)
+    assert torch.equal(vec.theta, sca.theta) and not torch.equal(vec.theta, theta0)
+
+
+def test_lr_is_split_over_the_directions_of_a_step():
+    s = FedSettings(local_steps=3, lr=0.3, eps=1e-3, batch_size=1, seed=0, rounds=2,
+                    lr_schedule="linear", perturbations=2)
+    one = FedSettings(local_steps=3, lr=0.3, eps=1e-3, batch_size=1, seed=0, rounds=2,
+                      lr_schedule="linear")
+    assert s.lrs(2) == [v / 2 for v in one.lrs(2) for _ in range(2)]
+
+
+def test_config_refuses_methods_of_one_direction():
+    assert build_config({"perturbations": 4, "zo_estimator": "one-sided"}).perturbations == 4
+    for method in ("meerkat-vp", "meerkat-feddyn", "full-fedzo", "fedavg-backprop"):
+        with pytest.raises(ConfigError, match="one two-point direction"):
+            build_config({"method": method, "perturbations": 2})
+    with pytest.raises(ConfigError, match="wire format"):
+        build_config({"local_steps": 20000, "perturbations": 4})
+    with pytest.raises(ConfigError):
+        build_config({"zo_estimator": "three-point"})
+    settings = FedSettings(local_steps=1, lr=0.1, eps=1e-3, batch_size=1, seed=0,
+                           perturbations=2)
+    from fedmeerkat.federated.methods.vp import VPServer, VPSettings
+    with pytest.raises(ValueError, match="one two-point direction"):
+        VPServer(settings, torch.zeros(3), [1, 1], vp=VPSettings())
+
+
+def test_a_run_with_directions_learns_and_counts_seeds(tiny_model_dir, sentiment_csv, calib_txt,
+                                                      isolated_cache, tmp_path):
+    from fedmeerkat.runners.simulation import run
+
+    cfg = build_config({
+        "model": tiny_model_dir, "task": "local", "data_files": sentiment_csv,
+        "template": "{sentence} so it was", "label_words": [" bad", " good"],
+        "calib_corpus": calib_txt, "calib_sequences": 4, "calib_seq_len": 32, "density": 0.01,
+        "clients": 2, "rounds": 2, "local_steps": 2, "batch_size": 4, "lr": 1e-3,
+        "perturbations": 3, "zo_estimator": "one-sided", "downlink": "scalars",
+        "val_fraction": 0.0, "eval_every": 0, "out": str(tmp_path / "run")})
+    run(cfg, quiet=True)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(v == 6 for r in records[1:] for v in r["client_steps"].values())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["perturbations"] == 3 and summary["zo_estimator"] == "one-sided"
+    # 2 x 3 scalars of 4 bytes plus the header, per client per round
+    assert summary["upload_bytes_per_client"] > 24

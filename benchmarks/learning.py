@@ -153,12 +153,13 @@ def same_config(out: Path, cfg) -> bool:
 
 
 class Bench:
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, runs: Path | None = None):
         self.threads = threads
+        self.runs = runs or RUNS  # run folders: runs/<group>/<name>
         self.initial: dict[tuple[str, int], dict[str, Any]] = {}  # (task, seed) -> round 0
 
     def ensure(self, group: str, name: str, settings: dict[str, Any]) -> Path:
-        out = RUNS / group / name
+        out = self.runs / group / name
         cfg = planned_config({**settings, **({"threads": self.threads} if self.threads else {})},
                              out)
         if (out / "config.toml").exists() and not same_config(out, cfg):

@@ -142,3 +142,35 @@ def test_a_run_with_directions_learns_and_counts_seeds(tiny_model_dir, sentiment
     assert summary["perturbations"] == 3 and summary["zo_estimator"] == "one-sided"
     # 2 x 3 scalars of 4 bytes plus the header, per client per round
     assert summary["upload_bytes_per_client"] > 24
+
+
+def test_efficiency_benchmark_counts_forwards_to_the_plain_runs_final_validation():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("zo_eff", root / "benchmarks" / "zo_efficiency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def rec(seed, pts):
+        return {"seed": seed, "curve": [{"forwards": f, "val_auc": v, "test_auc": v - 0.01}
+                                        for f, v in pts]}
+
+    plain = [rec(0, [(0, 0.70), (200, 0.74), (400, 0.76), (600, 0.78)]),
+             rec(1, [(0, 0.70), (600, 0.75)])]
+    fast = [rec(0, [(0, 0.70), (200, 0.79), (400, 0.80), (600, 0.81)]),
+            rec(1, [(0, 0.70), (200, 0.74), (400, 0.76), (600, 0.77)])]
+    out = mod.compare(plain, {"v": fast})["v"]
+    assert [r["variant_forwards"] for r in out["per_seed"]] == [200, 400]
+    assert out["median_share_of_plain"] == 400 / 600 and not out["at_most_a_third_every_seed"]
+    slow = [rec(0, [(0, 0.70), (600, 0.72)])]
+    assert mod.compare(plain, {"s": slow})["s"]["per_seed"][0]["variant_forwards"] is None
+    runs = mod.variant_runs({"name": "zo-lr1e-4-seed0", "settings": {
+        "lr": 1e-4, "rounds": 6, "local_steps": 50, "eval_every": 2, "seed": 0}},
+        ["one-sided-p4"], (0, 1))
+    assert [n for n, _ in runs] == ["one-sided-p4-seed0", "one-sided-p4-seed1"]
+    c = runs[0][1]  # the budget: 3 x 40 steps x 5 forwards = 600; lr = P x the plain lr
+    assert c["rounds"] * c["local_steps"] * 5 == mod.BUDGET and abs(c["lr"] - 4e-4) < 1e-12

@@ -1,0 +1,203 @@
+"""Forwards to the same model: ZO variants against plain sparse ZO-SGD, side by side.
+
+    python benchmarks/zo_efficiency.py [--plan session|full] [--only GROUP ...] [--timing-only]
+
+Plain sparse ZO-SGD is the learning benchmark's pick (benchmarks/learning.py, its
+rt-central-grid runs are read back, not re-run: the same settings, folders and validation
+split). Each variant runs on the same mask, split, data order and seeds at the same budget of
+600 forwards of 16 examples, evaluated every 200 forwards (the resolution of forwards-to-target
+below), under the learning benchmark's resumable runner (runs/zo_efficiency/<group>/<name>).
+
+Variants (config keys `perturbations` P and `zo_estimator`, zo.step.zo_multi_step):
+  one-sided-p4   P = 4 one-sided directions a step sharing f(theta): 5 forwards a step
+                 (FZOO's batched one-sided estimate without its step normalisation);
+  two-point-p4   P = 4 two-point directions a step: 8 forwards a step (MeZO n-SPSA, DeComFL P);
+                 full plan only.
+lr rule, stated before any run (no search): the variant's lr is P x the plain pick's, so each
+direction moves with the plain step's lr and the step is the mean of P estimates.
+
+Forwards-to-target: per seed, the first evaluated point whose VALIDATION primary metric reaches
+the plain run's final validation metric (the target of the fewer-forwards issue), in forwards;
+None if not reached within the budget. Test ROC-AUC at the same budget is reported beside it.
+Wall time per step is measured apart (`step_timing`: steps of each variant on one batch of 16
+on the packaged SmolLM2), so evaluations and start-up do not blur it.
+
+Output: benchmarks/results/zo_efficiency.json (command, versions, machine, every run's curve,
+the per-seed comparison, what of the plan has not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import RESULTS, timeit, write_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import learning  # noqa: E402
+
+RUNS = learning.ROOT / "runs" / "zo_efficiency"
+BUDGET = 600  # forwards of 16 examples
+# rounds x local steps per variant at the budget, evaluated every 200 forwards
+VARIANTS: dict[str, dict[str, Any]] = {
+    "one-sided-p4": {"perturbations": 4, "zo_estimator": "one-sided",
+                     "rounds": 3, "local_steps": 40, "eval_every": 1},   # 40 x 5 = 200 forwards
+    "two-point-p4": {"perturbations": 4, "zo_estimator": "two-point",
+                     "rounds": 3, "local_steps": 25, "eval_every": 1},   # 25 x 8 = 200 forwards
+}
+PLANS = {"session": {"central": (["one-sided-p4"], (0,))},
+         "full": {"central": (list(VARIANTS), learning.SEEDS)}}
+
+
+def plain_pick() -> dict[str, Any]:
+    grid = json.loads((RESULTS / "learning.json").read_text())["groups"].get("rt-central-grid")
+    if not grid or "pick_settings" not in grid:
+        raise SystemExit("the learning benchmark has not picked yet (python learning.py)")
+    return grid["pick_settings"]
+
+
+def variant_runs(pick: dict[str, Any], names: list[str], seeds) -> list[tuple[str, dict]]:
+    base = {k: v for k, v in pick["settings"].items() if k not in ("rounds", "local_steps",
+                                                                    "eval_every", "seed")}
+    out = []
+    for name in names:
+        v = VARIANTS[name]
+        for s in seeds:
+            out.append((f"{name}-seed{s}",
+                        {**base, **v, "lr": base["lr"] * v["perturbations"], "seed": s}))
+    return out
+
+
+def forwards_to(curve: list[dict[str, Any]], target: float) -> int | None:
+    for p in curve[1:]:
+        m = learning.primary_metric(p)
+        if m is not None and m >= target:
+            return p["forwards"]
+    return None
+
+
+def compare(plain: list[dict], variants: dict[str, list[dict]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    by_seed = {r["seed"]: r for r in plain}
+    for name, recs in variants.items():
+        rows = []
+        for r in recs:
+            ref = by_seed.get(r["seed"])
+            if ref is None:
+                continue
+            target = learning.primary_metric(ref["curve"][-1])
+            at = forwards_to(r["curve"], target)
+            rows.append({"seed": r["seed"], "target_val_metric": target,
+                         "plain_forwards": ref["curve"][-1]["forwards"], "variant_forwards": at,
+                         "share_of_plain": None if at is None else at / ref["curve"][-1]["forwards"],
+                         "variant_test_auc_at_budget": r["curve"][-1].get("test_auc"),
+                         "plain_test_auc_at_budget": ref["curve"][-1].get("test_auc")})
+        shares = sorted(x["share_of_plain"] for x in rows if x["share_of_plain"] is not None)
+        out[name] = {"per_seed": rows,
+                     "median_share_of_plain": (shares[len(shares) // 2]
+                                               if len(shares) == len(rows) and rows else None),
+                     "at_most_a_third_every_seed": bool(rows) and all(
+                         x["share_of_plain"] is not None and x["share_of_plain"] <= 1 / 3
+                         for x in rows)}
+    return out
+
+
+def step_timing(repeat: int = 3) -> dict[str, Any]:
+    """Seconds per step (and per direction) of plain ZO-SGD and each variant, one batch of 16."""
+    from step_cost import magnitude_mask
+
+    from fedmeerkat.models.loading import load_model
+    from fedmeerkat.models.scoring import LabelScorer, encode_prompts
+    from fedmeerkat.tasks import load_task
+    from fedmeerkat.zo import SparseView, round_seeds, zo_multi_step, zo_step
+
+    model, tok = load_model("smollm2-135m")
+    task = load_task("rotten_tomatoes", max_train=64)
+    scorer = LabelScorer(model, tok, task.spec.label_words)
+    ex = task.train[:16]
+    batch = scorer.collate(encode_prompts(tok, [task.spec.render(e) for e in ex], 48),
+                           [e.label for e in ex])
+    view = SparseView(dict(model.named_parameters()), magnitude_mask(model, 1e-3))
+    theta = view.gather()
+    seeds = iter(round_seeds(0, 1, 10_000))
+    out: dict[str, Any] = {"forward": timeit(lambda: scorer.loss(batch), repeat=repeat)}
+    out["plain"] = timeit(lambda: zo_step(view, theta, next(seeds), eps=1e-3, lr=1e-9,
+                                          loss_fn=lambda: scorer.loss(batch)), repeat=repeat)
+    for name, v in VARIANTS.items():
+        p = v["perturbations"]
+        out[name] = timeit(lambda p=p, v=v: zo_multi_step(
+            view, theta, [next(seeds) for _ in range(p)], eps=1e-3, lrs=[1e-9] * p,
+            estimator=v["zo_estimator"], loss_fn=lambda: scorer.loss(batch)), repeat=repeat)
+    for name in ("plain", *VARIANTS):
+        p = VARIANTS[name]["perturbations"] if name in VARIANTS else 1
+        out[name]["per_direction_s"] = out[name]["median_s"] / p
+        out[name]["x_forward"] = out[name]["median_s"] / out["forward"]["median_s"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plan", default="session", choices=list(PLANS))
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--timing-only", action="store_true")
+    args = ap.parse_args()
+    started = time.time()
+    previous = (json.loads((RESULTS / "zo_efficiency.json").read_text())
+                if (RESULTS / "zo_efficiency.json").exists() else {})
+    if args.timing_only:
+        write_result("zo_efficiency", {**{k: v for k, v in previous.items()
+                                          if k not in ("command", "machine")},
+                                       "step_timing": step_timing()})
+        return
+    pick = plain_pick()
+    bench = learning.Bench(threads=0, runs=RUNS)
+    groups: dict[str, Any] = {}
+    for group, (names, seeds) in PLANS[args.plan].items():
+        if args.only is not None and group not in args.only:
+            continue
+        plain = []
+        for s in seeds:  # the learning benchmark's own runs of the pick
+            out = learning.RUNS / "rt-central-grid" / pick["name"].replace("-seed0", f"-seed{s}")
+            if not (out / "summary.json").exists():
+                raise SystemExit(f"{out} has not finished: run benchmarks/learning.py first")
+            plain.append(bench.read(out))
+        variants: dict[str, list[dict]] = {}
+        for name, settings in variant_runs(pick, names, seeds):
+            rec = bench.read(bench.ensure(group, name, settings))
+            variants.setdefault(name.rsplit("-seed", 1)[0], []).append(rec)
+            groups[group] = {"plain": plain, "variants": variants,
+                             "comparison": compare(plain, variants)}
+            save(args, pick, groups, previous, started)
+    save(args, pick, groups, previous, started)
+
+
+def save(args, pick, groups, previous, started) -> None:
+    import transformers
+
+    import fedmeerkat
+
+    planned = {g: [n for n, _ in variant_runs(pick, names, seeds)]
+               for g, (names, seeds) in PLANS["full"].items()}
+    write_result("zo_efficiency", {
+        "plan": args.plan, "budget_forwards": BUDGET, "plain": pick,
+        "lr_rule": "variant lr = perturbations x the plain pick's lr (no search)",
+        "versions": {"fedmeerkat": fedmeerkat.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__,
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                     "platform": platform.platform()},
+        "groups": groups,
+        "not_run": [f"{g}/{n}" for g, names in planned.items() for n in names
+                    if not (RUNS / g / n / "summary.json").exists()],
+        "step_timing": previous.get("step_timing"),
+        "wall_seconds_this_invocation": round(time.time() - started, 1),
+    })
+
+
+if __name__ == "__main__":
+    main()

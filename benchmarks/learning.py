@@ -100,6 +100,9 @@ PLANS: dict[str, dict[str, Any]] = {
                                      "lr": 3e-2, "seed": 0, "rounds": 2, "local_steps": 25,
                                      "eval_every": 1})]),
         "rt-central-seeds": ("seeds", "rt-central-grid", SEEDS),
+        # the forward in bf16 (weights bf16, ZO master vector fp32; 3.6x faster on this CPU,
+        # benchmarks/results/cpu_forward.json) against its fp32 twin zo-lr1e-4-seed0 of the grid
+        "rt-central-bf16": ("reference", [zo_run(1e-4, dtype="bfloat16")]),
         # the pick with K = 10 Dirichlet clients at the same 600 forwards: one client per
         # round (FedAvg client sampling), 30 rounds of 10 steps, batch 16. Trade-off: more
         # clients per round at the same forwards means fewer global steps (10 per round of
@@ -152,11 +155,20 @@ def same_config(out: Path, cfg) -> bool:
     return all(have.get(k) == v for k, v in want.items() if k not in skip)
 
 
+# what the untrained model's round-0 evaluation depends on: runs that agree on these share it
+ZERO_SHOT_KEYS = ("task", "seed", "model", "dtype", "max_length", "max_test", "test_fraction",
+                  "val_fraction", "max_val", "max_train", "data_files", "template", "label_words")
+
+
+def zero_shot_key(cfg: dict[str, Any]) -> tuple:
+    return tuple(str(cfg.get(k)) for k in ZERO_SHOT_KEYS)
+
+
 class Bench:
     def __init__(self, threads: int, runs: Path | None = None):
         self.threads = threads
         self.runs = runs or RUNS  # run folders: runs/<group>/<name>
-        self.initial: dict[tuple[str, int], dict[str, Any]] = {}  # (task, seed) -> round 0
+        self.initial: dict[tuple, dict[str, Any]] = {}  # zero_shot_key -> round 0
 
     def ensure(self, group: str, name: str, settings: dict[str, Any]) -> Path:
         out = self.runs / group / name
@@ -176,7 +188,7 @@ class Bench:
                     f.unlink() if f.is_file() else f.rmdir()
             out.parent.mkdir(parents=True, exist_ok=True)
             log(f"{group}/{name} ...")
-            run(cfg, quiet=True, initial=self.initial.get((cfg.task, cfg.seed)))
+            run(cfg, quiet=True, initial=self.initial.get(zero_shot_key(cfg.to_dict())))
         for ckpt in out.glob("checkpoint*.safetensors"):  # a finished run keeps final_state
             ckpt.unlink()
         log(f"{group}/{name} done in {time.time() - t:.0f} s")
@@ -186,7 +198,7 @@ class Bench:
         summary = json.loads((out / "summary.json").read_text())
         records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         cfg = tomllib.loads((out / "config.toml").read_text())
-        self.initial.setdefault((cfg["task"], cfg["seed"]), evaluated_part(records[0]))
+        self.initial.setdefault(zero_shot_key(cfg), evaluated_part(records[0]))
         fo = cfg["method"] == "fedavg-backprop"
         # a first-order step is one forward and one backward; a ZO step counts one per
         # direction (client_steps counts seeds), 2 forwards each, or (P+1)/P one-sided

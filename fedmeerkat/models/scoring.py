@@ -107,7 +107,9 @@ class LabelScorer:
         ).last_hidden_state
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last]
         w = self._head_weight.index_select(0, self._label_index)
-        out = (h @ w.T).float()
+        # the two head rows in float32 whatever the model's dtype: a bf16 logit near 16 has a
+        # spacing of 0.06, coarser than what eps*z changes in it (the same ops for fp32 models)
+        out = h.float() @ w.float().T
         if self._head_bias is not None:
             out = out + self._head_bias.index_select(0, self._label_index).float()
         if self.softcap:  # Gemma-2 style final logit soft-capping

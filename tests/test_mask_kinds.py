@@ -74,6 +74,18 @@ def test_kinds_get_their_own_cache_entries(tiny, calib_txt, isolated_cache):
     assert len(list((isolated_cache / "masks").glob("*.safetensors"))) == 4
 
 
+def test_a_bf16_model_gets_its_own_calibration_mask(tiny, tiny_model_dir, calib_txt,
+                                                    isolated_cache):
+    # its gradients are bf16 ones, so an fp32 run must never reuse its mask (or the reverse)
+    _, src32 = _obtain(tiny, calib_txt, "calibration")
+    bf16 = load_model(tiny_model_dir, dtype="bfloat16")
+    _, src16 = _obtain(bf16, calib_txt, "calibration")
+    _, again = _obtain(bf16, calib_txt, "calibration")
+    assert src32.startswith("computed") and src16.startswith("computed")
+    assert again.startswith("cache") and again.split()[1] == src16.split()[-1]
+    assert len(list((isolated_cache / "masks").glob("*.safetensors"))) == 2
+
+
 def test_random_mask_is_exact_and_seeded(tiny, calib_txt, isolated_cache):
     model = tiny[0]
     m0, _ = _obtain(tiny, calib_txt, "random", seed=0)

@@ -72,11 +72,15 @@ def pick_texts(texts: list[str], num: int, seed: int, *tag: int) -> list[str]:
 
 
 def mask_key(fingerprint: dict, density: float, rule: str, corpus: str, num: int, seq_len: int,
-             kind: str = "calibration", extra: tuple = ()) -> str:
+             kind: str = "calibration", extra: tuple = (), dtype: str = "float32") -> str:
     parts = [fingerprint["structure"], fingerprint["weights"], repr(density), rule, corpus, num,
              seq_len]
     if kind != "calibration":  # calibration keys stay as they were (existing caches still hit)
         parts += [kind, *extra]
+    # the gradients are computed in the model's dtype, so a bf16 model's mask is its own (the
+    # fingerprint is the same for fp32 and bf16 loads); fp32 keys stay as they were
+    if dtype != "float32":
+        parts += ["dtype", dtype]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -206,8 +210,9 @@ def obtain_mask(model, tokenizer, *, model_name: str, density: float, rule: str,
     elif kind == "union":
         client_texts = [pick_texts(t, num_sequences, seed, i) for i, t in enumerate(client_texts or [])]
         extra = tuple(corpus_hash(t) for t in client_texts)
+    dtype = str(next(iter(params.values())).dtype).removeprefix("torch.")
     key = mask_key(fingerprint, density, rule, corpus_hash(texts), num_sequences, seq_len,
-                   kind, extra)
+                   kind, extra, dtype)
     cached = cache_dir() / "masks" / f"{key}.safetensors"
     if cached.is_file():
         mask = SparseMask.load(cached)

@@ -2,9 +2,11 @@
 
     python benchmarks/zo_efficiency.py [--plan session|full] [--only GROUP ...] [--timing-only]
 
-Plain sparse ZO-SGD is the learning benchmark's pick (benchmarks/learning.py, its
-rt-central-grid runs are read back, not re-run: the same settings, folders and validation
-split). Each variant runs on the same mask, split, data order and seeds at the same budget of
+Plain sparse ZO-SGD is the learning benchmark's pick with the forward in bf16
+(benchmarks/learning.py, its rt-central-bf16 runs are read back, not re-run: the same
+settings, folders and validation split; bf16 is 3.6x faster a forward on this CPU and its runs
+match their fp32 twins, see learning.json). Each variant runs in bf16 on the same mask, split,
+data order and seeds at the same budget of
 600 forwards of 16 examples, evaluated every 200 forwards (the resolution of forwards-to-target
 below), under the learning benchmark's resumable runner (runs/zo_efficiency/<group>/<name>).
 
@@ -51,7 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "two-point-p4": {"perturbations": 4, "zo_estimator": "two-point",
                      "rounds": 3, "local_steps": 25, "eval_every": 1},   # 25 x 8 = 200 forwards
 }
-PLANS = {"session": {"central": (["one-sided-p4"], (0,))},
+PLANS = {"session": {"central": (["one-sided-p4"], learning.SEEDS)},
          "full": {"central": (list(VARIANTS), learning.SEEDS)}}
 
 
@@ -69,8 +71,8 @@ def variant_runs(pick: dict[str, Any], names: list[str], seeds) -> list[tuple[st
     for name in names:
         v = VARIANTS[name]
         for s in seeds:
-            out.append((f"{name}-seed{s}",
-                        {**base, **v, "lr": base["lr"] * v["perturbations"], "seed": s}))
+            out.append((f"{name}-seed{s}", {**base, **v, "dtype": "bfloat16",
+                                            "lr": base["lr"] * v["perturbations"], "seed": s}))
     return out
 
 
@@ -162,8 +164,9 @@ def main() -> None:
         if args.only is not None and group not in args.only:
             continue
         plain = []
-        for s in seeds:  # the learning benchmark's own runs of the pick
-            out = learning.RUNS / "rt-central-grid" / pick["name"].replace("-seed0", f"-seed{s}")
+        for s in seeds:  # the learning benchmark's own bf16 runs of the pick
+            out = (learning.RUNS / "rt-central-bf16"
+                   / f"{pick['name'].removesuffix('-seed0')}-bf16-seed{s}")
             if not (out / "summary.json").exists():
                 raise SystemExit(f"{out} has not finished: run benchmarks/learning.py first")
             plain.append(bench.read(out))

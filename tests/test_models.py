@@ -164,3 +164,17 @@ def test_packaged_smollm2_sanity() -> None:
     assert abs(lp_great - -3.56) < 0.5 and abs(lp_terrible - -8.25) < 0.5
     fp = model_fingerprint(model)
     assert fp["model_type"] == "llama" and fp["num_parameters"] == 134_515_008
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch):
+    import torch
+
+    from fedmeerkat.models.loading import bf16_without_native_support
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert "emulated" in bf16_without_native_support("bfloat16", "cpu")
+    assert bf16_without_native_support("float32", "cpu") is None
+    assert bf16_without_native_support("bfloat16", "cuda:0") is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert bf16_without_native_support("bfloat16", "cpu") is None

@@ -278,6 +278,9 @@ def load_model(
             f"Local model folders and the packaged default {DEFAULT_MODEL!r} work offline."
         ) from None
     model.to(device)  # type: ignore[arg-type]  # transformers' stubs reject str devices
+    slow = bf16_without_native_support(dtype, device)
+    if slow:
+        print(f"warning: {slow}", file=sys.stderr)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token is None:
@@ -288,6 +291,18 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     tokenizer.padding_side = "right"
     return model, tokenizer
+
+
+def bf16_without_native_support(dtype: str, device: str) -> str | None:
+    """Why bf16 would be slow here: a CPU without avx512_bf16 or AMX emulates bf16 matmuls
+    (on this project's CPU with avx512_bf16 the scoring forward is 3.6x faster than fp32,
+    benchmarks/results/cpu_forward.json; without it, slower)."""
+    if dtype != "bfloat16" or not str(device).startswith("cpu"):
+        return None
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return None if native else ("dtype=bfloat16 on a CPU without avx512_bf16 or AMX: bf16 "
+                                "matmuls are emulated and slower than float32 here; use "
+                                "dtype=float32")
 
 
 def _sample_bytes(param: torch.Tensor) -> bytes:

@@ -49,7 +49,7 @@ KEYS = ("accuracy", "auc", "macro_f1", "best_shift_accuracy")
 # The demo config as it was when this sweep ran (configs/demo.toml has since moved to a budget
 # that learns: benchmarks/demo.py, results/demo.json); the sweep keeps its own base so that
 # it reproduces its result file.
-OLD_DEMO = ["clients_per_round=0", "rounds=10", "local_steps=2", "lr=1e-3", "max_length=64",
+OLD_DEMO = ["dtype=float32", "clients_per_round=0", "rounds=10", "local_steps=2", "lr=1e-3", "max_length=64",
             "max_test=500", "val_fraction=0"]
 
 

@@ -44,7 +44,7 @@ TARGET_S = 0.25
 def overrides(args: argparse.Namespace, steps: int) -> list[str]:
     # every client in every round and the whole pool as training data, as when the result
     # file was written (the demo config has since moved to client sampling and a validation set)
-    return ["clients=2", "clients_per_round=0", "val_fraction=0", "lr=1e-3", "max_length=64",
+    return ["dtype=float32", "clients=2", "clients_per_round=0", "val_fraction=0", "lr=1e-3", "max_length=64",
             "partition=iid", f"rounds={args.rounds}", f"local_steps={steps}",
             f"batch_size={args.batch_size}", f"max_test={args.max_test}", "eval_every=0",
             f"max_train={args.max_train}"]

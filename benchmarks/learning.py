@@ -76,6 +76,9 @@ CENTRAL = {"task": "rotten_tomatoes", "clients": 1, "partition": "iid"}
 ZO_300 = {"rounds": 6, "local_steps": 50, "eval_every": 2}
 METRICS = ("accuracy", "auc", "macro_f1", "best_shift_accuracy")
 SEEDS = (0, 1, 2)
+# the grid's mask (calibration does not depend on seed or lr): bf16 runs train exactly the
+# mask of their fp32 twins (a bf16 model's own calibration mask differs, runners/masks.py)
+GRID_MASK = RUNS / "rt-central-grid" / "zo-lr1e-4-seed0" / "mask.safetensors"
 LONG_REVIEWS = RUNS / "data" / "long_reviews.csv"  # benchmarks/long_reviews.py builds it
 
 
@@ -92,6 +95,7 @@ def zo_run(lr: float, seed: int = 0, **extra: Any) -> tuple[str, dict[str, Any]]
 
 # group -> (kind, runs). kind "grid": pick by validation; "reference": report test as is;
 # "seeds": the pick of the grid named, at every seed (test reported).
+BF16 = {"dtype": "bfloat16", "mask": str(GRID_MASK)}
 PLANS: dict[str, dict[str, Any]] = {
     "session": {
         "rt-central-grid": ("grid", [zo_run(lr, s) for lr in (1e-4, 3e-4) for s in SEEDS]),
@@ -104,17 +108,17 @@ PLANS: dict[str, dict[str, Any]] = {
         # on this CPU, benchmarks/results/cpu_forward.json), at every seed: each is the twin
         # of the fp32 grid run of its seed; the runs below are bf16 too
         "rt-central-bf16": ("from-pick", "rt-central-grid", [
-            (f"bf16-seed{s}", {"dtype": "bfloat16", "seed": s}) for s in SEEDS]),
+            (f"bf16-seed{s}", {**BF16, "seed": s}) for s in SEEDS]),
         # 3,000 forwards of 16 (1,500 steps), evaluated every 1,000
         "rt-central-long": ("from-pick", "rt-central-grid", [
-            ("bf16-3000fw-seed0", {"dtype": "bfloat16", "rounds": 15, "local_steps": 100,
+            ("bf16-3000fw-seed0", {**BF16, "rounds": 15, "local_steps": 100,
                                    "eval_every": 5})]),
         # the pick with K = 10 Dirichlet clients at the same 600 forwards: one client per
         # round (FedAvg client sampling), 30 rounds of 10 steps, batch 16. Trade-off: more
         # clients per round at the same forwards means fewer global steps (10 per round of
         # 10 clients at T = 3 is the same 600 forwards but only 10 aggregated moves).
         "rt-federated": ("from-pick", "rt-central-grid", [
-            (f"bf16-k10-{part}-1perround-seed0", {"dtype": "bfloat16", "clients": 10,
+            (f"bf16-k10-{part}-1perround-seed0", {**BF16, "clients": 10,
                                                  "partition": part, "alpha": 0.5,
                                                  "clients_per_round": 1, "rounds": 30,
                                                  "local_steps": 10, "eval_every": 10})

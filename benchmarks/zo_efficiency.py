@@ -25,7 +25,7 @@ Wall time per step is measured apart (`step_timing`: steps of each variant on on
 on the packaged SmolLM2), so evaluations and start-up do not blur it.
 
 Output: benchmarks/results/zo_efficiency.json (command, versions, machine, every run's curve,
-the per-seed comparison, what of the plan has not run).
+the per-seed comparison, what of the plan has not run) and docs/zo_efficiency.md from it.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def variant_runs(pick: dict[str, Any], names: list[str], seeds) -> list[tuple[st
     for name in names:
         v = VARIANTS[name]
         for s in seeds:
-            out.append((f"{name}-seed{s}", {**base, **v, "dtype": "bfloat16",
+            out.append((f"{name}-seed{s}", {**base, **v, **learning.BF16,
                                             "lr": base["lr"] * v["perturbations"], "seed": s}))
     return out
 
@@ -111,7 +111,8 @@ def compare(plain: list[dict], variants: dict[str, list[dict]]) -> dict[str, Any
 
 
 def step_timing(repeat: int = 3) -> dict[str, Any]:
-    """Seconds per step (and per direction) of plain ZO-SGD and each variant, one batch of 16."""
+    """Seconds per step (and per direction) of plain ZO-SGD and each variant, one batch of 16,
+    the model in bf16 as in the runs."""
     from step_cost import magnitude_mask
 
     from fedmeerkat.models.loading import load_model
@@ -119,7 +120,7 @@ def step_timing(repeat: int = 3) -> dict[str, Any]:
     from fedmeerkat.tasks import load_task
     from fedmeerkat.zo import SparseView, round_seeds, zo_multi_step, zo_step
 
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model("smollm2-135m", dtype="bfloat16")  # as the runs
     task = load_task("rotten_tomatoes", max_train=64)
     scorer = LabelScorer(model, tok, task.spec.label_words)
     ex = task.train[:16]
@@ -153,9 +154,11 @@ def main() -> None:
     previous = (json.loads((RESULTS / "zo_efficiency.json").read_text())
                 if (RESULTS / "zo_efficiency.json").exists() else {})
     if args.timing_only:
-        write_result("zo_efficiency", {**{k: v for k, v in previous.items()
-                                          if k not in ("command", "machine")},
-                                       "step_timing": step_timing()})
+        data = {**{k: v for k, v in previous.items() if k not in ("command", "machine")},
+                "step_timing": step_timing()}
+        write_result("zo_efficiency", data)
+        if "groups" in data:
+            (learning.ROOT / "docs" / "zo_efficiency.md").write_text(markdown(data))
         return
     pick = plain_pick()
     bench = learning.Bench(threads=0, runs=RUNS)
@@ -180,6 +183,48 @@ def main() -> None:
     save(args, pick, groups, previous, started)
 
 
+def _f(x: Any, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """docs/zo_efficiency.md, from the result file alone."""
+    lines = ["# Fewer forwards to the same model (benchmarks/zo_efficiency.py)", "",
+             "Written by `python benchmarks/zo_efficiency.py` from "
+             "`benchmarks/results/zo_efficiency.json`; do not edit by hand. Plain sparse ZO-SGD "
+             f"is the learning benchmark's pick `{data['plain']['name']}` with the forward in "
+             f"bf16; every variant runs in bf16 on the same mask, split, data order and seeds "
+             f"for {data['budget_forwards']} forwards of 16, evaluated every 200 forwards. "
+             f"lr rule: {data['lr_rule']}.", ""]
+    for group, g in data["groups"].items():
+        for name, c in g["comparison"].items():
+            lines += [f"## {group}: `{name}`", "",
+                      "| seed | target (plain's final validation ROC-AUC) | plain forwards | "
+                      "variant forwards to target | share | test ROC-AUC at the budget, plain "
+                      "/ variant |", "|---|---|---|---|---|---|"]
+            for r in c["per_seed"]:
+                lines.append(f"| {r['seed']} | {_f(r['target_val_metric'])} | "
+                             f"{r['plain_forwards']} | {_f(r['variant_forwards'], 'd')} | "
+                             f"{_f(r['share_of_plain'], '.2f')} | "
+                             f"{_f(r['plain_test_auc_at_budget'])} / "
+                             f"{_f(r['variant_test_auc_at_budget'])} |")
+            lines += ["", f"Median share of plain's forwards: "
+                          f"{_f(c['median_share_of_plain'], '.2f')}; at most a third at every "
+                          f"seed: {'yes' if c['at_most_a_third_every_seed'] else 'no'}.", ""]
+    t = data.get("step_timing")
+    if t:
+        lines += ["## Wall time per step (one batch of 16, SmolLM2 in bf16, fp32 master vector)", "",
+                  "| | seconds a step | seconds a direction | x one forward |", "|---|---|---|---|"]
+        for k in ("forward", "plain", *VARIANTS):
+            if k in t:
+                lines.append(f"| {k} | {t[k]['median_s']:.3f} | "
+                             f"{_f(t[k].get('per_direction_s'))} | {_f(t[k].get('x_forward'), '.2f')} |")
+        lines.append("")
+    if data.get("not_run"):
+        lines += ["## Not run yet (`--plan full`)", "", *[f"- `{n}`" for n in data["not_run"]], ""]
+    return "\n".join(lines)
+
+
 def save(args, pick, groups, previous, started) -> None:
     import transformers
 
@@ -187,7 +232,7 @@ def save(args, pick, groups, previous, started) -> None:
 
     planned = {g: [n for n, _ in variant_runs(pick, names, seeds)]
                for g, (names, seeds) in PLANS["full"].items()}
-    write_result("zo_efficiency", {
+    data = {
         "plan": args.plan, "budget_forwards": BUDGET, "plain": pick,
         "lr_rule": "variant lr = perturbations x the plain pick's lr (no search)",
         "versions": {"fedmeerkat": fedmeerkat.__version__, "torch": torch.__version__,
@@ -199,7 +244,9 @@ def save(args, pick, groups, previous, started) -> None:
                     if not (RUNS / g / n / "summary.json").exists()],
         "step_timing": previous.get("step_timing"),
         "wall_seconds_this_invocation": round(time.time() - started, 1),
-    })
+    }
+    write_result("zo_efficiency", data)
+    (learning.ROOT / "docs" / "zo_efficiency.md").write_text(markdown(data))
 
 
 if __name__ == "__main__":

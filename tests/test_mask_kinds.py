@@ -75,11 +75,27 @@ def test_kinds_get_their_own_cache_entries(tiny, calib_txt, isolated_cache):
 
 
 def test_a_bf16_model_gets_its_own_calibration_mask(tiny, tiny_model_dir, calib_txt,
-                                                    isolated_cache):
-    # its gradients are bf16 ones, so an fp32 run must never reuse its mask (or the reverse)
+                                                    isolated_cache, monkeypatch):
+    # computed from the bf16-rounded weights, so an fp32 run must never reuse its mask (or the
+    # reverse); the gradients are fp32 ones and the model is bf16 again afterwards
     _, src32 = _obtain(tiny, calib_txt, "calibration")
     bf16 = load_model(tiny_model_dir, dtype="bfloat16")
-    _, src16 = _obtain(bf16, calib_txt, "calibration")
+    dtypes = {n: t.dtype for n, t in [*bf16[0].named_parameters(), *bf16[0].named_buffers()]}
+    seen = []
+    import fedmeerkat.runners.masks as masks
+
+    real = masks.make_mask_of_kind
+
+    def spy(model, *a, **kw):
+        seen.append({p.dtype for p in model.parameters()})
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(masks, "make_mask_of_kind", spy)
+    m16, src16 = _obtain(bf16, calib_txt, "calibration")
+    assert seen == [{torch.float32}]
+    assert {n: t.dtype for n, t in [*bf16[0].named_parameters(), *bf16[0].named_buffers()]} == dtypes
+    assert all(p.grad is None for p in bf16[0].parameters())
+    assert torch.isfinite(m16.calib_grad).all()
     _, again = _obtain(bf16, calib_txt, "calibration")
     assert src32.startswith("computed") and src16.startswith("computed")
     assert again.startswith("cache") and again.split()[1] == src16.split()[-1]

@@ -33,7 +33,8 @@ def tiny(tiny_model_dir):
 def _obtain(tiny, calib_txt, kind, **kw):
     model, tok = tiny
     kw.setdefault("seed", 0)
-    return obtain_mask(model, tok, model_name="tiny", density=kw.pop("density", DENSITY),
+    return obtain_mask(model, tok, model_name=kw.pop("model_name", "tiny"),
+                       density=kw.pop("density", DENSITY),
                        rule=r"(^|\.)layers\.\d+\..*\.weight$", corpus=calib_txt, num_sequences=4,
                        seq_len=32, quiet=True, kind=kind, **kw)
 
@@ -74,16 +75,21 @@ def test_kinds_get_their_own_cache_entries(tiny, calib_txt, isolated_cache):
     assert len(list((isolated_cache / "masks").glob("*.safetensors"))) == 4
 
 
-def test_a_bf16_model_gets_its_own_calibration_mask(tiny, tiny_model_dir, calib_txt,
-                                                    isolated_cache, monkeypatch):
-    # computed from the bf16-rounded weights, so an fp32 run must never reuse its mask (or the
-    # reverse); the gradients are fp32 ones and the model is bf16 again afterwards
-    _, src32 = _obtain(tiny, calib_txt, "calibration")
+def test_a_bf16_model_gets_the_fp32_checkpoints_mask(tiny, tiny_model_dir, calib_txt,
+                                                     isolated_cache, monkeypatch):
+    # computed from a float32 load of the same checkpoint, so the mask never depends on the
+    # inference dtype: one cache entry, the same coordinates, and the bf16 model is untouched
+    m32, src32 = _obtain(tiny, calib_txt, "calibration")
     bf16 = load_model(tiny_model_dir, dtype="bfloat16")
-    dtypes = {n: t.dtype for n, t in [*bf16[0].named_parameters(), *bf16[0].named_buffers()]}
-    seen = []
+    before = {n: t.clone() for n, t in bf16[0].state_dict().items()}
+    m16, src16 = _obtain(bf16, calib_txt, "calibration")
+    assert src32.startswith("computed") and src16.startswith("cache")
+    assert _coords(m16) == _coords(m32)
     import fedmeerkat.runners.masks as masks
 
+    for f in (isolated_cache / "masks").glob("*.safetensors"):
+        f.unlink()
+    seen = []
     real = masks.make_mask_of_kind
 
     def spy(model, *a, **kw):
@@ -91,15 +97,13 @@ def test_a_bf16_model_gets_its_own_calibration_mask(tiny, tiny_model_dir, calib_
         return real(model, *a, **kw)
 
     monkeypatch.setattr(masks, "make_mask_of_kind", spy)
-    m16, src16 = _obtain(bf16, calib_txt, "calibration")
-    assert seen == [{torch.float32}]
-    assert {n: t.dtype for n, t in [*bf16[0].named_parameters(), *bf16[0].named_buffers()]} == dtypes
-    assert all(p.grad is None for p in bf16[0].parameters())
-    assert torch.isfinite(m16.calib_grad).all()
-    _, again = _obtain(bf16, calib_txt, "calibration")
-    assert src32.startswith("computed") and src16.startswith("computed")
-    assert again.startswith("cache") and again.split()[1] == src16.split()[-1]
-    assert len(list((isolated_cache / "masks").glob("*.safetensors"))) == 2
+    # computed from the bf16 run's side: it loads the checkpoint again in float32
+    again, src = _obtain(bf16, calib_txt, "calibration", model_name=tiny_model_dir)
+    assert src.startswith("computed") and seen == [{torch.float32}]
+    assert _coords(again) == _coords(m32) and torch.equal(again.calib_grad, m32.calib_grad)
+    after = bf16[0].state_dict()
+    assert all(torch.equal(before[n], after[n]) and before[n].dtype == after[n].dtype
+               for n in before)
 
 
 def test_random_mask_is_exact_and_seeded(tiny, calib_txt, isolated_cache):

@@ -20,17 +20,15 @@ measures against the general-text ("pre-training") gradient whatever chose the m
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from fedmeerkat.models.loading import cache_dir, model_fingerprint
+from fedmeerkat.models.loading import cache_dir, load_model, model_fingerprint
 from fedmeerkat.models.scoring import encode_prompts, lm_loss
 from fedmeerkat.tasks.corpora import corpus_hash, load_calibration_texts
 from fedmeerkat.zo import SparseMask, compute_mask
@@ -74,16 +72,12 @@ def pick_texts(texts: list[str], num: int, seed: int, *tag: int) -> list[str]:
 
 
 def mask_key(fingerprint: dict, density: float, rule: str, corpus: str, num: int, seq_len: int,
-             kind: str = "calibration", extra: tuple = (), dtype: str = "float32") -> str:
+             kind: str = "calibration", extra: tuple = ()) -> str:
     parts = [fingerprint["structure"], fingerprint["weights"], repr(density), rule, corpus, num,
              seq_len]
     if kind != "calibration":  # calibration keys stay as they were (existing caches still hit)
         parts += [kind, *extra]
-    # a bf16 model's mask is its own: its gradients are computed in fp32 (float32_gradients)
-    # but from the bf16-rounded weights, and the fingerprint is the same for fp32 and bf16
-    # loads; fp32 keys stay as they were
-    if dtype != "float32":
-        parts += ["dtype", dtype]
+    # no dtype: every mask is computed from the float32 checkpoint (float32_twin)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -213,51 +207,35 @@ def obtain_mask(model, tokenizer, *, model_name: str, density: float, rule: str,
     elif kind == "union":
         client_texts = [pick_texts(t, num_sequences, seed, i) for i, t in enumerate(client_texts or [])]
         extra = tuple(corpus_hash(t) for t in client_texts)
-    dtype = str(next(iter(params.values())).dtype).removeprefix("torch.")
     key = mask_key(fingerprint, density, rule, corpus_hash(texts), num_sequences, seq_len,
-                   kind, extra, dtype)
+                   kind, extra)
     cached = cache_dir() / "masks" / f"{key}.safetensors"
     if cached.is_file():
         mask = SparseMask.load(cached)
         mask.check_model(params, fingerprint)
         return mask, f"cache {cached.name}" + _what(mask, kind)
-    with float32_gradients(model):
-        mask = make_mask_of_kind(model, tokenizer, kind, texts, model_name=model_name,
-                                 density=density, rule=rule, corpus=corpus,
-                                 num_sequences=num_sequences, seq_len=seq_len, seed=seed,
-                                 task_texts=task_texts, client_texts=client_texts,
-                                 fingerprint=fingerprint, quiet=quiet)
+    mask = make_mask_of_kind(float32_twin(model, model_name), tokenizer, kind, texts,
+                             model_name=model_name, density=density, rule=rule, corpus=corpus,
+                             num_sequences=num_sequences, seq_len=seq_len, seed=seed,
+                             task_texts=task_texts, client_texts=client_texts,
+                             fingerprint=fingerprint, quiet=quiet)
     mask.save(cached)
     return mask, f"computed, cached as {cached.name}" + _what(mask, kind)
 
 
-@contextlib.contextmanager
-def float32_gradients(model) -> Iterator[None]:
-    """Compute the mask's gradients in float32 whatever the model's dtype, then restore every
-    tensor's own dtype (bf16 -> fp32 -> bf16 is exact). Measured on SmolLM2: a calibration mask
-    computed in bf16 shares only 18% of its coordinates with the fp32 one (bf16 gradients
-    lose the small squared-gradient differences top-k decides on), so a bf16 run would train
-    another, noisier mask. Costs fp32 memory while the mask is computed, once per cache key."""
-    tensors = [(m, kind, name, t.dtype) for m in model.modules()
-               for kind, table in (("p", m._parameters), ("b", m._buffers))
-               for name, t in table.items() if t is not None and t.is_floating_point()]
-    if all(d == torch.float32 for *_, d in tensors):
-        yield
-        return
-    for m, kind, name, _ in tensors:
-        if kind == "p":
-            m._parameters[name].data = m._parameters[name].data.float()
-        else:
-            m._buffers[name] = m._buffers[name].float()
-    try:
-        yield
-    finally:
-        for m, kind, name, dtype in tensors:
-            if kind == "p":
-                m._parameters[name].data = m._parameters[name].data.to(dtype)
-                m._parameters[name].grad = None
-            else:
-                m._buffers[name] = m._buffers[name].to(dtype)
+def float32_twin(model, model_name: str):
+    """The model whose gradients choose the mask: `model` itself in float32, else a float32
+    load of the same checkpoint (dropped after the mask is computed), so the mask never
+    depends on the inference dtype and fp32 and bf16 runs share one cache entry (their
+    fingerprints agree by design). Measured on SmolLM2: a calibration mask from bf16
+    gradients shared 18% of the fp32 one's coordinates, one from fp32 gradients of the
+    bf16-rounded weights 69%: top-k at 0.1% turns on small differences. Costs a float32 copy
+    of the model on its device while the mask is computed, once per cache key."""
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return model
+    device = next(model.parameters()).device
+    twin, _ = load_model(model_name, dtype="float32", device=str(device))
+    return twin
 
 
 def _what(mask: SparseMask, kind: str) -> str:

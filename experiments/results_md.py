@@ -165,7 +165,8 @@ def render(data: dict[str, Any], img_dir: Path, img_rel: str) -> str:
         "from thousands of steps on 1-2B models; at this budget every method stays close to the "
         "untrained model, so a verdict of \"no\" below says the claim was not visible at this "
         "scale, not that it is false. The paper-scale runs (configs/paper/) need a GPU and have "
-        "not been measured.",
+        "not been measured, nor has the suite at 500 global steps for one GPU "
+        "(experiments/gpu.toml): no GPU has been lent to this work.",
         "",
         "Verdict rules (from `experiments/results_md.py`): the headline metric is ROC-AUC for "
         "two classes (threshold-free: it cannot move by a bias shift), macro-F1 for more; "

@@ -104,7 +104,7 @@ PLANS: dict[str, dict[str, Any]] = {
                                      "lr": 3e-2, "seed": 0, "rounds": 2, "local_steps": 25,
                                      "eval_every": 1})]),
         "rt-central-seeds": ("seeds", "rt-central-grid", SEEDS),
-        # the pick with the forward in bf16 (weights bf16, ZO master vector fp32: 3.6x faster
+        # the pick with the forward in bf16 (weights bf16, ZO master vector fp32: 3.4x faster
         # on this CPU, benchmarks/results/cpu_forward.json), at every seed: each is the twin
         # of the fp32 grid run of its seed; the runs below are bf16 too
         "rt-central-bf16": ("from-pick", "rt-central-grid", [

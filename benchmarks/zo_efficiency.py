@@ -4,7 +4,7 @@
 
 Plain sparse ZO-SGD is the learning benchmark's pick with the forward in bf16
 (benchmarks/learning.py, its rt-central-bf16 runs are read back, not re-run: the same
-settings, folders and validation split; bf16 is 3.6x faster a forward on this CPU and its runs
+settings, folders and validation split; bf16 is 3.4x faster a forward on this CPU and its runs
 match their fp32 twins, see learning.json). Each variant runs in bf16 on the same mask, split,
 data order and seeds at the same budget of
 600 forwards of 16 examples, evaluated every 200 forwards (the resolution of forwards-to-target

@@ -295,7 +295,7 @@ def load_model(
 
 def bf16_without_native_support(dtype: str, device: str) -> str | None:
     """Why bf16 would be slow here: a CPU without avx512_bf16 or AMX emulates bf16 matmuls
-    (on this project's CPU with avx512_bf16 the scoring forward is 3.6x faster than fp32,
+    (on this project's CPU with avx512_bf16 the scoring forward is 3.4x faster than fp32,
     benchmarks/results/cpu_forward.json; without it, slower)."""
     if dtype != "bfloat16" or not str(device).startswith("cpu"):
         return None

@@ -121,56 +121,27 @@ def run_client(
     (zo.step.zo_multi_step) and uploads one scalar per seed: plan.num_steps counts seeds."""
     if plan.num_steps > len(plan.seeds) or plan.num_steps > len(lr):
         raise ValueError(f"plan asks for {plan.num_steps} steps with {len(plan.seeds)} seeds")
-    if perturbations != 1 or estimator != "two-point":
-        if update is not None:
-            raise ValueError("an update hook runs one direction a step (perturbations=1)")
-        return _run_multi(state, plan, model, eps=eps, lr=lr, batch_size=batch_size,
-                          weight_decay=weight_decay, on_step=on_step,
-                          perturbations=perturbations, estimator=estimator)
-    device = model.view.device  # theta, z and the update live with the model
-    theta = sync_client(state, plan, device=device).clone()
-    model.view.write(theta)
-    scalars: list[float] = []
-    losses: list[float] = []
-    for t in range(plan.num_steps):
-        ids = state.example_ids[state.pointer.next_batch(batch_size)]
-        res = zo_step(model.view, theta, plan.seeds[t], eps=eps, lr=lr[t],
-                      weight_decay=weight_decay, update=update,
-                      loss_fn=functools.partial(model.loss, ids))
-        scalars.append(res.g)
-        losses.append(res.loss)
-        if on_step is not None:
-            on_step(res)
-    return ClientReply(
-        round=plan.round,
-        client_id=state.client_id,
-        scalars=scalars,
-        num_samples=state.num_samples,
-        train_loss=float(np.mean(losses)) if losses else float("nan"),
-        losses=losses,
-    )
-
-
-def _run_multi(state: ClientState, plan: RoundPlan, model: LocalModel, *, eps: float,
-               lr: Sequence[float], batch_size: int, weight_decay: float,
-               on_step: Callable[[StepResult], object] | None, perturbations: int,
-               estimator: str) -> ClientReply:
-    """run_client with P directions a step: plan.num_steps seeds in steps of P."""
     p = perturbations
+    plain = p == 1 and estimator == "two-point"
+    if not plain and update is not None:
+        raise ValueError("an update hook runs one direction a step (perturbations=1)")
     if p < 1 or plan.num_steps % p:
         raise ValueError(f"plan asks for {plan.num_steps} seeds, not a multiple of "
                          f"perturbations={p}")
-    device = model.view.device
+    device = model.view.device  # theta, z and the update live with the model
     theta = sync_client(state, plan, device=device).clone()
     model.view.write(theta)
     scalars: list[float] = []
     losses: list[float] = []
     for t in range(0, plan.num_steps, p):
         ids = state.example_ids[state.pointer.next_batch(batch_size)]
-        results = zo_multi_step(model.view, theta, plan.seeds[t:t + p], eps=eps,
-                                lrs=lr[t:t + p], estimator=estimator,
-                                weight_decay=weight_decay,
-                                loss_fn=functools.partial(model.loss, ids))
+        loss_fn = functools.partial(model.loss, ids)
+        results = ([zo_step(model.view, theta, plan.seeds[t], eps=eps, lr=lr[t],
+                            weight_decay=weight_decay, update=update, loss_fn=loss_fn)]
+                   if plain else
+                   zo_multi_step(model.view, theta, plan.seeds[t:t + p], eps=eps,
+                                 lrs=lr[t:t + p], estimator=estimator,
+                                 weight_decay=weight_decay, loss_fn=loss_fn))
         for res in results:
             scalars.append(res.g)
             losses.append(res.loss)

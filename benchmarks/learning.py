@@ -87,8 +87,10 @@ def lr_name(lr: float) -> str:
 
 
 def zo_run(lr: float, seed: int = 0, **extra: Any) -> tuple[str, dict[str, Any]]:
-    tag = "".join(f"-{v}" if k in ("method", "task") else f"-{k}{v}"
-                  for k, v in sorted(extra.items()) if k not in ZO_300)
+    # the name says what differs from the grid's run; the mask file and eval cadence are not
+    # settings of the recipe, and bf16 is a tag of its own
+    tag = "".join("-bf16" if k == "dtype" else f"-{v}" if k in ("method", "task") else f"-{k}{v}"
+                  for k, v in sorted(extra.items()) if k not in (*ZO_300, "mask"))
     return (f"zo-lr{lr_name(lr)}{tag}-seed{seed}",
             {**CENTRAL, **ZO_300, "lr": lr, "seed": seed, **extra})
 
@@ -125,29 +127,46 @@ PLANS: dict[str, dict[str, Any]] = {
             for part in ("dirichlet", "dirichlet-client")]),
     },
 }
-# the full plan: the session's groups and the rest of the learning issue's grid (not yet run)
+# the full plan: the session's groups and the rest of the learning issue's grid. Everything
+# it adds runs in bf16 (the session's rt-central-bf16 runs are its reference: bf16 test
+# ROC-AUC within 0.006 of fp32 at every seed, 3.4x faster), so that it fits a session: about
+# 2.5 hours on the 2-core machine. Longer texts are evaluated at 0, 150 and 300 steps.
+ZO_300_EVAL3 = {"rounds": 6, "local_steps": 50, "eval_every": 3}
+BBC = {**BF16, **ZO_300_EVAL3, "task": "bbc_news", "max_length": 128}
 PLANS["full"] = {
     **PLANS["session"],
-    "rt-central-grid": ("grid", [*PLANS["session"]["rt-central-grid"][1], zo_run(1e-3),
-                                 zo_run(3e-5),
-                                 zo_run(1e-4, eps=1e-2), zo_run(1e-4, eps=1e-4),
-                                 zo_run(1e-4, density=1e-4), zo_run(1e-4, density=1e-2),
-                                 zo_run(3e-4, lr_schedule="cosine")]),
-    "rt-central-full-fedzo": ("grid", [zo_run(lr, method="full-fedzo") for lr in (1e-6, 1e-5)]),
-    "rt-central-lora-fedzo": ("grid", [zo_run(lr, method="lora-fedzo") for lr in (1e-4, 1e-3)]),
-    "bbc-central-grid": ("grid", [zo_run(lr, task="bbc_news", max_length=128)
-                                  for lr in (1e-4, 3e-4)]),
-    # the whole user path, unchanged settings plus lr=auto: bbc_news and long local texts
+    "bbc-central-grid": ("grid", [zo_run(lr, **BBC) for lr in (1e-4, 3e-4)]),
+    "bbc-central-seeds": ("seeds", "bbc-central-grid", SEEDS),
+    # the whole user path, unchanged settings plus lr=auto (and bf16): bbc_news and long
+    # local texts (reviews of 100+ words, max_length 128)
     "auto": ("reference", [
-        ("auto-bbc_news-seed0", {**CENTRAL, **ZO_300, "task": "bbc_news", "max_length": 128,
-                                 "lr": "auto", "seed": 0}),
-        ("auto-long-reviews-seed0", {**CENTRAL, **ZO_300, "task": "local",
-                                     "data_files": str(LONG_REVIEWS), "max_length": 192,
+        ("auto-bbc_news-seed0", {**CENTRAL, **BBC, "lr": "auto", "seed": 0}),
+        ("auto-long-reviews-seed0", {**CENTRAL, **BF16, **ZO_300_EVAL3, "task": "local",
+                                     "data_files": str(LONG_REVIEWS), "max_length": 128,
                                      "template": "{text} Overall, the critics found it",
                                      "label_words": [" terrible", " great"], "lr": "auto",
                                      "seed": 0})]),
+    # the budget at which the pick's weakest seed (seed 2: +0.025 at 600 forwards in bf16)
+    # reaches +0.05: 1,800 forwards, evaluated every 600
+    "rt-central-budget": ("from-pick", "rt-central-grid", [
+        ("bf16-1800fw-seed2", {**BF16, "seed": 2, "rounds": 9, "local_steps": 100,
+                               "eval_every": 3})]),
+    # screening points around the pick at seed 0, in bf16: validation only, against the
+    # pick's own bf16 seed-0 run (rt-central-bf16); density runs compute their own mask
+    "rt-central-screen": ("grid", [
+        zo_run(1e-4, **BF16), zo_run(1e-3, **BF16), zo_run(3e-5, **BF16),
+        zo_run(1e-4, **BF16, eps=1e-2), zo_run(1e-4, **BF16, eps=1e-4),
+        zo_run(1e-4, dtype="bfloat16", density=1e-4),
+        zo_run(1e-4, dtype="bfloat16", density=1e-2),
+        zo_run(3e-4, **BF16, lr_schedule="cosine")],
+        {"zo-lr1e-4-bf16-seed0": "rt-central-bf16"}),  # that run is read where it is
+    "rt-central-lora-fedzo": ("grid", [zo_run(lr, dtype="bfloat16", method="lora-fedzo")
+                                       for lr in (1e-4, 1e-3)]),
+    "rt-central-lora-fedzo-pick": ("seeds", "rt-central-lora-fedzo", (0,)),
+    "rt-central-full-fedzo": ("grid", [zo_run(lr, dtype="bfloat16", method="full-fedzo")
+                                       for lr in (1e-6, 1e-5)]),
+    "rt-central-full-fedzo-pick": ("seeds", "rt-central-full-fedzo", (0,)),
 }
-
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -354,6 +373,7 @@ def main() -> None:
                         for n, o in spec[2]]
         else:
             runs = spec[1]
+            homes = spec[2] if len(spec) > 2 else {}
         selected = args.only is None or group in args.only
         if not selected:
             # not asked for: kept in the result file if every run of it has finished
@@ -444,7 +464,9 @@ def save(args, plan, groups: dict[str, Any], started: float) -> None:
         "not_run": {"groups_of_the_full_plan": [g for g in PLANS["full"] if g not in groups],
                     "grid_points_of_the_full_plan": [
                         n for g, s in PLANS["full"].items() if s[0] == "grid"
-                        for n, _ in s[1] if not (RUNS / g / n / "summary.json").exists()]},
+                        for n, _ in s[1]
+                        if not (RUNS / (s[2] if len(s) > 2 else {}).get(n, g) / n
+                                / "summary.json").exists()]},
         "wall_seconds_this_invocation": round(time.time() - started, 1),
     }
     write_result("learning", data)

@@ -30,7 +30,8 @@ import torch
 from _common import RESULTS, write_result
 
 from fedmeerkat.config import load_config
-from fedmeerkat.runners.simulation import evaluated_part, run
+from fedmeerkat.runners.evaluation import evaluated_part
+from fedmeerkat.runners.simulation import run
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> (why, overrides of configs/demo.toml). Global ZO steps = rounds x local_steps; with

@@ -29,7 +29,7 @@ Groups (GROUPS), in the order they run:
                     long local reviews.
 Selection (decided on validation only): a setting's score is its WORST seed's validation gain,
 the best evaluated round's validation primary metric (ROC-AUC with two classes, macro-F1
-otherwise; runners.simulation.primary_metric) minus round 0's; the highest score wins, ties go
+otherwise; runners.evaluation.primary_metric) minus round 0's; the highest score wins, ties go
 to the smaller lr. Only settings run at the most seeds compete; the rest are screening points,
 reported on validation. Why the worst seed: a default must learn at every seed, and the first
 session's rule (best seed-0 validation) picked lr 3e-4, whose seed 2 did not learn on
@@ -62,8 +62,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "learning"
 
 from fedmeerkat.config import build_config  # noqa: E402
+from fedmeerkat.runners.evaluation import evaluated_part, primary_metric  # noqa: E402
 from fedmeerkat.runners.run_folder import load_run_config  # noqa: E402
-from fedmeerkat.runners.simulation import evaluated_part, primary_metric, run  # noqa: E402
+from fedmeerkat.runners.simulation import run  # noqa: E402
 from fedmeerkat.zo import forwards_per_direction  # noqa: E402
 
 BASE: dict[str, Any] = {

@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/server_cost.py [--nnz 1500000] [--steps 100]
                                                [--clients 1 10 50] [--repeats 5]
 
-No model: the server state machine (`MeerkatServer.apply`) on K fake replies of T finite
-scalars each, with a calibration gradient so GradIP is recorded, for both downlinks, at a mask
-of `--nnz` coordinates (1.5M is about Qwen2-1.5B at density 1e-3, the paper's Table 23 row).
+No model: the server state machine (`MeerkatServer.screen`, then `apply`) on K fake replies of
+T finite scalars each, with a calibration gradient so GradIP is recorded, for both downlinks, at
+a mask of `--nnz` coordinates (1.5M is about Qwen2-1.5B at density 1e-3, the paper's Table 23 row).
 The reference is the time of drawing the same T z vectors alone (`draw_z`), which any replay
 must do. Measured interleaved (draw, then each K and downlink, per repeat) so drift hits all
 rows alike; medians over `--repeats`. Target (issue: benchmarks complete): within 1.2x of
@@ -49,7 +49,7 @@ def main() -> None:
         replies = [ClientReply(1, c, rng.standard_normal(t).astype(np.float32).tolist(), 10, 1.0)
                    for c in range(k)]
         t0 = time.perf_counter()
-        server.apply(1, replies)
+        server.apply(1, server.screen(1, replies))
         return time.perf_counter() - t0
 
     def draw_only() -> float:

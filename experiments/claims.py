@@ -52,8 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedmeerkat.config import build_config, check_inputs  # noqa: E402
+from fedmeerkat.runners.evaluation import evaluated_part, primary_metric  # noqa: E402
 from fedmeerkat.runners.gradip_experiment import run_gradip  # noqa: E402
-from fedmeerkat.runners.simulation import evaluated_part, primary_metric, run  # noqa: E402
+from fedmeerkat.runners.simulation import run  # noqa: E402
 
 # Claim-1 arms: name -> what makes it that arm (on top of [base])
 ARMS: dict[str, dict[str, Any]] = {

@@ -28,7 +28,7 @@ from fedmeerkat.zo import draw_z, eligible_parameters, round_seeds
 from fedmeerkat.zo.dense import DenseSpace, DenseView, tensor_z
 from fedmeerkat.zo.seeds import mix
 from tests.test_cli import _args
-from tests.test_federated import NetModel
+from tests.test_federated import NetModel, apply_round
 from tests.test_zo_core import TinyNet, data
 
 T = 2  # local_steps in _args
@@ -185,7 +185,7 @@ def test_full_fedzo_scalars_copies_are_bit_identical_and_match_the_vector_mode()
                 if keep:  # the client's copy equals the server's, bit for bit (catch-up too)
                     assert plan.theta is None
                     assert torch.equal(states[plan.client_id].theta, server.theta)
-            server.apply(r, replies)
+            apply_round(server, r, replies)
             model.view.write(server.theta)
         finals[downlink] = server.theta
     assert not torch.equal(finals["scalars"], theta0)
@@ -201,7 +201,7 @@ def test_full_fedzo_aggregate_equals_mean_of_exact_dense_paths():
                              space=model.view.mask)
     replies = [run_client_dense(states[p.client_id], p, model, eps=1e-2, lr=settings.lrs(1),
                                 batch_size=4) for p in server.plan_round(1)]
-    server.apply(1, replies)
+    apply_round(server, 1, replies)
     space, seeds = model.view.mask, round_seeds(3, 1, 2)
     want = torch.zeros_like(theta0, dtype=torch.float64)
     for reply, w in zip(replies, [0.5, 0.5], strict=True):
@@ -238,7 +238,7 @@ def test_feddyn_server_replay_equals_client_result():
             # the client's h_k update waits for the server's acknowledgement (pending)
             pending = states[reply.client_id].extra[PENDING_KEY]
             assert torch.equal(h, h_before[reply.client_id] - pending)
-        server.apply(r, replies)
+        apply_round(server, r, replies)
         for s in states:  # what each client's next plan acknowledges: every reply applied
             settle_pending(s, server.applied[s.client_id])
         for s in states:  # the server's mirror of every h_k equals the client's own, bit for bit
@@ -255,7 +255,7 @@ def test_feddyn_server_replay_equals_client_result():
 @pytest.mark.parametrize("method", ["meerkat-feddyn", "lora-fedzo"])
 def test_baseline_resumes_bit_identical(method, tiny_model_dir, sentiment_csv, calib_txt,
                                         isolated_cache, tmp_path, monkeypatch):
-    import fedmeerkat.runners.simulation as sim
+    import fedmeerkat.runners.run_folder as sim  # checkpoints are written there
 
     extra = (f"method={method}", "rounds=3", "clients_per_round=3")
     full, _, _ = _run(tmp_path, "full", tiny_model_dir, sentiment_csv, calib_txt, *extra)

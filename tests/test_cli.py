@@ -77,7 +77,7 @@ def test_run_writes_every_output_and_eval_reproduces_it(
 
 def test_one_model_in_memory_whatever_the_number_of_clients(
         tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path, monkeypatch):
-    import fedmeerkat.runners.simulation as sim
+    import fedmeerkat.runners.prepare as sim  # where the run loads model and task
 
     loads = []
     real = sim.load_model

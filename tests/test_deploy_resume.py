@@ -14,7 +14,9 @@ import torch
 from deploy_config import base_overrides
 from safetensors.torch import load_file
 
-from fedmeerkat.deploy.meerkat import serve, site, site_args
+from fedmeerkat.deploy.meerkat import site_args
+from fedmeerkat.deploy.serve import serve
+from fedmeerkat.deploy.site import site
 from fedmeerkat.deploy.site_state import SiteStateStore
 
 SITES = {"site-1": [0, 1], "site-2": [2]}

@@ -20,6 +20,7 @@ from fedmeerkat.zo import SparseView, topk_global, zo_step
 from fedmeerkat.zo.dense import DenseSpace, DenseView, dense_zo_step, tensor_z
 from fedmeerkat.zo.step import eps_resolution_warning
 from tests.test_cli import _args
+from tests.test_federated import apply_round
 from tests.test_zo_core import TinyNet, data, tiny_mask
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(
@@ -96,7 +97,7 @@ def test_clients_on_one_device_server_on_another_agree_bit_for_bit(device, serve
             replies.append(run_client(states[plan.client_id], plan, model, eps=1e-2,
                                       lr=settings.lrs(r), batch_size=4))
             assert torch.equal(states[plan.client_id].theta.cpu(), server.theta.cpu())
-        server.apply(r, replies)
+        apply_round(server, r, replies)
     assert not torch.equal(server.theta.cpu(), theta0.cpu())
 
 

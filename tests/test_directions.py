@@ -14,7 +14,7 @@ from fedmeerkat.config import ConfigError, build_config
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientState, FedSettings, MeerkatServer, RoundPlan, run_client
 from fedmeerkat.zo import SparseView, forwards_per_direction, replay, round_seeds, zo_multi_step
-from tests.test_federated import NetModel
+from tests.test_federated import NetModel, apply_round
 from tests.test_zo_core import TinyNet, data, tiny_mask
 
 
@@ -88,7 +88,7 @@ def _simulate(downlink, estimator, p, rounds=3, k=3, steps=2):
                                estimator=estimator)
             assert len(reply.scalars) == steps * p
             replies.append(reply)
-        out = server.apply(r, replies)
+        out = apply_round(server, r, replies)
         assert not out.rejected and out.client_steps == {c: steps * p for c in range(k)}
     return server, theta0
 

@@ -14,7 +14,7 @@ from fedmeerkat.federated.methods import get_method, make_server
 from fedmeerkat.runners.client_host import ClientHost
 from fedmeerkat.runners.driver import RoundDriver
 from fedmeerkat.runners.inprocess import InProcessTransport
-from tests.test_federated import NetModel
+from tests.test_federated import NetModel, apply_round
 
 PARTS = [np.arange(0, 12), np.arange(12, 20), np.arange(20, 32)]
 
@@ -79,7 +79,7 @@ def test_lost_and_garbled_replies_leave_the_round_as_if_not_planned(downlink):
                                     states).handle(p)
             if r != 2 or p.client_id == 0:
                 replies.append(reply_from_bytes(reply_blob))
-        ref.apply(r, replies)
+        apply_round(ref, r, replies)
     assert torch.equal(server.theta, ref.theta)
 
 
@@ -157,7 +157,7 @@ def test_round_closes_at_the_deadline_and_stragglers_catch_up(downlink, monkeypa
     for r in range(1, 5):
         replies = [reply_from_bytes(ref_host.handle(p)) for p in ref.plan_round(r)
                    if r != 2 or p.client_id == 0]
-        ref.apply(r, replies)
+        apply_round(ref, r, replies)
     assert torch.equal(server.theta, ref.theta) and server.synced == ref.synced
     assert [s.pointer.state_dict() for s in states.values()] == \
         [s.pointer.state_dict() for s in ref_states.values()]
@@ -191,7 +191,7 @@ def _replayed(downlink, unapplied, rounds=4):
             assert [p.seeds for p in plans] == [p.seeds for p in ref.plan_round(r)]
             for p in plans:
                 host.handle(p)
-        ref.apply(r, [reply_from_bytes(host.handle(p)) for p in ref.plan_round(r)])
+        apply_round(ref, r, [reply_from_bytes(host.handle(p)) for p in ref.plan_round(r)])
     return ref
 
 

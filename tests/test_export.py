@@ -153,8 +153,8 @@ def test_lora_run_exports_a_peft_adapter_scoring_like_eval(tiny_model_dir, data,
     from peft import PeftModel
 
     from fedmeerkat.models.scoring import LabelScorer, evaluate
+    from fedmeerkat.runners.prepare import prepare
     from fedmeerkat.runners.run_folder import load_run_config
-    from fedmeerkat.runners.simulation import prepare
 
     run_dir = _train(tiny_model_dir, data, tmp_path / "run", "method=lora-fedzo", "lora_rank=4")
     exp = _export(run_dir, tmp_path / "export")

@@ -112,7 +112,7 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(
 @pytest.fixture()
 def crashed(tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path, monkeypatch):
     """(uninterrupted run, a run interrupted after its round-3 checkpoint)."""
-    import fedmeerkat.runners.simulation as sim
+    import fedmeerkat.runners.run_folder as sim  # checkpoints are written there
 
     full = tmp_path / "full"
     assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, full)) == 0
@@ -169,7 +169,7 @@ def test_no_sound_checkpoint_is_one_line_exit_2(crashed, capsys):
 
 def test_checkpoint_of_another_run_is_refused(crashed, tiny_model_dir, sentiment_csv, calib_txt,
                                               tmp_path, capsys, monkeypatch):
-    import fedmeerkat.runners.simulation as sim
+    import fedmeerkat.runners.run_folder as sim  # checkpoints are written there
 
     _, cut = crashed
     other = tmp_path / "other"  # another mask (density), same clients and rounds
@@ -235,7 +235,7 @@ def test_metrics_log_drops_only_a_partial_last_line(tmp_path):
     ("calib_corpus=/no/such/corpus.txt", "calib_corpus: '/no/such/corpus.txt' is neither"),
 ])
 def test_bad_value_fails_before_any_load_even_in_dry_run(override, needle, capsys, monkeypatch):
-    import fedmeerkat.runners.simulation as sim
+    import fedmeerkat.runners.prepare as sim  # where the run loads model and task
 
     def no_load(*a, **kw):
         raise AssertionError("loaded something for a value known to be bad beforehand")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +32,11 @@ class NetModel:
 
     def loss(self, ids: np.ndarray) -> float:
         return float(((self.net(self.x[ids]) - self.y[ids]) ** 2).mean())
+
+
+def apply_round(server, r, replies):
+    """Screen the round's replies, then apply the verdict (what the round driver does)."""
+    return server.apply(r, server.screen(r, replies))
 
 
 def test_messages_round_trip_and_byte_counts():
@@ -78,7 +85,7 @@ def test_round_is_fedavg_of_replayed_client_paths(weighting):
     # the server's virtual path reproduces each client's final vector exactly
     for reply, final in zip(replies, finals, strict=True):
         assert torch.equal(replay(theta0, plans[0].seeds, reply.scalars, settings.lr), final)
-    server.apply(1, list(reversed(replies)))
+    apply_round(server, 1, list(reversed(replies)))
     w = np.array([20, 6, 6]) / 32 if weighting == "samples" else np.ones(3) / 3
     want = sum(torch.tensor(wk, dtype=torch.float32) * f for wk, f in zip(w, finals, strict=True))
     assert torch.allclose(server.theta, want, atol=1e-7) and server.round == 1
@@ -97,9 +104,30 @@ def test_server_refuses_a_wrong_round_plan_and_leaves_out_bad_replies():
     assert [r.client_id for r in verdict.accepted] == [0]
     assert verdict.rejected == {1: "sent 1 scalars, expected 3",
                                 2: "reply is for round 2, not 1"}
-    outcome = server.apply(1, [ok, ClientReply(1, 1, [float("nan"), 0.0, 0.0], 6, 0.5)])
+    outcome = apply_round(server, 1, [ok, ClientReply(1, 1, [float("nan"), 0.0, 0.0], 6, 0.5)])
     assert outcome.rejected == {1: "non-finite scalar or loss"} and outcome.client_steps == {0: 3}
     assert torch.equal(server.theta, replay(model.view.gather(), server.seeds(1), ok.scalars, 0.05))
+
+
+def test_screen_and_apply_read_the_kept_plan_of_the_round_in_progress(monkeypatch):
+    model, states, settings, server = _setup()
+    replies = [ClientReply(1, k, [0.1, 0.2, 0.3], 10, 0.5) for k in range(3)]
+    with pytest.raises(ValueError, match="not in progress"):  # nothing planned yet
+        server.screen(1, replies)
+    server.plan_round(1)
+    assert server.plan.steps == {0: 3, 1: 3, 2: 3} and server.plan.lrs == settings.lrs(1)
+    # what the state would plan now does not change the round that was sent
+    monkeypatch.setattr(server, "steps_for", lambda r, k: 1)
+    monkeypatch.setattr(server, "participants", lambda r: [0])
+    verdict = server.screen(1, replies)
+    assert not verdict.rejected and len(verdict.accepted) == 3
+    with pytest.raises(ValueError, match="not in progress"):
+        server.screen(2, replies)
+    with pytest.raises(ValueError, match="not one of round 1"):  # another round's verdict
+        server.apply(1, dataclasses.replace(verdict, accepted=[ClientReply(2, 0, [0.1], 10, 0.5)]))
+    server.apply(1, verdict)
+    with pytest.raises(ValueError, match="not in progress"):  # applied: no longer in progress
+        server.apply(1, verdict)
 
 
 def test_client_uses_its_data_pointer_across_rounds():
@@ -116,7 +144,7 @@ def test_client_uses_its_data_pointer_across_rounds():
                                       lr=settings.lrs(r), batch_size=4))
             if plan.client_id != 1:
                 del seen[before:]
-        server.apply(r, replies)
+        apply_round(server, r, replies)
     assert seen[0::2] == seen[1::2]  # f+ and f- of a step see the same batch
     ids = [i for batch in seen[0::2] for i in batch]
     # client 1 holds examples 20..25; 2 rounds x 3 steps x 4 = 24 draws = 4 full epochs

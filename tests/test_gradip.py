@@ -12,7 +12,7 @@ from fedmeerkat.cli.main import main
 from fedmeerkat.federated import run_client
 from fedmeerkat.federated.gradip import GradIPRecorder, moving_average
 from fedmeerkat.zo import draw_z
-from tests.test_federated import _setup
+from tests.test_federated import _setup, apply_round
 
 
 @pytest.mark.parametrize("downlink", ["sparse-weights", "scalars"])
@@ -32,7 +32,7 @@ def test_server_gradip_equals_brute_force_inner_product(downlink, monkeypatch):
     server.step_observer = lambda t, z: seen.append(t)
     replies = [run_client(states[p.client_id], p, model, eps=settings.eps, lr=settings.lrs(1),
                           batch_size=settings.batch_size) for p in server.plan_round(1)]
-    out = server.apply(1, replies)
+    out = apply_round(server, 1, replies)
     assert seen == [0, 1, 2]
     arr = out.arrays
     assert arr["clients"].tolist() == [0, 1, 2] and arr["clients"].dtype == torch.int64
@@ -59,12 +59,12 @@ def test_no_gradip_without_a_matching_calibration_gradient():
     model, states, settings, server = _setup()
     replies = [run_client(states[p.client_id], p, model, eps=settings.eps, lr=settings.lrs(1),
                           batch_size=settings.batch_size) for p in server.plan_round(1)]
-    assert server.apply(1, replies).arrays == {}  # no calib_grad: nothing computed
+    assert apply_round(server, 1, replies).arrays == {}  # no calib_grad: nothing computed
     model, states, settings, server = _setup()
     server.calib_grad = torch.ones(3)  # another space (e.g. a dense method): left alone
     replies = [run_client(states[p.client_id], p, model, eps=settings.eps, lr=settings.lrs(1),
                           batch_size=settings.batch_size) for p in server.plan_round(1)]
-    out = server.apply(1, replies)
+    out = apply_round(server, 1, replies)
     assert out.arrays == {} and "gradip_abs_mean" not in out.extra
 
 

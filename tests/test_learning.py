@@ -17,7 +17,7 @@ import torch
 
 from fedmeerkat.cli.main import main
 from fedmeerkat.config import ConfigError, load_config
-from fedmeerkat.runners.simulation import best_round, gain_verdict
+from fedmeerkat.runners.evaluation import best_round, gain_verdict
 from fedmeerkat.runners.tune import search_lr
 from fedmeerkat.tasks import load_task
 from fedmeerkat.tasks.common import with_validation

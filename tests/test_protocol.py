@@ -24,7 +24,7 @@ from fedmeerkat.federated.aggregate import aggregate_scalars, apply_aggregate
 from fedmeerkat.federated.schedule import lr_at
 from fedmeerkat.zo import replay_many, round_seeds
 from tests.test_cli import _args
-from tests.test_federated import NetModel
+from tests.test_federated import NetModel, apply_round
 
 
 def _simulate(downlink, *, rounds=4, k=4, per_round=0, wd=0.0, schedule="constant", steps=3):
@@ -50,7 +50,7 @@ def _simulate(downlink, *, rounds=4, k=4, per_round=0, wd=0.0, schedule="constan
                 assert torch.equal(states[plan.client_id].theta, server.theta)
             log.append((r, plan.client_id, plan))
             replies.append(reply)
-        server.apply(r, replies)
+        apply_round(server, r, replies)
     return server, states, log
 
 
@@ -154,7 +154,7 @@ def test_metrics_bytes_are_the_serialized_payloads(tiny_model_dir, sentiment_csv
 
 def test_interrupted_run_resumes_bit_identical(tiny_model_dir, sentiment_csv, calib_txt,
                                                isolated_cache, tmp_path, monkeypatch, capsys):
-    import fedmeerkat.runners.simulation as sim
+    import fedmeerkat.runners.run_folder as sim  # checkpoints are written there
 
     extra = ("rounds=5", "downlink=scalars", "clients_per_round=3", "lr_schedule=cosine",
              "weight_decay=0.01")

@@ -19,7 +19,7 @@ from fedmeerkat.federated.validate import ReplyBound
 from fedmeerkat.runners.client_host import ClientHost
 from fedmeerkat.runners.driver import RoundDriver
 from fedmeerkat.runners.inprocess import InProcessTransport
-from tests.test_federated import NetModel
+from tests.test_federated import NetModel, apply_round
 
 pytestmark = pytest.mark.faults
 
@@ -194,8 +194,8 @@ def test_clip_keeps_the_client_with_its_scalars_clipped():
     assert v.accepted[2].scalars == [100.0, -0.3] and replies[2].scalars[0] == 1e30
     ref = _server()
     manual = _replies([0.5, -1.0], [1.0, 0.2], [100.0, -0.3])
-    outcome = server.apply(1, replies)
-    ref.apply(1, manual)
+    outcome = server.apply(1, v)
+    apply_round(ref, 1, manual)
     assert torch.equal(server.theta, ref.theta) and outcome.clipped == v.clipped
     # negative side, and a limit that is no float32: clipped to a float32 not above it
     v = _server(reply_bound_action="clip", reply_bound_abs=0.1).screen(1, _replies([-5.0, 0.05]))
@@ -206,12 +206,14 @@ def test_clip_keeps_the_client_with_its_scalars_clipped():
 def test_duplicates_count_once_when_identical_and_never_when_they_conflict():
     replies = _replies([0.5, -1.0], [1.0, 0.2], [0.7, 0.3])
     alone, dup, conflict, without = _server(), _server(), _server(), _server()
-    alone.apply(1, replies)
-    out = dup.apply(1, [*replies, ClientReply(1, 2, [0.7, 0.3], 10, 0.5)])  # a retransmission
+    apply_round(alone, 1, replies)
+    retransmitted = ClientReply(1, 2, [0.7, 0.3], 10, 0.5)
+    out = apply_round(dup, 1, [*replies, retransmitted])
     assert not out.rejected and torch.equal(dup.theta, alone.theta)
-    out = conflict.apply(1, [replies[2], *replies, ClientReply(1, 2, [0.7, 0.4], 10, 0.5)])
+    other = ClientReply(1, 2, [0.7, 0.4], 10, 0.5)
+    out = apply_round(conflict, 1, [replies[2], *replies, other])
     assert out.rejected == {2: "3 conflicting replies"} and sorted(out.client_steps) == [0, 1]
-    without.apply(1, replies[:2])
+    apply_round(without, 1, replies[:2])
     assert torch.equal(conflict.theta, without.theta)
     assert conflict.synced == without.synced and conflict.applied == without.applied
 
@@ -238,10 +240,10 @@ def test_vector_replies_are_screened_too():
     server = fresh()
     v = server.screen(1, [*good, bad, ClientReply(1, 3, [0.1, 0.1], 10, 0.5)])
     assert v.rejected[3].startswith("expected a VectorReply, got ClientReply")
-    outcome = server.apply(1, [*good, bad])
+    outcome = apply_round(server, 1, [*good, bad])
     assert "max |v - theta| 1e+30 exceeds" in outcome.rejected[3]
     ref = fresh()
-    ref.apply(1, good)
+    apply_round(ref, 1, good)
     assert torch.equal(server.theta, ref.theta)
     for wrong, why in [(VectorReply(1, 3, torch.zeros(19), 10, 2, 0.5), "sent 19 values"),
                        (VectorReply(1, 3, torch.zeros(20), 10, 5, 0.5), "reports 5 steps"),

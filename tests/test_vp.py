@@ -20,6 +20,7 @@ from fedmeerkat.federated.methods.random_select import RandomSelectServer
 from fedmeerkat.federated.methods.vp import VPServer, VPSettings
 from fedmeerkat.zo import SparseView
 from tests.test_cli import _args
+from tests.test_federated import apply_round
 from tests.test_zo_core import tiny_mask
 
 # ---- the detector on synthetic trajectories -------------------------------------------------
@@ -131,9 +132,10 @@ def _round(r, model, states, server, record=None):
             model.loss = lambda ids, loss=loss: (record[1].append(tuple(int(i) for i in ids)),
                                                  loss(ids))[1]
         replies.append(routine(states[p.client_id], p, model, eps=server.settings.eps,
-                               lr=server.lrs(r), batch_size=server.settings.batch_size))
+                               lr=server.settings.lrs(r, len(p.seeds)),
+                               batch_size=server.settings.batch_size))
         model.loss = loss
-    return plans, replies, server.apply(r, replies)
+    return plans, replies, apply_round(server, r, replies)
 
 
 def test_vp_flags_the_single_label_client_early_stops_it_and_its_pointer_covers_its_data():
@@ -151,8 +153,9 @@ def test_vp_flags_the_single_label_client_early_stops_it_and_its_pointer_covers_
     fresh = _cls_setup(1, with_single_label=True)[2]
     fresh.load_state_dict(tensors, json.loads(json.dumps(meta)))
     assert fresh.calibrated == server.calibrated and fresh.stopped == server.stopped == [0]
-    assert [fresh.steps_for(2, k) for k in range(4)] == [1, 2, 2, 2]
-    assert fresh.seeds(2) == server.seeds(2) and fresh.lrs(1) == server.lrs(1)
+    fresh.plan_round(2)
+    server.plan_round(2)  # planned again below: the same plan
+    assert fresh.plan == server.plan and fresh.plan.steps == {0: 1, 1: 2, 2: 2, 3: 2}
     # later rounds: the flagged client runs ONE step and uploads ONE scalar; the others run T
     seen: list[tuple[int, ...]] = []
     for r in range(2, 12):
@@ -206,7 +209,7 @@ VP_ARGS = ("method=meerkat-vp", "partition=mixed-single-label", "vp_calibration_
 
 def test_vp_run_end_to_end_and_resume_bit_identical(tiny_model_dir, sentiment_csv, calib_txt,
                                                     isolated_cache, tmp_path, monkeypatch, capsys):
-    import fedmeerkat.runners.simulation as sim
+    import fedmeerkat.runners.run_folder as sim  # checkpoints are written there
 
     full = tmp_path / "full"
     assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, full, *VP_ARGS)) == 0
@@ -275,16 +278,17 @@ def test_calibration_phase_is_measured_not_aggregated_and_training_matches_meerk
         plans, replies, out = _round(1, model, states, server)
         # T training seeds (the round's, as Meerkat's) then T_cali calibration seeds
         assert [p.num_steps for p in plans] == [2 + 60] * 4
-        assert plans[0].seeds == round_seeds(seed, 1, 62) and server.update_seeds(1) == round_seeds(seed, 1, 2)
+        assert plans[0].seeds == round_seeds(seed, 1, 62)
+        assert server.plan.update_seeds == round_seeds(seed, 1, 2)
         assert all(len(r.scalars) == 62 for r in replies)
         assert out.client_steps == {k: 2 for k in range(4)}  # what was aggregated
         assert out.arrays["calibration_gradip"].shape == (4, 60)
         assert out.arrays["gradip"].shape == (4, 2)  # training steps only
         assert out.extra["vp"]["calibration"] == "phase"
         ref_replies = [run_client(ref_states[p.client_id], p, model, eps=ref.settings.eps,
-                                  lr=ref.lrs(1), batch_size=ref.settings.batch_size)
+                                  lr=ref.settings.lrs(1), batch_size=ref.settings.batch_size)
                        for p in ref.plan_round(1)]
-        ref.apply(1, ref_replies)
+        apply_round(ref, 1, ref_replies)
         # the calibration steps moved nothing: the global model and every data pointer are
         # bit for bit those of plain Meerkat, and the training scalars are Meerkat's
         assert torch.equal(server.theta, ref.theta)

@@ -125,15 +125,28 @@ def main() -> None:
 
         run(load_run_config(root / "resumed", ["rounds=4"]), quiet=True, resume=True)
         results["meerkat-scalars-resumed"] = fingerprint(root / "resumed")
-    Path(args.out).write_text(json.dumps({"commit": commit, "runs": results}, indent=1) + "\n")
+    import platform
+
+    import torch
+
+    data = {"command": "python tools/behaviour_fingerprint.py " + " ".join(sys.argv[1:]),
+            "commit": commit, "dirty": bool(subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                text=True, cwd=Path(__file__).resolve().parent).stdout.strip()),
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "platform": platform.platform(), "runs": results}
+    bad: list[str] = []
     if args.compare:
         other = json.loads(Path(args.compare).read_text())
         bad = [n for n, f in results.items() if other["runs"].get(n) != f]
         for n in bad:
             print(f"differs: {n}: {other['runs'].get(n)} -> {results[n]}", file=sys.stderr)
+        data["compared_with"] = {"commit": other["commit"], "runs": len(results),
+                                 "identical": len(results) - len(bad), "differ": bad}
         print(f"{len(results) - len(bad)} of {len(results)} runs identical to commit "
               f"{other['commit'][:10]}", file=sys.stderr)
-        sys.exit(1 if bad else 0)
+    Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+    sys.exit(1 if bad else 0)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,9 @@ def cmd_site(ns: argparse.Namespace) -> int:
 
 def cmd_submit(ns: argparse.Namespace) -> int:
     from fedmeerkat.deploy import admin
-    from fedmeerkat.deploy.meerkat import check_resume_overrides, deploy_job
+    from fedmeerkat.deploy.meerkat import deploy_job
     from fedmeerkat.deploy.provision import load_kits
+    from fedmeerkat.runners.run_folder import CHECKPOINT, FLARE_JOB, METRICS, RunFolder
 
     run_dir = Path(ns.run_dir).resolve()
     site_clients = _clients(ns.site)
@@ -97,12 +98,12 @@ def cmd_submit(ns: argparse.Namespace) -> int:
     if ns.set and not ns.resume:
         raise ConfigError("--set changes a resumed run only (prepare fixes the rest)")
     if ns.resume:
-        check_resume_overrides(ns.set, run_dir)
-        if not (run_dir / "checkpoint.safetensors").is_file():
-            raise ConfigError(f"{run_dir} holds no checkpoint.safetensors: nothing to resume")
+        RunFolder(run_dir).check_resume(ns.set)
+        if not RunFolder(run_dir).has_checkpoint():
+            raise ConfigError(f"{run_dir} holds no {CHECKPOINT}: nothing to resume")
     job = deploy_job(run_dir, site_clients, overrides, interval=ns.interval, resume=ns.resume,
                      overrides=ns.set, evaluation=ns.evaluate)
-    jobs = run_dir / "flare_job"
+    jobs = run_dir / FLARE_JOB
     job.export_job(str(jobs))
     kits = load_kits(ns.workspace)
     done = threading.Event()
@@ -110,7 +111,7 @@ def cmd_submit(ns: argparse.Namespace) -> int:
     def follow() -> None:  # metrics.jsonl grows one line per round on the server
         seen = 0
         while not done.wait(1.0):
-            path = run_dir / "metrics.jsonl"
+            path = run_dir / METRICS
             lines = path.read_text().splitlines() if path.exists() else []
             for line in lines[seen:]:
                 r = json.loads(line)

@@ -31,7 +31,6 @@ from fedmeerkat.config import (  # noqa: E402
     DTYPES,
     ConfigError,
     RunConfig,
-    build_config,
     describe,
     load_config,
 )
@@ -50,21 +49,9 @@ def _config(args: list[str]) -> RunConfig:
 
 
 def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
-    from fedmeerkat.config import parse_overrides
-    from fedmeerkat.runners.run_folder import RESUMABLE_KEYS, read_run_config
+    from fedmeerkat.runners.run_folder import RunFolder
 
-    if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
-    raw = read_run_config(run_dir)
-    changes = parse_overrides(overrides)
-    bad = sorted(set(changes) - set(RESUMABLE_KEYS))
-    if bad:
-        raise ConfigError(f"{bad[0]}: cannot change on --resume (only {', '.join(RESUMABLE_KEYS)})")
-    if "rounds" in changes and raw.get("lr_schedule", "constant") != "constant":
-        raise ConfigError("rounds: cannot change on --resume with a decaying lr_schedule")
-    raw.update(changes)
-    raw["out"] = str(run_dir)
-    return build_config(raw)
+    return RunFolder(run_dir).resume_config(overrides)
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -128,7 +115,7 @@ def cmd_mask(ns: argparse.Namespace) -> int:
 
     task_texts = None
     if cfg.mask_kind == "task":
-        from fedmeerkat.runners.simulation import load_task_for
+        from fedmeerkat.runners.prepare import load_task_for
 
         task = load_task_for(cfg)
         spec = task.spec
@@ -147,8 +134,9 @@ def cmd_mask(ns: argparse.Namespace) -> int:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     from fedmeerkat.models.scoring import evaluate
+    from fedmeerkat.runners.evaluation import test_record
+    from fedmeerkat.runners.prepare import prepare
     from fedmeerkat.runners.run_folder import load_run_config
-    from fedmeerkat.runners.simulation import prepare
 
     run_dir = Path(ns.args[0]) if ns.args and Path(ns.args[0]).is_dir() else None
     if run_dir is not None:
@@ -164,9 +152,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         what = f"run {run_dir}"
     res = evaluate(prep.scorer, prep.test_ids, prep.test_labels, cfg.eval_batch_size)
     print(json.dumps({"model": cfg.model, "task": cfg.task, "weights": what,
-                      "test_accuracy": res.accuracy, "test_loss": res.loss,
-                      "predicted_share": res.predicted_share, **res.metrics("test_"),
-                      "examples": res.num_examples}))
+                      **test_record(res), "examples": res.num_examples}))
     return 0
 
 

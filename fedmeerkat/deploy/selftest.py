@@ -144,12 +144,13 @@ def kill_and_rejoin(s, workdir: Path, kill: dict, job_timeout_s: float) -> dict:
 
     from fedmeerkat.deploy import admin
     from fedmeerkat.deploy.meerkat import deploy_job
+    from fedmeerkat.runners.run_folder import METRICS
 
     run_dir, out = Path(kill["run"]), {}
     stop = threading.Event()
 
     def watch() -> None:
-        metrics = run_dir / "metrics.jsonl"
+        metrics = run_dir / METRICS
         while not stop.wait(0.02):
             lines = metrics.read_text().splitlines() if metrics.exists() else []
             for line in lines:

@@ -8,7 +8,8 @@ from fedmeerkat.federated.client import (
     sync_client,
 )
 from fedmeerkat.federated.messages import ClientReply, RoundPlan
-from fedmeerkat.federated.server import FedSettings, MeerkatServer, RoundOutcome
+from fedmeerkat.federated.server import BaseServer, FedSettings, MeerkatServer, RoundOutcome
 
-__all__ = ["ClientReply", "ClientState", "FedSettings", "LocalModel", "MeerkatServer",
-           "RoundOutcome", "RoundPlan", "run_client", "share_copies", "sync_client"]
+__all__ = ["BaseServer", "ClientReply", "ClientState", "FedSettings", "LocalModel",
+           "MeerkatServer", "RoundOutcome", "RoundPlan", "run_client", "share_copies",
+           "sync_client"]

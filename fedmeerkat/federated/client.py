@@ -100,6 +100,41 @@ def share_copies(states: list[ClientState],
     return by_round
 
 
+def check_steps(plan: RoundPlan, lr: Sequence[float]) -> None:
+    """A plan's step count fits its seeds and the learning rates derived for them."""
+    if plan.num_steps > len(plan.seeds) or plan.num_steps > len(lr):
+        raise ValueError(f"plan asks for {plan.num_steps} steps with {len(plan.seeds)} seeds")
+
+
+# (index t of the step's first seed, the loss on the step's batch) -> one result per seed
+Step = Callable[[int, Callable[[], float]], list[StepResult]]
+
+
+def run_steps(state: ClientState, plan: RoundPlan, model: LocalModel, step: Step, *,
+              batch_size: int, seeds_per_step: int = 1,
+              on_step: Callable[[StepResult], object] | None = None) -> ClientReply:
+    """The round's loop of every ZO client, whatever its space: each step takes the next
+    batch of the client's data and `seeds_per_step` seeds of the plan, and uploads one scalar
+    per seed."""
+    scalars: list[float] = []
+    losses: list[float] = []
+    for t in range(0, plan.num_steps, seeds_per_step):
+        ids = state.example_ids[state.pointer.next_batch(batch_size)]
+        for res in step(t, functools.partial(model.loss, ids)):
+            scalars.append(res.g)
+            losses.append(res.loss)
+            if on_step is not None:
+                on_step(res)
+    return ClientReply(
+        round=plan.round,
+        client_id=state.client_id,
+        scalars=scalars,
+        num_samples=state.num_samples,
+        train_loss=float(np.mean(losses)) if losses else float("nan"),
+        losses=losses,
+    )
+
+
 def run_client(
     state: ClientState,
     plan: RoundPlan,
@@ -119,8 +154,7 @@ def run_client(
     `update` replaces the plain SGD update (see zo.step.zo_step). With `perturbations` P > 1 or
     the one-sided estimator, each step takes P consecutive seeds of the plan on one batch
     (zo.step.zo_multi_step) and uploads one scalar per seed: plan.num_steps counts seeds."""
-    if plan.num_steps > len(plan.seeds) or plan.num_steps > len(lr):
-        raise ValueError(f"plan asks for {plan.num_steps} steps with {len(plan.seeds)} seeds")
+    check_steps(plan, lr)
     p = perturbations
     plain = p == 1 and estimator == "two-point"
     if not plain and update is not None:
@@ -131,27 +165,13 @@ def run_client(
     device = model.view.device  # theta, z and the update live with the model
     theta = sync_client(state, plan, device=device).clone()
     model.view.write(theta)
-    scalars: list[float] = []
-    losses: list[float] = []
-    for t in range(0, plan.num_steps, p):
-        ids = state.example_ids[state.pointer.next_batch(batch_size)]
-        loss_fn = functools.partial(model.loss, ids)
-        results = ([zo_step(model.view, theta, plan.seeds[t], eps=eps, lr=lr[t],
+
+    def step(t: int, loss_fn: Callable[[], float]) -> list[StepResult]:
+        if plain:
+            return [zo_step(model.view, theta, plan.seeds[t], eps=eps, lr=lr[t],
                             weight_decay=weight_decay, update=update, loss_fn=loss_fn)]
-                   if plain else
-                   zo_multi_step(model.view, theta, plan.seeds[t:t + p], eps=eps,
-                                 lrs=lr[t:t + p], estimator=estimator,
-                                 weight_decay=weight_decay, loss_fn=loss_fn))
-        for res in results:
-            scalars.append(res.g)
-            losses.append(res.loss)
-            if on_step is not None:
-                on_step(res)
-    return ClientReply(
-        round=plan.round,
-        client_id=state.client_id,
-        scalars=scalars,
-        num_samples=state.num_samples,
-        train_loss=float(np.mean(losses)) if losses else float("nan"),
-        losses=losses,
-    )
+        return zo_multi_step(model.view, theta, plan.seeds[t:t + p], eps=eps, lrs=lr[t:t + p],
+                             estimator=estimator, weight_decay=weight_decay, loss_fn=loss_fn)
+
+    return run_steps(state, plan, model, step, batch_size=batch_size, seeds_per_step=p,
+                     on_step=on_step)

@@ -1,11 +1,11 @@
-"""GradIP (paper Definition 2.3) from the server's replay, and the Meerkat-VP detector.
+"""GradIP (paper Definition 2.3) from the z the server draws, and the Meerkat-VP detector.
 
     GradIP_k^t = < c , g_k^t * z_t >            c = mean calibration ("pre-training") gradient
                                                     at the masked coordinates (mask.calib_grad)
 With seeds shared by all clients, z_t is the same for every client at step t, so the server
 computes the two client-independent numbers <c, z_t> and ||z_t|| once per step while it
-replays (server.step_observer), and every client's trajectory is then just its scalars times
-them:
+applies the round's aggregate (server.step_observer), and every client's trajectory is then
+just its scalars times them:
 
     GradIP_k^t = g_k^t * <c, z_t>
     norm_k^t   = |g_k^t| * ||z_t||               (norm of the reconstructed ZO gradient)
@@ -32,7 +32,7 @@ GRADIP_UNITS = ("calib-unit", "raw")
 
 
 class GradIPRecorder:
-    """A step observer: records <c, z_t> and ||z_t|| for every z the replay draws."""
+    """A step observer: records <c, z_t> and ||z_t|| for every z the server draws."""
 
     def __init__(self, calib_grad: torch.Tensor):
         self.c = calib_grad.detach().to(torch.float64).flatten().cpu()
@@ -43,7 +43,7 @@ class GradIPRecorder:
     def __call__(self, t: int, z: torch.Tensor) -> None:
         if t in self.proj:  # the same step drawn again (it is the same z): nothing new
             return
-        if self.c.device != z.device:  # c follows the replay's device (moved once)
+        if self.c.device != z.device:  # c follows the server's device (moved once)
             self.c = self.c.to(z.device)
         z64 = z.detach().to(torch.float64).flatten()
         self.proj[t] = float(torch.dot(self.c, z64))

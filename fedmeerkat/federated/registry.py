@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fedmeerkat.federated.client import run_client
-from fedmeerkat.federated.server import DOWNLINKS, MeerkatServer
+from fedmeerkat.federated.server import DOWNLINKS, BaseServer
 
 SPACES = ("mask", "lora", "dense")  # kinds of trainable space (runners/spaces.py builds them)
 
@@ -32,7 +32,7 @@ class Method:
     name: str  # the config's `method=`
     summary: str  # one line for tables and `fedmeerkat methods`
     reference: str  # where it comes from (paper algorithm, baseline table, article)
-    server: type[MeerkatServer]
+    server: type[BaseServer]
     settings: type = NoSettings  # dataclass of the config keys it reads (fedmeerkat.options)
     # settings -> the client routine, called as routine(state, plan, model, *, eps, lr,
     # batch_size, weight_decay, on_step) and returning the reply to send

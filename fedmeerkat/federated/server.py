@@ -1,33 +1,44 @@
-"""Server logic of federated Meerkat as a transport-free state machine.
+"""Server logic of the federated methods as transport-free state machines.
 
     plans   = server.plan_round(r)                 # seeds, step counts, the model to start from
     replies = [run_client(...) for each plan]      # the runner decides how and where
-    outcome = server.apply(r, replies)             # virtual paths, aggregation, bookkeeping
+    verdict = server.screen(r, replies)            # which replies the round may use; no effects
+    outcome = server.apply(r, verdict)             # the method's update, bookkeeping
+
+`BaseServer` owns all of it but the update: `plan_round` keeps what it sent (`SentPlan`), so
+screening and the update read the round as planned, not as the state would plan it after the
+update began changing it. A method is its `aggregate` hook (and its planning: `steps_for`,
+`seeds`, `update_seeds`); `MeerkatServer` is Meerkat's (see federated/methods/).
 
 Seeds are derived (zo.seeds.round_seeds) and shared by every client in a round (DeComFL
 lineage): one z per step then serves all clients, and the update can travel as scalars.
+Nor do the learning rates travel: the downlink is seeds and scalars, and both sides derive
+each seed's lr with `FedSettings.lrs` from the same run config and plan fields (round, number
+of seeds). Sending them would cost 4 bytes per seed per client per round.
 
 Downlink modes:
 - `sparse-weights` (paper Algorithm 2): the server averages the clients' virtual paths (in
-  closed form: one pass over the aggregated scalars, see `apply`) and sends the sparse vector.
+  closed form: one pass over the aggregated scalars, see `MeerkatServer.aggregate`) and sends
+  the sparse vector.
 - `scalars`: the server aggregates the scalars (federated/aggregate.py) and sends T+1 floats;
   every party applies them with the same code, so all copies of the model are bit-identical.
   With T=1 this is the paper's high-frequency synchronization (Algorithm 3). A client that
   missed rounds catches up from the aggregates it missed, or gets the vector when that is
   fewer bytes (`catchup_choices` records which).
 Both modes compute the bit-identical model (tests/test_protocol.py); they differ in bytes.
-Methods change who trains how much by overriding `steps_for` (see federated/methods/).
 
 Replies are screened before anything is applied (federated/validate.py: type, sender, round,
-length, finiteness, a bound on |g|); `screen` is that verdict without side effects, `apply`
-uses only the accepted replies and never raises on what a client sent. A rejected reply leaves
-the server exactly as if that client had not replied: its `synced` and `applied` rounds stay
-where they were, so it is caught up later like any client that missed the round.
+length, finiteness, a bound on |g|); `apply` uses only the replies the verdict accepted and
+never raises on what a client sent. A rejected reply leaves the server exactly as if that
+client had not replied: its `synced` and `applied` rounds stay where they were, so it is
+caught up later like any client that missed the round. `screen` or `apply` of any round but
+the one planned and not yet applied is the caller's bug and raises ValueError.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +58,7 @@ from fedmeerkat.federated.validate import (
     screen_replies,
 )
 from fedmeerkat.zo import round_seeds
-from fedmeerkat.zo.seeds import mix
+from fedmeerkat.zo.seeds import PARTICIPANTS, mix
 
 DOWNLINKS = ("sparse-weights", "scalars")
 
@@ -85,7 +96,8 @@ class FedSettings:
         """Learning rate of each seed of a round with `num_seeds` seeds (default T * P): the
         schedule counts T steps per round, each step's lr is split over its P directions, and
         seeds beyond T * P (Meerkat-VP's calibration round) keep the round's last value.
-        Client and server both derive it from the plan."""
+        The one place lrs are computed: the server calls it when it plans (SentPlan.lrs), each
+        client with its plan's round and seed count (they never travel: module docstring)."""
         first = (round_idx - 1) * self.local_steps
         total = self.rounds * self.local_steps
         p = self.perturbations
@@ -106,8 +118,30 @@ class RoundOutcome:
     arrays: dict[str, torch.Tensor] = field(default_factory=dict)  # per-round trajectories
 
 
-class MeerkatServer:
-    method = "meerkat"
+@dataclass(frozen=True)
+class SentPlan:
+    """What `plan_round` sent for a round, kept for `screen` and the update of that round."""
+
+    round: int
+    steps: dict[int, int]  # participant -> seeds it runs (RoundPlan.num_steps), in client order
+    seeds: list[int]  # the plans' seeds
+    update_seeds: list[int]  # the prefix of `seeds` the update runs along
+    lrs: list[float]  # one per seed: FedSettings.lrs(round, len(seeds)), as every client has it
+
+    @property
+    def participants(self) -> list[int]:
+        return list(self.steps)
+
+    @property
+    def update_lrs(self) -> list[float]:
+        return self.lrs[: len(self.update_seeds)]
+
+
+class BaseServer(ABC):
+    """Planning, screening, the bookkeeping of synced and applied rounds, the round's outcome
+    and checkpoints, for every method; the method's update is `aggregate`."""
+
+    method: str  # the registry's name
     # Downlinks that can carry this method's update: the scalar one only when every update is
     # along seeded directions.
     downlinks: tuple[str, ...] = DOWNLINKS
@@ -138,14 +172,12 @@ class MeerkatServer:
         self.theta = theta0.detach().to(settings.device, torch.float32, copy=True)
         self.client_sizes = list(client_sizes)
         self.round = 0  # last completed round
+        self.plan: SentPlan | None = None  # the last plan_round's; its round is in progress
         self.history: dict[int, Aggregate] = {}  # scalar aggregates of past rounds (scalars mode)
         self.synced = [0] * len(client_sizes)  # round whose global model each client holds
         self.applied = [0] * len(client_sizes)  # last round each client's reply was applied
         self.catchup_choices: dict[int, str] = {}  # client -> "scalars:N" | "vector", this round
-        # Called with (step, z) for every z drawn while applying a round (GradIP analytics).
-        self.step_observer: Callable[[int, torch.Tensor], None] | None = None
         self.calib_grad: torch.Tensor | None = None  # mask's mean calibration gradient
-        self._screened: tuple[int, tuple[Any, ...], Screened] | None = None  # see `screen`
 
     def summary_extra(self) -> dict[str, Any]:
         """Method-specific entries for summary.json."""
@@ -160,7 +192,7 @@ class MeerkatServer:
         m = self.settings.clients_per_round
         if not m or m >= self.num_clients:
             return list(range(self.num_clients))
-        rng = np.random.default_rng(mix(self.settings.seed, 3, round_idx))
+        rng = np.random.default_rng(mix(self.settings.seed, PARTICIPANTS, round_idx))
         return sorted(int(k) for k in rng.choice(self.num_clients, size=m, replace=False))
 
     def steps_for(self, round_idx: int, client_id: int) -> int:
@@ -170,24 +202,25 @@ class MeerkatServer:
     def seeds(self, round_idx: int) -> list[int]:
         return round_seeds(self.settings.seed, round_idx, self.settings.seeds_per_round)
 
-    def update_seeds(self, round_idx: int) -> list[int]:
-        """The seeds the round's update runs along: the plans' seeds, or a prefix of them when
-        a method has clients run steps that are measured but not aggregated (Meerkat-VP's
+    def update_seeds(self, seeds: list[int]) -> list[int]:
+        """The prefix of the round's seeds the update runs along: all of them, or fewer when a
+        method has clients run steps that are measured but not aggregated (Meerkat-VP's
         calibration phase, vp_calibration = "phase")."""
-        return self.seeds(round_idx)
-
-    def lrs(self, round_idx: int) -> list[float]:
-        """Learning rate of each local step (one per seed); clients derive the same list."""
-        return self.settings.lrs(round_idx, len(self.seeds(round_idx)))
+        return seeds
 
     def plan_round(self, round_idx: int) -> list[RoundPlan]:
+        """The round's plans, one per participant; kept as `self.plan`. Planning the same
+        round again (a retry) plans the same participants and seeds."""
         if round_idx != self.round + 1:
             raise ValueError(f"round {round_idx} planned after round {self.round}")
         seeds = self.seeds(round_idx)
+        steps = {k: self.steps_for(round_idx, k) for k in self.participants(round_idx)}
+        self.plan = SentPlan(round_idx, steps, seeds, self.update_seeds(seeds),
+                             self.settings.lrs(round_idx, len(seeds)))
         self.catchup_choices = {}
         plans = []
-        for k in self.participants(round_idx):
-            plan = RoundPlan(round_idx, k, seeds, self.steps_for(round_idx, k), self.theta,
+        for k, n in steps.items():
+            plan = RoundPlan(round_idx, k, seeds, n, self.theta,
                              applied=self.applied[k] if self.acknowledges else None)
             if self.settings.downlink == "scalars":
                 plan = self._cheaper_sync(plan, k)
@@ -205,7 +238,15 @@ class MeerkatServer:
         self.catchup_choices[k] = "vector"
         return vector_plan
 
-    # ---- aggregation -------------------------------------------------------------------
+    def _planned(self, round_idx: int) -> SentPlan:
+        """The kept plan of `round_idx` if that is the round in progress."""
+        plan = self.plan
+        if plan is None or plan.round != round_idx or round_idx != self.round + 1:
+            raise ValueError(f"round {round_idx} is not in progress (last planned: "
+                             f"{plan.round if plan else None}, last applied: {self.round})")
+        return plan
+
+    # ---- screening ---------------------------------------------------------------------
     def _magnitude(self, reply: Any) -> float:
         """m_k of the reply bound (validate.py): max |g| of a scalar reply."""
         return max_abs_scalar(reply)
@@ -214,82 +255,47 @@ class MeerkatServer:
         return clip_scalars(reply, limit)
 
     def screen(self, round_idx: int, replies: list[Any]) -> Screened:
-        """Which replies round `round_idx` may use, and why not the others; changes nothing.
-        Call it before `apply` of the same round (it reads the round's plan: participants and
-        step counts). The verdict is kept for `apply` of the same replies, so a driver that
-        screens first (to count usable replies) does not pay for the screen twice (a vector
-        reply's checks read the whole vector)."""
-        # the cache holds the replies themselves, so their identities cannot be reused
-        if self._screened is not None:
-            r0, seen, kept = self._screened
-            if r0 == round_idx and len(seen) == len(replies) and all(
-                    a is b for a, b in zip(seen, replies, strict=True)):
-                return kept
-        verdict = screen_replies(
-            round_idx, replies,
-            expected_steps={k: self.steps_for(round_idx, k) for k in self.participants(round_idx)},
+        """Which replies the planned round `round_idx` may use, and why not the others;
+        changes nothing. Pass the verdict to `apply`."""
+        return screen_replies(
+            round_idx, replies, expected_steps=self._planned(round_idx).steps,
             reply_type=self.reply_type, bound=self.bound, magnitude=self._magnitude,
             clip=self._clip if self.clip_ok else None, vector_size=self.theta.numel())
-        self._screened = (round_idx, tuple(replies), verdict)
-        return verdict
 
-    def _accept(self, round_idx: int, replies: list[Any]) -> tuple[list[Any], Screened]:
-        """(usable replies in client order, the screen's verdict). Only an accepted client
-        counts as holding round r-1's model and as applied this round; one whose reply was
-        lost or rejected is caught up later from where it was (sync_client skips aggregates
-        it already applied)."""
-        verdict = self.screen(round_idx, replies)
-        self._screened = None  # the round's state changes now: never reuse this verdict
-        for r in verdict.accepted:
+    # ---- the update --------------------------------------------------------------------
+    def apply(self, round_idx: int, verdict: Screened) -> RoundOutcome:
+        """Close the planned round with the replies `verdict` (this round's `screen`)
+        accepted. Only an accepted client counts as holding round r-1's model and as applied
+        this round; one whose reply was lost or rejected is caught up later from where it was
+        (sync_client skips aggregates it already applied)."""
+        plan = self._planned(round_idx)
+        usable = verdict.accepted
+        if any(r.round != round_idx or r.client_id not in plan.steps for r in usable):
+            raise ValueError(f"the verdict is not one of round {round_idx}'s screen")
+        outcome = self.aggregate(plan, usable, verdict)
+        for r in usable:
             self.synced[r.client_id] = round_idx - 1
             self.applied[r.client_id] = round_idx
-        return verdict.accepted, verdict
+        self.round = round_idx
+        return outcome
+
+    @abstractmethod
+    def aggregate(self, plan: SentPlan, usable: list[Any], verdict: Screened) -> RoundOutcome:
+        """The method's update of the global model from the usable replies (in client order)
+        of the round `plan` sent, and the round's outcome (`_outcome`). `verdict` is the
+        screen's, for the outcome's record; a method that reshapes replies passes its own
+        `usable` on."""
 
     def _outcome(self, round_idx: int, usable: list[Any], verdict: Screened,
-                 steps_of: Callable[[Any], int]) -> RoundOutcome:
-        """Close the round: sample-weighted mean loss of the usable clients, per-client counts."""
-        self.round = round_idx
+                 steps_of: Callable[[Any], int] = lambda r: len(r.scalars)) -> RoundOutcome:
+        """The round's record: sample-weighted mean loss of the usable clients, their step
+        counts (`steps_of` a reply), the screen's rejections and clips."""
         sizes = {r.client_id: self.client_sizes[r.client_id] for r in usable}
         total = sum(sizes.values())
         loss = sum(r.train_loss * sizes[r.client_id] for r in usable) / total if total else math.nan
         return RoundOutcome(round=round_idx, train_loss=loss,
                             client_steps={r.client_id: steps_of(r) for r in usable},
                             rejected=dict(verdict.rejected), clipped=dict(verdict.clipped))
-
-    def apply(self, round_idx: int, replies: list[ClientReply]) -> RoundOutcome:
-        usable, verdict = self._accept(round_idx, replies)
-        return self._apply_usable(round_idx, usable, verdict)
-
-    def _apply_usable(self, round_idx: int, usable: list[ClientReply], verdict: Screened
-                      ) -> RoundOutcome:
-        """The round's update from the screened replies (`apply` = `_accept` + this; a method
-        that reshapes replies after screening, Meerkat-VP's calibration phase, calls it)."""
-        seeds, wd = self.update_seeds(round_idx), self.settings.weight_decay
-        lrs = self.settings.lrs(round_idx, len(seeds))  # a prefix of self.lrs(round_idx)
-        weights = self._weights([r.client_id for r in usable])
-        scalars = [r.scalars for r in usable]
-        # GradIP (federated/gradip.py) for every method whose vector lives where c does
-        recorder = (GradIPRecorder(self.calib_grad) if self.calib_grad is not None
-                    and self.calib_grad.numel() == self.theta.numel() else None)
-        observer = chain(self.step_observer, recorder)
-        # Algorithm 2 averages the clients' replayed virtual paths. Each path is linear in its
-        # scalars (theta_k = decay_k theta - sum_t c_kt z_t), so their average is one pass
-        # over the aggregated coefficients: the same model in exact arithmetic, drawn with T z
-        # and T updates whatever K is (replaying K paths costs K*T updates and K copies). Both
-        # downlinks therefore compute the bit-identical model; they differ only in what they
-        # send. `replay_many` (zo/step.py) stays for methods that need each client's path
-        # (FedDyn's h_k mirror) and for tests that check the identity.
-        agg = aggregate_scalars(round_idx, seeds, scalars, weights, lrs, wd)
-        if usable:
-            apply_aggregate(self.theta, agg, on_step=observer)
-        if self.settings.downlink == "scalars":
-            self.history[round_idx] = agg
-        outcome = self._outcome(round_idx, usable, verdict, lambda r: len(r.scalars))
-        if recorder is not None and usable:  # trajectories/round_XXXXX.safetensors
-            outcome.arrays.update(recorder.trajectories([r.client_id for r in usable], scalars,
-                                                        len(seeds)))
-            outcome.extra["gradip_abs_mean"] = round_summary(outcome.arrays)
-        return outcome
 
     def _weights(self, client_ids: list[int]) -> list[float]:
         if not client_ids:
@@ -320,6 +326,7 @@ class MeerkatServer:
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.round = int(meta["round"])
+        self.plan = None  # a plan is made from the state: one kept from before does not hold
         self.synced = [int(x) for x in meta["synced"]]
         # checkpoints written before acknowledgements: no client holds a pending update then
         self.applied = [int(x) for x in meta.get("applied", [0] * len(self.synced))]
@@ -333,3 +340,43 @@ class MeerkatServer:
             self.history[int(h["round"])] = Aggregate(int(h["round"]), list(h["seeds"]),
                                                       coefs[at:at + n].tolist(), float(h["decay"]))
             at += n
+
+
+class MeerkatServer(BaseServer):
+    """Meerkat (paper Algorithm 2): FedAvg of the clients' virtual paths, in closed form."""
+
+    method = "meerkat"
+
+    def __init__(self, settings: FedSettings, theta0: torch.Tensor, client_sizes: list[int]):
+        super().__init__(settings, theta0, client_sizes)
+        # Called with (step, z) for every z drawn while applying a round (GradIP analytics).
+        self.step_observer: Callable[[int, torch.Tensor], None] | None = None
+
+    def aggregate(self, plan: SentPlan, usable: list[ClientReply], verdict: Screened
+                  ) -> RoundOutcome:
+        seeds, wd = plan.update_seeds, self.settings.weight_decay
+        weights = self._weights([r.client_id for r in usable])
+        scalars = [r.scalars for r in usable]
+        # GradIP (federated/gradip.py) for every method whose vector lives where c does
+        recorder = (GradIPRecorder(self.calib_grad) if self.calib_grad is not None
+                    and self.calib_grad.numel() == self.theta.numel() else None)
+        observer = chain(self.step_observer, recorder)
+        # Algorithm 2 averages the clients' replayed virtual paths. Each path is linear in its
+        # scalars (theta_k = decay_k theta - sum_t c_kt z_t), so their average is one pass
+        # over the aggregated coefficients: the same model in exact arithmetic, drawn with T z
+        # and T updates whatever K is (replaying K paths costs K*T updates and K copies). Both
+        # downlinks therefore compute the bit-identical model; they differ only in what they
+        # send. No server replays paths with zo.step.replay_many: tests/test_protocol.py does,
+        # to check this identity, and benchmarks/step_cost.py times it; FedDyn replays each
+        # client with its own step (replay_feddyn) to mirror its h_k.
+        agg = aggregate_scalars(plan.round, seeds, scalars, weights, plan.update_lrs, wd)
+        if usable:
+            apply_aggregate(self.theta, agg, on_step=observer)
+        if self.settings.downlink == "scalars":
+            self.history[plan.round] = agg
+        outcome = self._outcome(plan.round, usable, verdict)
+        if recorder is not None and usable:  # trajectories/round_XXXXX.safetensors
+            outcome.arrays.update(recorder.trajectories([r.client_id for r in usable], scalars,
+                                                        len(seeds)))
+            outcome.extra["gradip_abs_mean"] = round_summary(outcome.arrays)
+        return outcome

@@ -1,8 +1,9 @@
 """Screening of client replies: one place decides which replies a round may use.
 
-The server's `apply` screens its replies with `screen_replies` before it touches any state, and
-the round driver (runners/driver.py) asks the same screen how many replies are usable before it
-applies a round, so every transport (in process, NVIDIA FLARE) gets the same checks. A reply
+The server's `screen` runs `screen_replies` on a round's replies and changes nothing; the round
+driver (runners/driver.py) counts the usable replies in that verdict and, if there are enough,
+passes it to the server's `apply`, so every transport (in process, NVIDIA FLARE) gets the same
+checks and the round uses exactly the replies the verdict accepted. A reply
 that fails one is left out of the round with a one-line reason (`rejected` in metrics.jsonl);
 nothing a client sends makes the server raise, and the round then computes exactly what it
 would have computed had that client not replied at all (tests/test_validation.py).
@@ -31,8 +32,8 @@ Checks, in this order (the first that fails is the reason):
      leaves the client out; "clip" keeps it with every scalar clipped to +-limit (rounded to
      float32; vector replies: theta + the update clipped per coordinate). Clipping is
      deterministic, so every party that applies the round agrees; the client's own local path
-     then differs from the server's replay, which costs nothing when the client next gets
-     the server's vector or aggregate. Methods whose client state must equal the server's
+     then differs from the one the server averages, which costs nothing when the client next
+     gets the server's vector or aggregate. Methods whose client state must equal the server's
      mirror (meerkat-feddyn) set `clip_ok = False`: for them "clip" rejects instead.
 Why 100x the median by default: honest clients of one round share the model and the seeds, so
 their projected gradients differ by data heterogeneity (a few x, rarely tens); the failures

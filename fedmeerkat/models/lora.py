@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 
 from fedmeerkat.zo.mask import SparseMask
-from fedmeerkat.zo.seeds import mix
+from fedmeerkat.zo.seeds import LORA_INIT, mix
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_LORA_INIT_TAG = 7
 
 
 def lora_config(*, rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS):
@@ -36,7 +35,7 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, seed: int,
     cfg = lora_config(rank=rank, alpha=alpha, targets=targets)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(mix(seed, _LORA_INIT_TAG))
+        torch.manual_seed(mix(seed, LORA_INIT))
         inject_adapter_in_model(cfg, model)
     for n, p in model.named_parameters():
         if ".lora_" not in n:

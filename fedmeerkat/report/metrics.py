@@ -5,18 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedmeerkat.runners.run_folder import MetricsLog
+from fedmeerkat.runners.run_folder import METRICS, PLOT, SUMMARY, MetricsLog
 
 
 def plot_run(run_dir: Path) -> Path:
     """Draw run_dir/accuracy.png from the run's metrics and summary; returns its path."""
     import json
 
-    s = json.loads((run_dir / "summary.json").read_text())
+    s = json.loads((run_dir / SUMMARY).read_text())
     title = (f"{s['method']} on {s['task']}: K={s['clients']}, T={s['local_steps']}, "
              f"{s['partition']}, density {s['density']:.0e}")
-    path = run_dir / "accuracy.png"
-    plot_accuracy(MetricsLog(run_dir / "metrics.jsonl").read(), path, title)
+    path = run_dir / PLOT
+    plot_accuracy(MetricsLog(run_dir / METRICS).read(), path, title)
     return path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedmeerkat.runners.run_folder import MetricsLog
+from fedmeerkat.runners.run_folder import METRICS, SUMMARY, MetricsLog
 
 
 def human(n: float) -> str:
@@ -17,11 +17,11 @@ def human(n: float) -> str:
 
 
 def run_report(run_dir: Path) -> str:
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY
     if not summary_path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no summary.json (run not finished?)")
     s = json.loads(summary_path.read_text())
-    records = MetricsLog(run_dir / "metrics.jsonl").read()
+    records = MetricsLog(run_dir / METRICS).read()
     lines = [
         f"run {run_dir}: {s['method']} on {s['task']} with {s['model']}",
         f"clients {s['clients']} ({s.get('clients_per_round', s['clients'])} per round), "

@@ -1,4 +1,4 @@
-"""One model serving a group of clients: plan bytes in, reply bytes out.
+"""One model serving a group of clients: plans in, reply bytes out.
 
 The in-process transport holds one host for all K clients; a deployed site holds one for the
 clients it hosts. Both run the same client routine of the method's registry entry, so a client
@@ -51,6 +51,3 @@ class ClientHost:
         """The clients' states were set from elsewhere (a deployed site restoring a snapshot):
         forget the copies shared so far."""
         self._pool, self._pool_round = {}, -1
-
-    def handle_bytes(self, blob: bytes) -> bytes:
-        return self.handle(RoundPlan.from_bytes(blob))

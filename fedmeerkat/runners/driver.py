@@ -2,7 +2,8 @@
 
     plans   = server.plan_round(r)                        # federated/: a state machine
     replies = transport.exchange(r, plan bytes, deadline) # how bytes move: in process, FLARE, ...
-    outcome = server.apply(r, parsed replies)
+    verdict = server.screen(r, parsed replies)            # which replies are usable
+    outcome = server.apply(r, verdict)                    # if enough are, else plan r again
     metrics line, trajectories, checkpoint, evaluation    # the run folder (run_folder.py)
 
 A transport only moves bytes: it delivers each client its plan and returns the replies that
@@ -33,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fedmeerkat.federated import MeerkatServer, RoundPlan
+from fedmeerkat.federated import BaseServer, RoundPlan
 from fedmeerkat.federated.messages import reply_from_bytes
 from fedmeerkat.federated.validate import Screened
 from fedmeerkat.models.scoring import format_metrics
@@ -71,7 +72,7 @@ class Transport(Protocol):
 
 @dataclass
 class RoundDriver:
-    server: MeerkatServer
+    server: BaseServer
     transport: Transport
     # run folder hooks: append a metrics line, save a round's trajectories, checkpoint
     append_metrics: Callable[[dict[str, Any]], None]
@@ -90,10 +91,10 @@ class RoundDriver:
         for r in range(self.server.round + 1, last_round + 1):
             self.run_round(r)
 
-    def _attempt(self, r: int) -> tuple[list[Any], dict[int, list[int]], dict[int, str],
-                                        list[int], Screened]:
-        """One exchange of round r: (parsed replies, client -> [up, down] bytes, transport-level
-        rejections, missing clients, the server's screen of the replies)."""
+    def _attempt(self, r: int) -> tuple[dict[int, list[int]], dict[int, str], list[int],
+                                        Screened]:
+        """One exchange of round r: (client -> [up, down] bytes, transport-level rejections,
+        missing clients, the server's screen of the parsed replies)."""
         plans = self.server.plan_round(r)
         self.on_plans(plans)
         blobs = PlanBytes(plans)
@@ -117,13 +118,12 @@ class RoundDriver:
             sizes[k] = [len(got[k]), blobs.plans[k].nbytes()]  # nbytes == len(to_bytes())
             replies.append(reply)  # the server screens the rest (federated/validate.py)
         missing = sorted(set(blobs) - set(got))
-        verdict = self.server.screen(r, replies)  # kept by the server for apply()
-        return replies, sizes, rejected, missing, verdict
+        return sizes, rejected, missing, self.server.screen(r, replies)
 
     def run_round(self, r: int) -> dict[str, Any]:
         failed: list[dict[str, Any]] = []
         for attempt in range(1, self.round_retries + 2):
-            replies, sizes, rejected, missing, verdict = self._attempt(r)
+            sizes, rejected, missing, verdict = self._attempt(r)
             usable = len(verdict.accepted)
             if usable >= self.min_clients:
                 break
@@ -150,7 +150,7 @@ class RoundDriver:
             raise RoundFailed(f"round {r}: fewer than min_clients={self.min_clients} usable "
                               f"replies in {len(failed)} attempt(s); the run stops after round "
                               f"{self.server.round}")
-        outcome = self.server.apply(r, replies)
+        outcome = self.server.apply(r, verdict)
         rejected = {**rejected, **outcome.rejected}
         record: dict[str, Any] = {
             "round": r, "train_loss": outcome.train_loss, "test_accuracy": None,

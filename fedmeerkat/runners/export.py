@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from fedmeerkat.config import ConfigError, RunConfig
 from fedmeerkat.models.loading import DTYPES, load_model, model_fingerprint
 from fedmeerkat.options import InputError
-from fedmeerkat.runners.run_folder import load_run_config, load_run_state
+from fedmeerkat.runners.run_folder import FINAL_STATE, load_run_config, load_run_state
 from fedmeerkat.runners.spaces import restore_run_weights, space_kind
 from fedmeerkat.zo import SparseMask, SparseView
 
@@ -160,7 +160,7 @@ def export_run(run_dir: Path, out: Path) -> Exported:
 
 
 def _final_round(run_dir: Path) -> str:
-    with safe_open(str(run_dir / "final_state.safetensors"), framework="pt") as f:
+    with safe_open(str(run_dir / FINAL_STATE), framework="pt") as f:
         return (f.metadata() or {}).get("round", "?")
 
 

@@ -1,8 +1,8 @@
 """`fedmeerkat gradip`: the paper's Figure 3 (and 8): GradIP of an IID vs a single-label client.
 
 Two clients start from the same model and the same mask and each runs `steps` local ZO steps
-on its own data, in one round of the ordinary protocol (plan -> run_client -> server.apply),
-so the numbers come from the server's replay exactly as in a federated run:
+on its own data, in one round of the ordinary protocol (plan -> run_client -> server.screen
+-> server.apply), so the numbers come from the z the server draws exactly as in a federated run:
   - "iid": a seeded random sample of `examples` examples of the whole training set;
   - "single-label": a seeded random sample of `examples` of the remaining examples of class
     `label` (disjoint from the IID client's).
@@ -33,9 +33,8 @@ from fedmeerkat.federated.methods.vp import VPSettings
 from fedmeerkat.federated.server import MeerkatServer
 from fedmeerkat.runners.run_folder import write_json_atomic
 from fedmeerkat.zo import SparseView
-from fedmeerkat.zo.seeds import mix
+from fedmeerkat.zo.seeds import DATA_ORDER, GRADIP_PICK, mix
 
-_PICK_TAG = 6
 CLIENTS = ("iid", "single-label")
 
 
@@ -46,7 +45,7 @@ def log(msg: str) -> None:
 def pick_clients(labels: np.ndarray, label: int, examples: int, seed: int
                  ) -> list[np.ndarray]:
     """[iid ids, single-label ids]: disjoint seeded samples of `examples` each."""
-    rng = np.random.default_rng(mix(seed, _PICK_TAG))
+    rng = np.random.default_rng(mix(seed, GRADIP_PICK))
     iid = np.sort(rng.permutation(len(labels))[:examples])  # from the whole training set
     of_label = rng.permutation(np.setdiff1d(np.flatnonzero(labels == label), iid))
     if len(of_label) < examples:
@@ -64,7 +63,7 @@ def run_gradip(cfg: RunConfig, *, steps: int = 100, label: int = 0, examples: in
                window: int = 10, quiet: bool = False) -> dict[str, Any]:
     """Run the experiment; returns the result (also written to out/gradip.json) with its path.
     The plot (gradip.png) is the CLI's: report.gradip_plot.plot_gradip."""
-    from fedmeerkat.runners.simulation import SharedModel, get_mask, prepare
+    from fedmeerkat.runners.prepare import SharedModel, get_mask, prepare
 
     start = time.time()
     out = Path(cfg.out) if cfg.out else Path("runs") / f"gradip-{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -88,19 +87,20 @@ def run_gradip(cfg: RunConfig, *, steps: int = 100, label: int = 0, examples: in
     server = MeerkatServer(settings, theta0, [len(p) for p in parts])
     server.calib_grad = mask.calib_grad
     shared = SharedModel(prep, view)
-    states = [ClientState(k, p, ClientDataPointer(len(p), seed=mix(cfg.seed, 2, k)))
+    states = [ClientState(k, p, ClientDataPointer(len(p), seed=mix(cfg.seed, DATA_ORDER, k)))
               for k, p in enumerate(parts)]
     replies = []
     for plan in server.plan_round(1):  # both clients start from theta0 (the plan carries it)
         t0 = time.time()
         reply = run_client(states[plan.client_id], RoundPlan.from_bytes(plan.to_bytes()), shared,
-                           eps=settings.eps, lr=server.lrs(1), batch_size=settings.batch_size,
-                           weight_decay=settings.weight_decay)
+                           eps=settings.eps, lr=settings.lrs(plan.round, len(plan.seeds)),
+                           batch_size=settings.batch_size, weight_decay=settings.weight_decay)
         log(f"client {CLIENTS[plan.client_id]}: {steps} steps in {time.time() - t0:.0f} s, "
             f"loss {reply.losses[0]:.4f} -> {reply.losses[-1]:.4f}")
         replies.append(reply)
     losses = {r.client_id: r.losses for r in replies}  # local, not on the wire
-    outcome = server.apply(1, [ClientReply.from_bytes(r.to_bytes()) for r in replies])
+    outcome = server.apply(1, server.screen(1, [ClientReply.from_bytes(r.to_bytes())
+                                                for r in replies]))
     arr = outcome.arrays
     # the detector's settings: the config's vp_* keys (the CLI reads them as method=meerkat-vp)
     vp = cfg.method_settings if isinstance(cfg.method_settings, VPSettings) else VPSettings()

@@ -34,10 +34,10 @@ from fedmeerkat.tasks.corpora import corpus_hash, load_calibration_texts
 from fedmeerkat.zo import SparseMask, compute_mask
 from fedmeerkat.zo.calibration import masked_mean_gradient
 from fedmeerkat.zo.mask_kinds import random_mask, union_masks, weight_magnitude_mask
+from fedmeerkat.zo.seeds import TASK_PICK
 
 MIN_CALIB_TOKENS = 16  # shorter texts carry too little gradient signal to be worth a backward
 MIN_TASK_TOKENS = 2  # task prompts are short; a next-token loss needs two tokens
-_TASK_PICK_TAG = 0x7461736B  # seed-sequence tag for picking task texts (fixed)
 
 
 def calibration_sequences(tokenizer, texts: list[str], num: int, seq_len: int) -> list[torch.Tensor]:
@@ -67,7 +67,7 @@ def pick_texts(texts: list[str], num: int, seed: int, *tag: int) -> list[str]:
     be sorted by label, so the first `num` would not do)."""
     if len(texts) <= num:
         return list(texts)
-    rng = np.random.default_rng([_TASK_PICK_TAG, seed, *tag])
+    rng = np.random.default_rng([TASK_PICK, seed, *tag])
     return [texts[i] for i in np.sort(rng.choice(len(texts), num, replace=False))]
 
 

@@ -1,14 +1,18 @@
-"""The run folder: every file a run writes or reads, in one module.
+"""The run folder: every file a run writes or reads, in one module (`RunFolder`).
 
     config.toml               the resolved config (written once; `load_run_config`)
     mask.safetensors          the trainable space (mask, LoRA index or dense names/shapes)
+    initial_state.safetensors a deployed run's initial values at the mask (`prepare_run`)
     partition.json            the clients' label histogram
+    lr_search.json            lr=auto's search (runners/tune.py)
     metrics.jsonl             one line per round (`MetricsLog`)
     checkpoint.safetensors    everything to continue bit-identically, with its checksum
                               (`save_checkpoint`); checkpoint.prev.safetensors the one before
     trajectories/round_N.safetensors   per-round arrays (GradIP per client and step)
     final_state.safetensors   the final trainable vector (`save_state`, `load_run_state`)
     summary.json              (`write_json_atomic`); accuracy.png is drawn by report.plot_run
+    server.log                the deployed server's log; site_state/SITE a site's snapshots;
+                              flare_job/ the job `fedmeerkat deploy submit` exported
 
 Writes go to a temp file, are fsynced and renamed, so a crash leaves the previous file whole.
 Only safetensors and JSON/TOML are read: no pickle.
@@ -36,7 +40,7 @@ from safetensors.torch import save_file
 from fedmeerkat.config import ConfigError, RunConfig, build_config, parse_overrides
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientState
-from fedmeerkat.federated.server import MeerkatServer
+from fedmeerkat.federated.server import BaseServer
 from fedmeerkat.options import InputError
 from fedmeerkat.zo import SparseMask
 from fedmeerkat.zo.dense import DenseSpace, is_dense_file
@@ -103,8 +107,19 @@ class MetricsLog:
         return records
 
 
+CONFIG = "config.toml"
 MASK_FILE = "mask.safetensors"
+INITIAL_STATE = "initial_state.safetensors"
+PARTITION = "partition.json"
+LR_SEARCH_FILE = "lr_search.json"
+METRICS = "metrics.jsonl"
 FINAL_STATE = "final_state.safetensors"
+SUMMARY = "summary.json"
+PLOT = "accuracy.png"
+SERVER_LOG = "server.log"
+SITE_STATE = "site_state"
+FLARE_JOB = "flare_job"  # the exported FLARE job of `fedmeerkat deploy submit`
+TRAJECTORIES = "trajectories"
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -134,7 +149,7 @@ def save_state(path: Path, theta: torch.Tensor, meta: dict[str, str]) -> None:
 
 def save_trajectories(out: Path, round_idx: int, arrays: dict[str, torch.Tensor]) -> None:
     """One round's trajectories (e.g. GradIP per client and step)."""
-    traj = out / "trajectories"
+    traj = out / TRAJECTORIES
     traj.mkdir(exist_ok=True)
     tmp = traj / f"round_{round_idx:05d}.safetensors.tmp"
     save_file({k: v.cpu().contiguous() for k, v in arrays.items()}, str(tmp))
@@ -144,7 +159,7 @@ def save_trajectories(out: Path, round_idx: int, arrays: dict[str, torch.Tensor]
 def drop_trajectories_after(out: Path, round_idx: int) -> None:
     """On resume: trajectories of rounds after the checkpoint are recomputed; remove them so a
     run resumed with fewer rounds leaves none behind."""
-    for p in (out / "trajectories").glob("round_*.safetensors"):
+    for p in (out / TRAJECTORIES).glob("round_*.safetensors"):
         try:
             if int(p.name[len("round_"):-len(".safetensors")]) > round_idx:
                 p.unlink()
@@ -204,7 +219,7 @@ def _checksum(tensors: dict[str, torch.Tensor], version: str, state: str, space:
     return h.hexdigest()
 
 
-def save_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState],
+def save_checkpoint(out: Path, server: BaseServer, states: list[ClientState],
                     space: str = "") -> None:
     """Everything needed to continue bit-identically, with its checksum. The new file is
     written beside the old one and fsynced, the old one becomes checkpoint.prev.safetensors,
@@ -276,7 +291,7 @@ def read_checkpoint(path: Path, space: str = "") -> tuple[dict[str, torch.Tensor
     return tensors, state
 
 
-def load_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState],
+def load_checkpoint(out: Path, server: BaseServer, states: list[ClientState],
                     space: str = "", log: Callable[[str], None] | None = None) -> None:
     """Restore the last sound checkpoint: checkpoint.safetensors, or, when that is missing,
     truncated or corrupt (one line to `log` says so), checkpoint.prev.safetensors."""
@@ -301,7 +316,7 @@ def load_checkpoint(out: Path, server: MeerkatServer, states: list[ClientState],
 
 
 def _apply_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                      server: MeerkatServer, states: list[ClientState]) -> None:
+                      server: BaseServer, states: list[ClientState]) -> None:
     if len(meta["clients"]) != len(states):
         raise CheckpointMismatchError(f"{path}: checkpoint has {len(meta['clients'])} clients, "
                                       f"run has {len(states)}")
@@ -336,7 +351,7 @@ def open_run_folder(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path]:
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, out=str(out))
     try:
-        with open(out / "config.toml", "x") as f:
+        with open(out / CONFIG, "x") as f:
             f.write(tomli_w.dumps(cfg.to_dict()))
     except FileExistsError:
         raise FileExistsError(f"run folder {out} was taken by another run just now; choose "
@@ -348,7 +363,7 @@ def read_run_config(run_dir: Path) -> dict:
     """A run folder's config.toml as written. A folder from before validation splits existed
     (no val_fraction) trained on the whole pool: it reads as val_fraction = 0, so resuming or
     evaluating it sees the training set it was trained on."""
-    raw = tomllib.loads((run_dir / "config.toml").read_text())
+    raw = tomllib.loads((run_dir / CONFIG).read_text())
     raw.setdefault("val_fraction", 0.0)
     return raw
 
@@ -356,8 +371,8 @@ def read_run_config(run_dir: Path) -> dict:
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
     """A run folder's resolved config, with `key=value` overrides (eval, export). Its mask= is
     dropped: the folder has its own copy of the mask."""
-    if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
+    if not (run_dir / CONFIG).is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG})")
     raw = read_run_config(run_dir)
     raw.pop("mask", None)
     raw.update(parse_overrides(overrides or []))
@@ -379,7 +394,7 @@ def load_run_state(run_dir: Path) -> tuple[SparseMask | DenseSpace, torch.Tensor
     state = run_dir / FINAL_STATE
     if not state.is_file():
         raise FileNotFoundError(f"{run_dir} holds no {FINAL_STATE} (did the run finish?)")
-    mask = load_space(run_dir / "mask.safetensors")
+    mask = load_space(run_dir / MASK_FILE)
     try:
         theta = load_file(str(state))["theta"]
     except Exception as e:  # truncated or corrupt (SafetensorError), no "theta"
@@ -388,3 +403,88 @@ def load_run_state(run_dir: Path) -> tuple[SparseMask | DenseSpace, torch.Tensor
     if theta.numel() != mask.nnz or not math.isfinite(float(theta.sum())):
         raise ValueError(f"{state}: state does not fit the run's mask")
     return mask, theta
+
+
+class RunFolder:
+    """One run's folder: its files' paths, its writes, and the one check of what a resumed
+    run may change (`resume_config`). The simulation and the deployed server both use it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.metrics = MetricsLog(self.path / METRICS)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def file(self, name: str) -> Path:
+        """The path of one of this module's names (CONFIG, MASK_FILE, SUMMARY, ...)."""
+        return self.path / name
+
+    # ---- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, cfg: RunConfig, resume: bool) -> tuple[RunConfig, RunFolder]:
+        """A new run's folder, or the one to resume (`open_run_folder`), and cfg with out=."""
+        cfg, out = open_run_folder(cfg, resume)
+        return cfg, cls(out)
+
+    def check_resume(self, overrides: list[str]) -> dict[str, Any]:
+        """The changes `key=value` a resumed run may make (RESUMABLE_KEYS; rounds only with a
+        constant lr_schedule); ConfigError names the first that it may not."""
+        if not (self.path / CONFIG).is_file():
+            raise ConfigError(f"{self.path} is not a run folder (no {CONFIG})")
+        changes = parse_overrides(overrides)
+        bad = sorted(set(changes) - set(RESUMABLE_KEYS))
+        if bad:
+            raise ConfigError(f"{bad[0]}: cannot change on --resume (only "
+                              f"{', '.join(RESUMABLE_KEYS)})")
+        if ("rounds" in changes
+                and read_run_config(self.path).get("lr_schedule", "constant") != "constant"):
+            raise ConfigError("rounds: cannot change on --resume with a decaying lr_schedule")
+        return changes
+
+    def resume_config(self, overrides: list[str] | None = None) -> RunConfig:
+        """The config to continue this run with: its own, with the allowed `overrides`, out=
+        this folder (wherever it was moved) and its own mask (mask= dropped)."""
+        changes = self.check_resume(list(overrides or []))
+        raw = read_run_config(self.path)
+        raw.pop("mask", None)
+        raw.update(changes)
+        raw["out"] = str(self.path)
+        return build_config(raw)
+
+    def has_checkpoint(self) -> bool:
+        return any((self.path / c).is_file() for c in (CHECKPOINT, PREVIOUS_CHECKPOINT))
+
+    def holds_config_only(self) -> bool:
+        """Nothing ran yet (a run that failed on its input): the folder can go."""
+        return [p.name for p in self.path.iterdir()] == [CONFIG]
+
+    # ---- writing ---------------------------------------------------------------------------
+    def write_config(self, cfg: RunConfig) -> None:
+        """Replace config.toml (lr=auto writes its pick, so a resumed run never searches)."""
+        tmp = self.path / (CONFIG + ".tmp")
+        tmp.write_text(tomli_w.dumps(cfg.to_dict()))
+        _fsync_replace(tmp, self.path / CONFIG)
+
+    def write_json(self, name: str, data: Any) -> None:
+        write_json_atomic(self.path / name, data)
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def save_checkpoint(self, server: BaseServer, states: list[ClientState],
+                        space: str = "") -> None:
+        save_checkpoint(self.path, server, states, space)
+
+    def load_checkpoint(self, server: BaseServer, states: list[ClientState],
+                        space: str = "", log: Callable[[str], None] | None = None) -> None:
+        load_checkpoint(self.path, server, states, space, log=log)
+
+    def save_trajectories(self, round_idx: int, arrays: dict[str, torch.Tensor]) -> None:
+        save_trajectories(self.path, round_idx, arrays)
+
+    def drop_trajectories_after(self, round_idx: int) -> None:
+        drop_trajectories_after(self.path, round_idx)
+
+    def save_final_state(self, theta: torch.Tensor, meta: dict[str, str]) -> None:
+        save_state(self.path / FINAL_STATE, theta, meta)

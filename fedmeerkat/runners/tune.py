@@ -5,7 +5,7 @@ loss is a bad guide (a large lr lowers it by recalibrating the label bias while 
 examples, ROC-AUC, gets worse). So each candidate lr trains a short centralized sparse-ZO path
 from the untrained model on the run's training examples (the same batches and the same z
 seeds for every candidate, so they differ in lr only), and the candidate with the best
-validation metric (ROC-AUC with two classes, macro-F1 otherwise: `primary_metric` below)
+validation metric (ROC-AUC with two classes, macro-F1 otherwise: evaluation.primary_metric)
 wins; ties go to the smaller lr. Test data is never read.
 
 Cost, printed before it starts: len(lr_auto_grid) x lr_auto_steps x 2 forwards of batch_size
@@ -20,27 +20,23 @@ benchmarks/results/demo_sweep.json).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
+from fedmeerkat.config import RunConfig
 from fedmeerkat.data.pointer import ClientDataPointer
+from fedmeerkat.models.scoring import evaluate
+from fedmeerkat.runners.evaluation import eval_record, primary_metric
+from fedmeerkat.runners.prepare import Prepared, SharedModel, log
+from fedmeerkat.runners.run_folder import LR_SEARCH_FILE, RunFolder
 from fedmeerkat.zo import zo_step
-from fedmeerkat.zo.seeds import mix
-
-_LR_SEARCH_TAG = 0x6C72  # seed-stream domain of the search's batches and z ("lr")
-
-
-def primary_metric(rec: dict[str, Any], split: str = "val") -> float | None:
-    """The one number model selection compares: ROC-AUC with two classes, macro-F1 with more
-    (both threshold-free, so a pure recalibration cannot win), accuracy where neither exists."""
-    for k in ("auc", "macro_f1", "accuracy"):
-        v = rec.get(f"{split}_{k}")
-        if v is not None:
-            return float(v)
-    return None
+from fedmeerkat.zo.seeds import LR_SEARCH, mix
 
 
 def search_cost(grid: list[float], steps: int, batch_size: int, val_examples: int) -> str:
@@ -60,11 +56,11 @@ def search_lr(*, view, theta0, train_loss: Callable[[np.ndarray], float], num_tr
     candidates = []
     for lr in sorted(grid):
         theta = theta0.clone()
-        pointer = ClientDataPointer(num_train, seed=mix(seed, _LR_SEARCH_TAG, 0))
+        pointer = ClientDataPointer(num_train, seed=mix(seed, LR_SEARCH, 0))
         losses = []
         for t in range(steps):
             ids = pointer.next_batch(batch_size)
-            res = zo_step(view, theta, mix(seed, _LR_SEARCH_TAG, 1, t), eps=eps, lr=lr,
+            res = zo_step(view, theta, mix(seed, LR_SEARCH, 1, t), eps=eps, lr=lr,
                           loss_fn=functools.partial(train_loss, ids))
             losses.append(res.loss)
         view.write(theta)
@@ -87,3 +83,34 @@ def search_lr(*, view, theta0, train_loss: Callable[[np.ndarray], float], num_tr
             "forwards": len(grid) * steps * 2, "untrained_val_metric": base,
             "candidates": candidates, "lr": best["lr"],
             "improves_on_untrained": base is None or best["val_metric"] > base}
+
+
+def pick_lr(cfg: RunConfig, prep: Prepared, view: Any, theta0: torch.Tensor,
+            folder: RunFolder) -> RunConfig:
+    """lr=auto (runners/tune.py): search lr on the validation split, save the search as
+    lr_search.json and the pick in config.toml (lr = the pick, lr_auto = false), so a
+    resumed run trains with the same lr and never searches again. In simulation the search
+    trains on the pooled training examples of all clients, a centralized pilot."""
+    grid = [float(v) for v in cfg.lr_auto_grid]
+    log(f"lr=auto: searching {', '.join(f'{v:g}' for v in sorted(grid))} on the validation "
+        f"split: {search_cost(grid, cfg.lr_auto_steps, cfg.batch_size, len(prep.val_ids))}")
+    start = time.time()
+    model = SharedModel(prep, view)
+
+    def evaluate_val() -> dict[str, Any]:
+        val = evaluate(prep.scorer, prep.val_ids, prep.val_labels, cfg.eval_batch_size)
+        return {k: v for k, v in eval_record(val, val).items() if k.startswith("val_")}
+
+    found = search_lr(view=view, theta0=theta0, train_loss=model.loss,
+                      num_train=len(prep.train_ids), evaluate_val=evaluate_val, grid=grid,
+                      steps=cfg.lr_auto_steps, batch_size=cfg.batch_size, eps=cfg.eps,
+                      seed=cfg.seed, log=log)
+    found["wall_seconds"] = round(time.time() - start, 1)
+    folder.write_json(LR_SEARCH_FILE, found)
+    cfg = dataclasses.replace(cfg, lr=found["lr"], lr_auto=False)
+    folder.write_config(cfg)
+    note = "" if found["improves_on_untrained"] else (
+        " (no candidate beat the untrained model on validation: the smallest harm is kept)")
+    log(f"lr=auto: lr {found['lr']:g} ({found['forwards']} forwards, "
+        f"{found['wall_seconds']:.0f} s){note}; saved in {folder.file(LR_SEARCH_FILE)}")
+    return cfg

@@ -70,9 +70,10 @@ _cache: _ZCache | None = None
 def z_cache(max_bytes: int) -> Iterator[_ZCache | None]:
     """Within the block, `tensor_z` keeps drawn z up to `max_bytes` (0: no cache). For the
     in-process simulation: every client of a round steps along the same seeds and the server
-    replays them, so with room for one round's T z (T x the model's float32 size) a round draws
-    each z once instead of 3K + 1 times. z is a pure function of its integers, so the bits are
-    those of a fresh draw; the price is memory, which is why it is off by default."""
+    applies its aggregate along them too, so with room for one round's T z (T x the model's
+    float32 size) a round draws each z once instead of 3K + 1 times. z is a pure function of
+    its integers, so the bits are those of a fresh draw; the price is memory, which is why it
+    is off by default."""
     global _cache
     prev, _cache = _cache, (_ZCache(max_bytes) if max_bytes > 0 else None)
     try:

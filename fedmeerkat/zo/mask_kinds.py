@@ -21,9 +21,9 @@ import torch
 
 from fedmeerkat.zo.calibration import topk_global
 from fedmeerkat.zo.mask import DEFAULT_ELIGIBLE, SparseMask, eligible_parameters
+from fedmeerkat.zo.seeds import RANDOM_MASK
 
 # Seed-sequence tag of the random mask's numpy Generator (fixed: changing it changes the masks).
-_RANDOM_MASK_TAG = 0x6D61736B
 
 
 def mask_size(density: float, eligible_numel: int) -> int:
@@ -89,7 +89,7 @@ def random_mask(
     sizes = [p.numel() for _, p in params]
     total = sum(sizes)
     k = mask_size(density, total)
-    rng = np.random.default_rng([_RANDOM_MASK_TAG, seed])
+    rng = np.random.default_rng([RANDOM_MASK, seed])
     complement = k > total // 2
     pos = np.sort(_distinct_positions(rng, total, total - k if complement else k))
     offsets = np.cumsum([0, *sizes])

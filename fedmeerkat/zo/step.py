@@ -1,7 +1,8 @@
-"""The two-point sparse ZO-SGD step (paper Eq. 1) and its server-side replay (virtual path).
+"""The two-point sparse ZO-SGD step (paper Eq. 1) and the replay of a client's virtual path.
 
-Client and server share exactly this code for the update, so a replayed trajectory equals the
-client's own bit for bit (tests/test_zo_core.py).
+The replay runs exactly the client's update, so a replayed trajectory equals the client's own
+bit for bit (tests/test_zo_core.py). The server does not replay: it averages the paths in
+closed form (federated/aggregate.py), and the tests check that against `replay_many`.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def zo_step(
     on how many matrices the mask touches: the z draw, two perturbations, the update and three
     one-op writes.
     `loss_fn` evaluates the loss of the model as currently written, on a batch the caller fixed.
-    `update(theta, z, g, lr)` replaces plain SGD for methods with extra terms (FedDyn); the
-    server's replay must then run the same function.
+    `update(theta, z, g, lr)` replaces plain SGD for methods with extra terms (FedDyn); a
+    server that replays such a client must run the same function (FedDyn's replay_feddyn).
     """
     z = draw_z(seed, theta.numel(), device=theta.device)  # on the model's device, no copies
     view.write(theta + eps * z)
@@ -97,8 +98,8 @@ def zo_multi_step(
     batched one-sided estimate, without its step normalisation).
 
     Each direction uploads its own scalar, and applying the P updates one after another is
-    exactly what the server's replay does with P consecutive seeds (zo.step.replay_many), so
-    the protocol, the virtual path and the scalar downlink stay those of plain Meerkat.
+    exactly what a replay does with P consecutive seeds (`replay_many`), so the protocol, the
+    virtual path and the scalar downlink stay those of plain Meerkat.
     Memory: theta, its updated copy and one z, each nnz floats.
     """
     if len(seeds) != len(lrs) or not seeds:

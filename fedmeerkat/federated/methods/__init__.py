@@ -9,7 +9,7 @@ import pkgutil
 import torch
 
 from fedmeerkat.federated.registry import METHODS, Method, get_method, ordered
-from fedmeerkat.federated.server import FedSettings, MeerkatServer
+from fedmeerkat.federated.server import BaseServer, FedSettings
 
 for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")
@@ -19,7 +19,7 @@ __all__ = ["METHODS", "Method", "get_method", "make_server", "markdown_table", "
 
 def make_server(method: str, settings: FedSettings, theta0: torch.Tensor, client_sizes: list[int],
                 *, method_settings=None, calib_grad: torch.Tensor | None = None,
-                **runtime_options) -> MeerkatServer:
+                **runtime_options) -> BaseServer:
     """The server of `method`, with its settings (default: the method's defaults).
     `calib_grad` is the mask's mean calibration gradient (GradIP); `runtime_options` are what
     the trainable space adds (full-fedzo's dense layout)."""

@@ -27,7 +27,8 @@ from fedmeerkat.federated.client import ClientState
 from fedmeerkat.federated.messages import RoundPlan, VectorReply
 from fedmeerkat.federated.methods.lora_fedzo import LoraSettings
 from fedmeerkat.federated.registry import Method, register
-from fedmeerkat.federated.server import MeerkatServer, RoundOutcome
+from fedmeerkat.federated.server import BaseServer, RoundOutcome, SentPlan
+from fedmeerkat.federated.validate import Screened
 from fedmeerkat.options import setting
 from fedmeerkat.zo.step import StepResult
 
@@ -87,7 +88,7 @@ def run_client_backprop(
                        train_loss=float(np.mean(losses)) if losses else float("nan"))
 
 
-class BackpropServer(MeerkatServer):
+class BackpropServer(BaseServer):
     directions_ok = False
     method = "fedavg-backprop"
     downlinks = ("sparse-weights",)  # a first-order update is not along seeded directions
@@ -102,15 +103,15 @@ class BackpropServer(MeerkatServer):
         delta = (reply.vector.to(self.theta.device) - self.theta).clamp_(-limit, limit)
         return dataclasses.replace(reply, vector=self.theta + delta)
 
-    # Its replies are vectors, not scalars: the one method whose apply takes another message.
-    def apply(self, round_idx: int, replies: list[VectorReply]) -> RoundOutcome:  # type: ignore[override]
-        usable, verdict = self._accept(round_idx, replies)
+    def aggregate(self, plan: SentPlan, usable: list[VectorReply], verdict: Screened
+                  ) -> RoundOutcome:
+        """FedAvg of the client vectors (the one method whose replies are not scalars)."""
         if usable:
             new = torch.zeros_like(self.theta)
             for w, r in zip(self._weights([r.client_id for r in usable]), usable, strict=True):
                 new.add_(r.vector.to(new.device) * torch.tensor(w, dtype=torch.float32))
             self.theta = new
-        return self._outcome(round_idx, usable, verdict, lambda r: r.num_steps)
+        return self._outcome(plan.round, usable, verdict, lambda r: r.num_steps)
 
 
 @dataclass(frozen=True)

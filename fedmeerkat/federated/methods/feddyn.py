@@ -49,7 +49,8 @@ import torch
 from fedmeerkat.federated.client import ClientState, run_client
 from fedmeerkat.federated.messages import ClientReply, RoundPlan
 from fedmeerkat.federated.registry import Method, register
-from fedmeerkat.federated.server import FedSettings, MeerkatServer, RoundOutcome
+from fedmeerkat.federated.server import BaseServer, FedSettings, RoundOutcome, SentPlan
+from fedmeerkat.federated.validate import Screened
 from fedmeerkat.options import setting
 from fedmeerkat.zo import draw_z
 from fedmeerkat.zo.step import StepResult
@@ -153,7 +154,7 @@ def replay_feddyn(theta_g: torch.Tensor, seeds: Sequence[int], scalars: Sequence
     return theta
 
 
-class FedDynServer(MeerkatServer):
+class FedDynServer(BaseServer):
     directions_ok = False
     method = "meerkat-feddyn"
     downlinks = ("sparse-weights",)  # the server's h/alpha correction is not along seeded directions
@@ -167,21 +168,21 @@ class FedDynServer(MeerkatServer):
         self.h = torch.zeros_like(self.theta)
         self.h_clients = [torch.zeros_like(self.theta) for _ in client_sizes]  # mirrors of h_k
 
-    def apply(self, round_idx: int, replies: list[ClientReply]) -> RoundOutcome:
-        usable, verdict = self._accept(round_idx, replies)
-        seeds, lrs, wd = self.seeds(round_idx), self.lrs(round_idx), self.settings.weight_decay
+    def aggregate(self, plan: SentPlan, usable: list[ClientReply], verdict: Screened
+                  ) -> RoundOutcome:
         if usable:
             weights = self._weights([r.client_id for r in usable])
             theta_g = self.theta
             mean = torch.zeros_like(theta_g)
             for w, r in zip(weights, usable, strict=True):
-                theta_k = replay_feddyn(theta_g, seeds, r.scalars, lrs, self.h_clients[r.client_id],
-                                        self.alpha, wd)
+                theta_k = replay_feddyn(theta_g, plan.seeds, r.scalars, plan.lrs,
+                                        self.h_clients[r.client_id], self.alpha,
+                                        self.settings.weight_decay)
                 mean.add_(theta_k * _f32(w))
             share = len(usable) / self.num_clients  # sum_k p_k * |P|/K = |P|/K
             self.h.sub_((mean - theta_g) * _f32(self.alpha * share))
             self.theta = mean - self.h * _f32(1.0 / self.alpha)
-        return self._outcome(round_idx, usable, verdict, lambda r: len(r.scalars))
+        return self._outcome(plan.round, usable, verdict)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = super().state_dict()

@@ -25,22 +25,21 @@ works on a transient copy.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from fedmeerkat.federated.aggregate import aggregate_scalars
-from fedmeerkat.federated.client import ClientState, sync_client
+from fedmeerkat.federated.client import ClientState, check_steps, run_steps, sync_client
 from fedmeerkat.federated.messages import ClientReply, RoundPlan
 from fedmeerkat.federated.registry import Method, register
-from fedmeerkat.federated.server import FedSettings, MeerkatServer, RoundOutcome
+from fedmeerkat.federated.server import BaseServer, FedSettings, RoundOutcome, SentPlan
+from fedmeerkat.federated.validate import Screened
 from fedmeerkat.zo.dense import DenseSpace, DenseView, apply_aggregate_dense, dense_zo_step
 from fedmeerkat.zo.step import StepResult
 
 
-class FullFedZOServer(MeerkatServer):
+class FullFedZOServer(BaseServer):
     directions_ok = False
     method = "full-fedzo"
 
@@ -51,15 +50,15 @@ class FullFedZOServer(MeerkatServer):
             raise ValueError(f"theta0 has {theta0.numel()} values, the dense space {space.nnz}")
         self.space = space
 
-    def apply(self, round_idx: int, replies: list[ClientReply]) -> RoundOutcome:
-        usable, verdict = self._accept(round_idx, replies)
-        agg = aggregate_scalars(round_idx, self.seeds(round_idx), [r.scalars for r in usable],
+    def aggregate(self, plan: SentPlan, usable: list[ClientReply], verdict: Screened
+                  ) -> RoundOutcome:
+        agg = aggregate_scalars(plan.round, plan.update_seeds, [r.scalars for r in usable],
                                 self._weights([r.client_id for r in usable]),
-                                self.lrs(round_idx), self.settings.weight_decay)
+                                plan.update_lrs, self.settings.weight_decay)
         apply_aggregate_dense(self.theta, self.space, agg)
         if self.settings.downlink == "scalars":
-            self.history[round_idx] = agg
-        return self._outcome(round_idx, usable, verdict, lambda r: len(r.scalars))
+            self.history[plan.round] = agg
+        return self._outcome(plan.round, usable, verdict)
 
 
 def run_client_dense(
@@ -77,24 +76,15 @@ def run_client_dense(
 
     `model.view` is a DenseView; the global model is written into it (no extra copy)."""
     view: DenseView = model.view
-    if plan.num_steps > len(plan.seeds) or plan.num_steps > len(lr):
-        raise ValueError(f"plan asks for {plan.num_steps} steps with {len(plan.seeds)} seeds")
+    check_steps(plan, lr)
     space = view.mask
     view.write(sync_client(state, plan, lambda th, agg: apply_aggregate_dense(th, space, agg)))
-    scalars: list[float] = []
-    losses: list[float] = []
-    for t in range(plan.num_steps):
-        ids = state.example_ids[state.pointer.next_batch(batch_size)]
-        res = dense_zo_step(view, plan.seeds[t], eps=eps, lr=lr[t], weight_decay=weight_decay,
-                            loss_fn=functools.partial(model.loss, ids))
-        scalars.append(res.g)
-        losses.append(res.loss)
-        if on_step is not None:
-            on_step(res)
-    return ClientReply(round=plan.round, client_id=state.client_id, scalars=scalars,
-                       num_samples=state.num_samples,
-                       train_loss=float(np.mean(losses)) if losses else float("nan"),
-                       losses=losses)
+
+    def step(t: int, loss_fn: Callable[[], float]) -> list[StepResult]:
+        return [dense_zo_step(view, plan.seeds[t], eps=eps, lr=lr[t], weight_decay=weight_decay,
+                              loss_fn=loss_fn)]
+
+    return run_steps(state, plan, model, step, batch_size=batch_size, on_step=on_step)
 
 
 METHOD = register(Method(

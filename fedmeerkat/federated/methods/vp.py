@@ -11,7 +11,7 @@ Procedure, per client:
      "round" (default, ours): the first round a client takes part in is its calibration round,
      in which it runs T_cali' = max(T, T_cali) local steps (`vp_calibration_steps`) instead of
      T. With every client in every round (the default) that is round 1 for all. The round is
-     an ordinary round otherwise: same plan, same replay, and its updates are aggregated.
+     an ordinary round otherwise: same plan, and its updates are aggregated like any round's.
      "phase" (Algorithm 1 as written): in the first round a client takes part in, it first
      runs a calibration phase of T_cali local steps from the global model it received, on the
      batches its data pointer would give next, read from a copy of the pointer (so its
@@ -70,11 +70,12 @@ from typing import Any
 import torch
 
 from fedmeerkat.data.pointer import ClientDataPointer
-from fedmeerkat.federated.client import ClientState, run_client, sync_client
+from fedmeerkat.federated.client import ClientState, check_steps, run_client, sync_client
 from fedmeerkat.federated.gradip import GRADIP_UNITS, GradIPRecorder, VPRatios, vp_ratios
 from fedmeerkat.federated.messages import ClientReply, RoundPlan
 from fedmeerkat.federated.registry import Method, register
-from fedmeerkat.federated.server import FedSettings, MeerkatServer, RoundOutcome
+from fedmeerkat.federated.server import FedSettings, MeerkatServer, RoundOutcome, SentPlan
+from fedmeerkat.federated.validate import Screened
 from fedmeerkat.options import setting
 from fedmeerkat.zo import draw_z, round_seeds
 
@@ -155,45 +156,47 @@ class VPServer(MeerkatServer):
         n = self.calibration_len if self._calibrating(round_idx) else self.settings.local_steps
         return round_seeds(self.settings.seed, round_idx, n)
 
-    def update_seeds(self, round_idx: int) -> list[int]:
+    def update_seeds(self, seeds: list[int]) -> list[int]:
         if self.phase:  # the calibration seeds beyond T are measured, not aggregated
-            return self.seeds(round_idx)[: self.settings.local_steps]
-        return self.seeds(round_idx)
+            return seeds[: self.settings.local_steps]
+        return seeds
 
     # ---- detection ---------------------------------------------------------------------
-    def apply(self, round_idx: int, replies: list[ClientReply]) -> RoundOutcome:
+    def aggregate(self, plan: SentPlan, usable: list[ClientReply], verdict: Screened
+                  ) -> RoundOutcome:
         if self.calib_grad is None or self.calib_grad.numel() != self.theta.numel():
             raise ValueError(f"{self.method} needs the mask's calibration gradient (GradIP)")
         if self.phase:
-            return self._apply_phase(round_idx, replies)
-        outcome = super().apply(round_idx, replies)
+            return self._aggregate_phase(plan, usable, verdict)
+        outcome = super().aggregate(plan, usable, verdict)
         if outcome.arrays:
-            self._detect(round_idx, outcome, outcome.arrays)
+            self._detect(plan.round, outcome, outcome.arrays)
         return outcome
 
-    def _apply_phase(self, round_idx: int, replies: list[ClientReply]) -> RoundOutcome:
-        """Algorithm 1 as written: screen the whole replies (T training + T_cali calibration
-        scalars for a calibrating client), then split each accepted calibrating reply into its
-        T training scalars (aggregated as usual) and its T_cali calibration scalars (GradIP)."""
+    def _aggregate_phase(self, plan: SentPlan, usable: list[ClientReply], verdict: Screened
+                         ) -> RoundOutcome:
+        """Algorithm 1 as written: the screen saw the whole replies (T training + T_cali
+        calibration scalars for a calibrating client); each accepted calibrating reply is split
+        into its T training scalars (aggregated as usual) and its T_cali calibration scalars
+        (GradIP)."""
         t = self.settings.local_steps
-        usable, verdict = self._accept(round_idx, replies)
         calib: dict[int, list[float]] = {}
         stripped = []
         for r in usable:
-            if r.client_id not in self.calibrated:
+            if plan.steps[r.client_id] > t:  # a calibration plan: T + T_cali seeds
                 calib[r.client_id] = list(r.scalars[t:])
                 r = dataclasses.replace(r, scalars=list(r.scalars[:t]))
             stripped.append(r)
-        outcome = self._apply_usable(round_idx, stripped, verdict)
+        outcome = super().aggregate(plan, stripped, verdict)
         ids = sorted(calib)
         if ids:
             assert self.calib_grad is not None
             recorder = GradIPRecorder(self.calib_grad)
-            for i, seed in enumerate(self.seeds(round_idx)[t:]):
+            for i, seed in enumerate(plan.seeds[t:]):
                 recorder(i, draw_z(seed, self.theta.numel(), device=self.theta.device))
             traj = recorder.trajectories(ids, [calib[k] for k in ids], self.vp.calibration_steps)
             outcome.arrays.update({f"calibration_{k}": v for k, v in traj.items()})
-            self._detect(round_idx, outcome, traj)
+            self._detect(plan.round, outcome, traj)
         return outcome
 
     def _detect(self, round_idx: int, outcome: RoundOutcome,
@@ -272,9 +275,8 @@ def run_phase_client(state: ClientState, plan: RoundPlan, model: Any, *, calibra
     common = dict(eps=eps, batch_size=batch_size, weight_decay=weight_decay, on_step=on_step)
     if plan.num_steps <= calibration_steps:
         return run_client(state, plan, model, lr=lr, **common)
+    check_steps(plan, lr)
     t, n = plan.num_steps - calibration_steps, plan.num_steps
-    if len(plan.seeds) < n or len(lr) < n:
-        raise ValueError(f"plan asks for {n} steps with {len(plan.seeds)} seeds")
     theta = sync_client(state, plan, device=model.view.device)  # catch-up, once
     probe = ClientState(state.client_id, state.example_ids,
                         ClientDataPointer.from_state(state.pointer.state_dict()))

@@ -1,0 +1,170 @@
+"""One run session for every transport: the top of `fedmeerkat run` and of the deployed server.
+
+    session = Session(cfg, folder, server, transport, evaluator, states, space)
+    session.open(resume)          # round 0 (evaluated, checkpointed) or the last checkpoint
+    session.train()               # the round driver with the run folder's hooks
+    summary = session.finish()    # final_state.safetensors and summary.json
+
+A session owns the run folder's life (metrics.jsonl, checkpoints, trajectories, the final
+state, summary.json), the evaluation cadence (`eval_every`, always the last round) behind one
+evaluator (runners/evaluation.py: a local model, or the deployed sites' results) and the one
+round loop (runners/driver.py). What differs between transports is only what they hand it:
+the transport, the evaluator, the client states a checkpoint holds (the simulation's; none on
+the deployed server, whose clients' state lives at the sites) and a few summary entries.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedmeerkat.config import RunConfig
+from fedmeerkat.federated import BaseServer, ClientState, RoundPlan
+from fedmeerkat.options import InputError
+from fedmeerkat.runners.driver import RoundDriver, RoundFailed, Transport
+from fedmeerkat.runners.evaluation import (
+    Evaluator,
+    best_round,
+    evaluated_part,
+    format_evaluation,
+    gain_verdict,
+    summary_metrics,
+)
+from fedmeerkat.runners.run_folder import SUMMARY, RunFolder, space_digest
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Session:
+    cfg: RunConfig
+    folder: RunFolder
+    server: BaseServer
+    transport: Transport
+    evaluate: Evaluator  # the server's vector -> a metrics record (eval_record's keys)
+    states: list[ClientState]  # the client states checkpoints hold ([]: they live elsewhere)
+    space: Any  # SparseMask or DenseSpace: checkpoints carry its digest
+    log: Callable[[str], None] = _stderr
+    on_plans: Callable[[list[RoundPlan]], object] = lambda plans: None  # a progress bar
+    record_extra: Callable[[], dict[str, Any]] = dict  # more entries of a round's line
+    round_log: bool = False  # one line per round (the deployed server's log)
+    resume_hint: str = ""  # how to continue after a failed round, added to its error
+    started: float = field(default_factory=time.time)
+    initial: dict[str, Any] = field(default_factory=dict)  # round 0's evaluation
+    last: dict[str, Any] = field(default_factory=dict)  # the latest evaluation
+
+    def __post_init__(self) -> None:
+        self.digest = space_digest(self.space)
+
+    # ---- the three steps ---------------------------------------------------------------
+    def open(self, resume: bool, initial: dict[str, Any] | None = None) -> None:
+        """A new run: evaluate (or take `initial`, round 0 of the same model on the same
+        sets, measured by an earlier run), write round 0 and the first checkpoint. A resumed
+        run: restore the last sound checkpoint and cut metrics.jsonl and the trajectories
+        back to it."""
+        if resume:
+            self._restore()
+            return
+        self.initial = (evaluated_part(initial) if initial is not None
+                        else self.evaluate(self.server.theta))
+        self.last = self.initial
+        self.log(f"round 0: {format_evaluation(self.initial)}")
+        self.folder.metrics.append({"round": 0, "train_loss": None, **self.initial,
+                                    "bytes_up": 0, "bytes_down": 0})
+        self.folder.save_checkpoint(self.server, self.states, self.digest)
+
+    def train(self) -> None:
+        """Rounds server.round + 1 .. cfg.rounds; a round that cannot get enough replies
+        raises RoundFailed with the checkpoint at the round before."""
+        cfg = self.cfg
+        driver = RoundDriver(self.server, self.transport,
+                             append_metrics=lambda rec: self.folder.metrics.append(
+                                 {**rec, **self.record_extra()}),
+                             save_arrays=self.folder.save_trajectories,
+                             checkpoint=lambda: self.folder.save_checkpoint(
+                                 self.server, self.states, self.digest),
+                             evaluate=self._evaluate_due, log=self.log,
+                             round_timeout=cfg.round_timeout, min_clients=cfg.min_clients,
+                             round_retries=cfg.round_retries, on_plans=self.on_plans)
+        try:
+            for r in range(self.server.round + 1, cfg.rounds + 1):
+                record = driver.run_round(r)
+                if self.round_log:
+                    self.log(f"round {r}: train loss {record['train_loss']:.4f}, "
+                             f"{len(record['bytes'])} replies")
+        except RoundFailed as e:
+            if not self.resume_hint:
+                raise
+            raise RoundFailed(f"{e}; {self.folder} holds round {self.server.round}: continue "
+                              f"with {self.resume_hint}") from None
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """final_state.safetensors and summary.json (`extra`: the transport's own entries)."""
+        cfg, server, space = self.cfg, self.server, self.space
+        self.folder.save_final_state(server.theta, {"round": str(server.round),
+                                                    "nnz": str(space.nnz), "method": cfg.method})
+        records = self.folder.metrics.read()
+        client_rounds = sum(len(r.get("bytes", {})) for r in records[1:])
+        up = sum(r["bytes_up"] for r in records)
+        down = sum(r["bytes_down"] for r in records)
+        initial, last = self.initial, self.last
+        summary = {
+            "model": cfg.model, "task": cfg.task, "method": cfg.method,
+            "initial_accuracy": initial["test_accuracy"], "final_accuracy": last["test_accuracy"],
+            "initial_predicted_share": initial["predicted_share"],
+            "final_predicted_share": last["predicted_share"],
+            **summary_metrics(initial, last),
+            **best_round(records),
+            "gain": gain_verdict(initial, last),
+            "rounds": server.round, "clients": cfg.clients, "local_steps": cfg.local_steps,
+            "perturbations": cfg.perturbations, "zo_estimator": cfg.zo_estimator,
+            "clients_per_round": cfg.clients_per_round or cfg.clients, "downlink": cfg.downlink,
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "eps": cfg.eps,
+            "lr_schedule": cfg.lr_schedule, "density": space.density, "mask_nnz": space.nnz,
+            "partition": cfg.partition, "alpha": cfg.alpha,
+            "test_examples": initial.get("test_examples"),
+            "val_examples": initial.get("val_examples"), "val_fraction": cfg.val_fraction,
+            "upload_bytes_per_client": up / max(1, client_rounds),
+            "download_bytes_per_client": down / max(1, client_rounds),
+            "upload_bytes_total": up, "download_bytes_total": down,
+            "bytes_note": "per participating client per round, mean; from the serialized "
+                          "messages",
+            **(extra or {}),
+            "wall_seconds": round(time.time() - self.started, 1),
+            "out": str(self.folder),
+            **server.summary_extra(),
+        }
+        self.folder.write_json(SUMMARY, summary)
+        return summary
+
+    def run(self, resume: bool, initial: dict[str, Any] | None = None,
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.open(resume, initial)
+        self.train()
+        return self.finish(extra)
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _evaluate_due(self, r: int) -> dict[str, Any] | None:
+        cfg = self.cfg
+        if not (r == cfg.rounds or (cfg.eval_every and r % cfg.eval_every == 0)):
+            return None
+        self.last = self.evaluate(self.server.theta)
+        return self.last  # the driver logs it
+
+    def _restore(self) -> None:
+        self.folder.load_checkpoint(self.server, self.states, self.digest, log=self.log)
+        self.folder.drop_trajectories_after(self.server.round)
+        # drop lines written after the checkpoint and a half-written last line, if any
+        records = [r for r in self.folder.metrics.read() if r["round"] <= self.server.round]
+        if not records:
+            raise InputError(f"{self.folder}/metrics.jsonl lacks round 0; the run cannot be "
+                             "resumed")
+        self.folder.metrics.rewrite(records)
+        self.initial = evaluated_part(records[0])
+        self.last = evaluated_part([r for r in records if r.get("test_accuracy") is not None][-1])
+        self.log(f"resuming {self.folder} after round {self.server.round} of {self.cfg.rounds}")

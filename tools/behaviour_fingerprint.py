@@ -130,9 +130,9 @@ def main() -> None:
     import torch
 
     data = {"command": "python tools/behaviour_fingerprint.py " + " ".join(sys.argv[1:]),
-            "commit": commit, "dirty": bool(subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                text=True, cwd=Path(__file__).resolve().parent).stdout.strip()),
+            "commit": commit, "code_dirty": bool(subprocess.run(
+                ["git", "status", "--porcelain", "--", "fedmeerkat", "tools"], capture_output=True,
+                text=True, cwd=Path(__file__).resolve().parent.parent).stdout.strip()),
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "platform": platform.platform(), "runs": results}
     bad: list[str] = []

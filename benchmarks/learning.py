@@ -63,7 +63,7 @@ RUNS = ROOT / "runs" / "learning"
 
 from fedmeerkat.config import build_config  # noqa: E402
 from fedmeerkat.runners.evaluation import evaluated_part, primary_metric  # noqa: E402
-from fedmeerkat.runners.run_folder import load_run_config  # noqa: E402
+from fedmeerkat.runners.run_folder import LR_SEARCH_FILE, load_run_config  # noqa: E402
 from fedmeerkat.runners.simulation import run  # noqa: E402
 from fedmeerkat.zo import forwards_per_direction  # noqa: E402
 
@@ -245,7 +245,13 @@ class Bench:
                           "examples": forwards * cfg["batch_size"],
                           **{f"{s}_{m}": r.get(f"{s}_{m}") for s in ("val", "test")
                              for m in METRICS}})
+        search = out / LR_SEARCH_FILE  # lr=auto's search, when the run made one
+        extra = {"lr_search": {k: v for k, v in json.loads(search.read_text()).items()
+                               if k in ("lr", "forwards", "grid", "steps", "rule",
+                                        "untrained_val_metric", "improves_on_untrained",
+                                        "wall_seconds")}} if search.exists() else {}
         return {"run": str(out.relative_to(ROOT)), "task": cfg["task"], "seed": cfg["seed"],
+                "max_length": cfg["max_length"], **extra,
                 "method": cfg["method"], "lr": cfg["lr"], "eps": cfg["eps"],
                 "dtype": cfg.get("dtype", "float32"), "perturbations": cfg.get("perturbations", 1),
                 "zo_estimator": cfg.get("zo_estimator", "two-point"),
@@ -320,6 +326,55 @@ def dtype_twins(fp32: list[dict[str, Any]], bf16: list[dict[str, Any]]) -> dict[
         x["test_auc_difference"] = x["test_auc_bf16"] - x["test_auc_fp32"]
     return {"per_seed": rows, "within_0.005_every_seed": all(
         abs(x["test_auc_difference"]) <= 0.005 for x in rows)}
+
+
+def primary_gain(rec: dict[str, Any], split: str = "test", forwards: int | None = None) -> float:
+    """The primary metric's gain (ROC-AUC with two classes, macro-F1 otherwise) from round 0
+    to the last evaluation within `forwards` (all of them by default)."""
+    c = [p for p in rec["curve"] if forwards is None or p["forwards"] <= forwards]
+    return primary_metric(c[-1], split) - primary_metric(rec["curve"][0], split)
+
+
+def targets_full_plan(groups: dict[str, Any]) -> dict[str, Any]:
+    """The learning issue's targets that the full plan's groups answer: bbc_news macro-F1 at
+    every seed, lr=auto's whole path, the budget at which the weakest seed reaches +0.05,
+    and the baselines at their best validation lr."""
+    out: dict[str, Any] = {}
+    bbc = groups.get("bbc-central-seeds", {}).get("runs", [])
+    if bbc:
+        gains = [{"seed": r["seed"], "test_macro_f1_gain": primary_gain(r),
+                  "val_macro_f1_gain": primary_gain(r, "val")} for r in bbc]
+        out["targets_bbc_news"] = {"lr": bbc[0]["lr"], "per_seed": gains,
+                                   "macro_f1_rises_every_seed": len(gains) == 3 and all(
+                                       g["test_macro_f1_gain"] > 0 for g in gains)}
+    auto = groups.get("auto", {}).get("runs", [])
+    if auto:
+        out["targets_lr_auto"] = [
+            {"run": r["run"], "task": r["task"], "max_length": r["max_length"],
+             "picked_lr": r.get("lr_search", {}).get("lr"),
+             "search_forwards": r.get("lr_search", {}).get("forwards"),
+             "search_wall_seconds": r.get("lr_search", {}).get("wall_seconds"),
+             "test_primary_gain": primary_gain(r), "val_primary_gain": primary_gain(r, "val"),
+             "rises": primary_gain(r) > 0} for r in auto]
+    budget = groups.get("rt-central-budget", {}).get("runs", [])
+    if budget:
+        rows = []
+        for r in budget:
+            pts = [{"forwards": p["forwards"],
+                    "test_auc_gain": p["test_auc"] - r["curve"][0]["test_auc"]}
+                   for p in r["curve"][1:]]
+            reach = [p["forwards"] for p in pts if p["test_auc_gain"] >= 0.05]
+            rows.append({"run": r["run"], "seed": r["seed"], "curve": pts,
+                         "first_forwards_at_least_0.05": reach[0] if reach else None})
+        out["budget_for_0.05_at_the_weakest_seed"] = rows
+    base = {}
+    for name in ("rt-central-lora-fedzo-pick", "rt-central-full-fedzo-pick"):
+        for r in groups.get(name, {}).get("runs", []):
+            base[r["method"]] = {"run": r["run"], "lr": r["lr"],
+                                 "test_auc_gain_within_600": primary_gain(r, forwards=600)}
+    if base:
+        out["baselines_at_best_validation_lr"] = base
+    return out
 
 
 def gain_at(rec: dict[str, Any], forwards: int) -> float:
@@ -462,6 +517,7 @@ def save(args, plan, groups: dict[str, Any], started: float) -> None:
         # K = 10 runs are bf16: judged against the bf16 centralized seeds
         "targets_federated": judge_federated(groups.get("rt-federated", {}).get("runs", []),
                                              bf16),
+        **targets_full_plan(groups),
         "not_run": {"groups_of_the_full_plan": [g for g in PLANS["full"] if g not in groups],
                     "grid_points_of_the_full_plan": [
                         n for g, s in PLANS["full"].items() if s[0] == "grid"
@@ -525,16 +581,53 @@ def markdown(data: dict[str, Any]) -> str:
                              f"{_f(p['test_accuracy'])} | {_f(p['test_auc'])} | "
                              f"{_f(p['test_best_shift_accuracy'])} | {_f(p['val_auc'])} |")
         lines.append("")
+    for name, title in (("bbc-central-grid", "bbc_news (5 topics, macro-F1), lr on validation"),
+                        ("bbc-central-seeds", "bbc_news: the pick at three seeds (test)"),
+                        ("auto", "lr=auto on bbc_news and on long local reviews (test)"),
+                        ("rt-central-budget", "The pick's weakest seed at 1,800 forwards (test)"),
+                        ("rt-central-screen", "Screening around the pick: lr, eps, density, "
+                                              "cosine (bf16, seed 0, validation only)"),
+                        ("rt-central-lora-fedzo", "LoRA-FedZO over lr (validation only)"),
+                        ("rt-central-lora-fedzo-pick", "LoRA-FedZO at its best validation lr"),
+                        ("rt-central-full-fedzo", "Full-FedZO over lr (validation only)"),
+                        ("rt-central-full-fedzo-pick", "Full-FedZO at its best validation lr")):
+        if name in g:
+            lines += generic_section(title, g[name])
     lines += ["## Targets of the learning issue", "", "```json",
               json.dumps({"centralized": data["targets_centralized"],
                           "centralized_bf16": data.get("targets_centralized_bf16"),
                           "bf16_against_fp32": data.get("bf16_against_fp32"),
-                          "federated": data["targets_federated"]}, indent=2), "```", "",
+                          "federated": data["targets_federated"],
+                          **{k: data[k] for k in ("targets_bbc_news", "targets_lr_auto",
+                                                  "budget_for_0.05_at_the_weakest_seed",
+                                                  "baselines_at_best_validation_lr")
+                             if k in data}}, indent=2), "```", "",
               "## Not run yet (the full plan: `python benchmarks/learning.py --plan full`)", "",
               *[f"- group `{n}`" for n in data["not_run"]["groups_of_the_full_plan"]],
               *[f"- grid point `{n}`" for n in data["not_run"]["grid_points_of_the_full_plan"]],
               ""]
     return "\n".join(lines)
+
+
+def generic_section(title: str, group: dict[str, Any]) -> list[str]:
+    """A group's runs by evaluation: the primary metric (ROC-AUC with two classes, macro-F1
+    otherwise) on validation and, where the group reports it, on test."""
+    test = group["kind"] != "grid"
+    lines = [f"## {title}", "", "| run | task | lr | forwards | validation primary | "
+             + ("test accuracy | test primary | test best-shift accuracy |" if test else "")
+             + " ", "|---|---|---|---|---|" + ("---|---|---|" if test else "")]
+    for r in group["runs"]:
+        lr = r.get("lr_search", {}).get("lr", r["lr"])
+        for p in r["curve"]:
+            row = (f"| `{r['run'].split('/')[-1]}` | {r['task']} | {lr:g} | {p['forwards']} | "
+                   f"{_f(primary_metric(p))} |")
+            if test:
+                row += (f" {_f(p['test_accuracy'])} | {_f(primary_metric(p, 'test'))} | "
+                        f"{_f(p['test_best_shift_accuracy'])} |")
+            lines.append(row)
+    if "pick" in group:
+        lines += ["", f"Pick (validation): `{group['pick'].split('/')[-1]}`."]
+    return [*lines, ""]
 
 
 def plot(data: dict[str, Any]) -> None:
@@ -549,7 +642,7 @@ def plot(data: dict[str, Any]) -> None:
         for group, g in data["groups"].items():
             for r in g["runs"]:
                 pts = [p for p in r["curve"] if p.get(f"{split}_auc") is not None]
-                if not pts or r["run"] in drawn:
+                if not pts or r["run"] in drawn or r["task"] != "rotten_tomatoes":
                     continue
                 drawn.add(r["run"])
                 label = (f"{'FO-SGD' if r['method'] == 'fedavg-backprop' else 'ZO'} lr {r['lr']:g}"

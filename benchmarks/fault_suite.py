@@ -15,6 +15,15 @@ it needs no network and takes a few minutes on 2 cores.
    latest checkpoint); survived and lost as above, against an uninterrupted run.
 3. Bad input: each value of `BAD_INPUT` must end with exit code 2 and one line on stderr, no
    traceback.
+4. The deployed path: the deployed server (`fedmeerkat.deploy.serve.serve`) driven by a fake
+   FLARE that calls the real site handlers in process, three sites (site-1 hosts 3 of the 5
+   clients). Every round one seeded-random client's reply inside its site's payload is
+   replaced by each kind of 1; or one seeded-random site's whole payload by a bad one (not
+   bytes, unreadable, an answer for another site's client); or site-1, the majority, sends
+   1e30 for all its clients; or the evaluating site's every evaluation reply is bad. Survived
+   and lost as in 1, against the run in which the same replies were lost. Hostile hellos
+   (bad client sizes or ids, claims of another site's client, not JSON) must stop the run
+   before round 1 with one line naming the site.
 """
 
 from __future__ import annotations
@@ -39,6 +48,11 @@ from _common import write_result
 from safetensors.torch import load_file
 
 from fedmeerkat.cli.main import main as cli
+from fedmeerkat.config import load_config
+from fedmeerkat.deploy.framing import pack_reply, unpack_reply
+from fedmeerkat.deploy.meerkat import prepare_run, site_args
+from fedmeerkat.deploy.serve import serve
+from fedmeerkat.deploy.site import site
 from fedmeerkat.federated.messages import ClientReply, VectorReply
 from fedmeerkat.models.tiny import save_tiny_llama
 from fedmeerkat.runners import simulation
@@ -266,6 +280,220 @@ def bad_input(model, csv, calib, tmp: Path) -> dict:
                                                                     for r in rows)}
 
 
+# ---- the deployed path ---------------------------------------------------------------------
+SITES = {"site-1": [0, 1, 2], "site-2": [3], "site-3": [4]}  # site-1 hosts the majority
+LOST = object()  # what an edit returns for a reply that never arrived
+
+
+class FakeFlare:
+    """The FLARE transport's `exchange`, calling the site handlers in process; `edit(tag, at,
+    site, reply)` changes (or, returning LOST, drops) a site's answer. `at`: the round of a
+    train exchange, the number of the evaluation (0: the initial model), 0 for the hello."""
+
+    def __init__(self, handlers, edit):
+        self.handlers, self.edit, self.evaluations = handlers, edit, 0
+
+    def exchange(self, round_idx, payloads, timeout_s=None):
+        tag = next(iter(payloads.values()))[:1]
+        at = round_idx
+        if tag == b"E":
+            at, self.evaluations = self.evaluations, self.evaluations + 1
+        got = {}
+        for s, blob in payloads.items():
+            reply = self.edit(tag, at, s, self.handlers[s](blob))
+            if reply is not LOST:
+                got[s] = reply
+        return got
+
+
+def _items(reply: bytes, change) -> bytes:
+    pid, compute_s, forward_s, items = unpack_reply(reply)
+    change(items)
+    return pack_reply(pid, compute_s, forward_s, items)
+
+
+def _client_fault(kind, seed):
+    """kind of REPLY_FAULTS (None: the reply lost) for a seeded-random client each round."""
+    site_of = {k: s for s, ks in SITES.items() for k in ks}
+
+    def edit(tag, at, s, reply):
+        k = _victim(seed, at, 5)
+        if tag != b"T" or site_of[k] != s:
+            return reply
+
+        def change(items):
+            blob = items.pop(k)
+            if kind is not None:
+                to, bad = REPLY_FAULTS[kind](k, blob)
+                items[to] = bad
+        return _items(reply, change)
+    return edit
+
+
+def _huge_all(items):
+    for k, blob in items.items():
+        r = ClientReply.from_bytes(blob)
+        items[k] = ClientReply(r.round, k, [1e30] * len(r.scalars), r.num_samples,
+                               r.train_loss).to_bytes()
+
+
+# a site's whole train reply replaced (every round, a seeded-random site)
+PAYLOAD_FAULTS = {
+    "not_bytes_int": lambda b: 7, "not_bytes_none": lambda b: None,
+    "not_bytes_dict": lambda b: {"blob": b}, "not_bytes_str": lambda b: b.decode("latin-1"),
+    "garbage_payload": lambda b: b"T" + bytes(random.Random(len(b)).randrange(256)
+                                              for _ in range(len(b) - 1)),
+    "truncated_payload": lambda b: b[:-5], "trailing_bytes": lambda b: b + b"\0",
+    "wrong_tag": lambda b: b"E" + b[1:],
+}
+
+
+def _site_fault(kind, seed):
+    def edit(tag, at, s, reply):
+        if tag != b"T" or s != list(SITES)[_victim(seed, at, len(SITES))]:
+            return reply
+        return LOST if kind is None else PAYLOAD_FAULTS[kind](reply)
+    return edit
+
+
+def _majority(huge):
+    def edit(tag, at, s, reply):
+        if tag != b"T" or s != "site-1":
+            return reply
+        return _items(reply, _huge_all) if huge else LOST
+    return edit
+
+
+def _eval_edit(change):
+    def edit(blob):
+        res = json.loads(blob[1:])
+        change(res)
+        return b"E" + json.dumps(res).encode()
+    return edit
+
+
+# the evaluating site's every evaluation reply replaced (None: lost)
+EVAL_FAULTS = {
+    "lost": None, "not_bytes": lambda b: 7, "not_json": lambda b: b"E{not json",
+    "n_zero": _eval_edit(lambda r: r.update(n=0)),
+    "nan_accuracy": _eval_edit(lambda r: r.update(accuracy=math.nan)),
+    "short_logits": _eval_edit(lambda r: r["logits"].pop()),
+    "label_out_of_range": _eval_edit(lambda r: r["labels"].__setitem__(0, 7)),
+}
+
+
+def _eval_fault(kind):
+    def edit(tag, at, s, reply):
+        if tag != b"E":
+            return reply
+        return LOST if EVAL_FAULTS[kind] is None else EVAL_FAULTS[kind](reply)
+    return edit
+
+
+def _hello_edit(change):
+    def edit(blob):
+        h = json.loads(blob[1:])
+        change(h)
+        return b"H" + json.dumps(h).encode()
+    return edit
+
+
+HELLO_FAULTS = {
+    "nan_size": _hello_edit(lambda h: h["clients"].update({"3": math.nan})),
+    "zero_size": _hello_edit(lambda h: h["clients"].update({"3": 0})),
+    "fractional_size": _hello_edit(lambda h: h["clients"].update({"3": 2.5})),
+    "size_beyond_2_40": _hello_edit(lambda h: h["clients"].update({"3": 2**41})),
+    "claims_another_sites_client": _hello_edit(lambda h: h["clients"].update({"0": 10**9})),
+    "claims_an_unknown_client": _hello_edit(lambda h: h["clients"].update({"9": 5})),
+    "omits_its_client": _hello_edit(lambda h: h.update(clients={})),
+    "client_id_not_an_integer": _hello_edit(lambda h: h["clients"].update({"x": 5})),
+    "evaluates_not_a_bool": _hello_edit(lambda h: h.update(evaluates="yes")),
+    "not_json": lambda b: b"H{", "not_an_object": lambda b: b"H[]", "not_bytes": lambda b: 3,
+}
+
+
+def _serve(prepared: Path, out: Path, edit) -> tuple[Path, str | None, FakeFlare]:
+    """(run folder, None or the error the deployed run raised, the fake FLARE it ran on)."""
+    import shutil
+
+    run_dir = Path(shutil.copytree(prepared, out))
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        flare = FakeFlare({s: site(s, a) for s, a in site_args(run_dir, SITES).items()}, edit)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            serve(flare, str(run_dir), SITES)
+    except Exception as e:  # noqa: BLE001 - a run that raised is what this counts
+        return run_dir, f"{type(e).__name__}: {e}", flare
+    return run_dir, None, flare
+
+
+def deployed(model, csv, calib, tmp: Path, seed: int) -> dict:
+    rows, evals, hellos = [], [], []
+    for downlink in ("sparse-weights", "scalars"):
+        cfg = load_config(None, [a for a in _args(model, csv, calib, tmp / f"deployed-{downlink}",
+                                                  f"downlink={downlink}", "clients=5")
+                                 if a not in ("run", "--quiet")])
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            prepared = prepare_run(cfg, quiet=True)
+        refs = {name: _serve(prepared, tmp / f"dep-{name}-{downlink}", edit)[0]
+                for name, edit in (("clean", lambda tag, at, s, reply: reply),
+                                   ("client", _client_fault(None, seed)),
+                                   ("site", _site_fault(None, seed)),
+                                   ("majority", _majority(False)))}
+        cases = ([(k, "client", _client_fault(k, seed)) for k in REPLY_FAULTS]
+                 + [(k, "site", _site_fault(k, seed)) for k in PAYLOAD_FAULTS]
+                 + [("majority_site_1e30", "majority", _majority(True))])
+        for kind, ref, edit in cases:
+            out, err, _ = _serve(prepared, tmp / f"dep-{kind}-{downlink}", edit)
+            recs = _records(out)[1:] if err is None else []
+            logged = sum(1 for r in recs if r.get("rejected") or r.get("site_rejected"))
+            same = err is None and torch.equal(_theta(out), _theta(refs[ref]))
+            first = recs[0] if recs else {}
+            reason = next(iter({**first.get("rejected", {}),
+                                **first.get("site_rejected", {})}.values()), None)
+            rows.append({"kind": kind, "downlink": downlink, "what": ref, "injected": 4,
+                         "survived": err is None, "error": err,
+                         "rounds_with_reason_in_metrics": logged,
+                         "bit_identical_to_lost_reply_run": same, "example_reason": reason})
+            print(f"deployed {downlink:<14} {kind:<22} survived {err is None} reasons "
+                  f"{logged}/4 identical {same}", flush=True)
+        for kind in EVAL_FAULTS:
+            out, err, flare = _serve(prepared, tmp / f"dep-eval-{kind}-{downlink}",
+                                     _eval_fault(kind))
+            recs = _records(out) if err is None else []
+            evaluated = [r for r in recs if "eval_rejected" in r]
+            same = err is None and torch.equal(_theta(out), _theta(refs["clean"]))
+            evals.append({"kind": kind, "downlink": downlink, "injected": flare.evaluations,
+                          "survived": err is None, "error": err,
+                          "evaluations_missing": sum(r["test_accuracy"] is None
+                                                     for r in evaluated),
+                          "with_reason_in_metrics": len(evaluated),
+                          "final_state_identical": same,
+                          "example_reason": evaluated[0]["eval_rejected"]["site-1"]
+                          if evaluated else None})
+            print(f"deployed {downlink:<14} evaluation {kind:<18} survived {err is None} "
+                  f"missing {evals[-1]['evaluations_missing']} identical {same}", flush=True)
+    for kind, corrupt in HELLO_FAULTS.items():
+        out, err, _ = _serve(prepared, tmp / f"dep-hello-{kind}",
+                             lambda tag, at, s, reply, c=corrupt: (
+                                 c(reply) if tag == b"H" and s == "site-2" else reply))
+        ok = (err is not None and err.startswith("RuntimeError: site site-2: bad hello: ")
+              and "\n" not in err and not (out / "metrics.jsonl").exists())
+        hellos.append({"kind": kind, "refused_before_round_1_one_line": ok, "error": err})
+        print(f"deployed hello {kind:<30} refused {ok}  {err}", flush=True)
+    return {"rows": rows, "evaluations": evals, "hellos": hellos,
+            "kinds": len(REPLY_FAULTS) + len(PAYLOAD_FAULTS) + 1,
+            "injected": sum(r["injected"] for r in rows) + sum(e["injected"] for e in evals),
+            "runs": len(rows) + len(evals),
+            "survived": sum(r["survived"] for r in rows) + sum(e["survived"] for e in evals),
+            "bit_identical": sum(r["bit_identical_to_lost_reply_run"] for r in rows)
+            + sum(e["final_state_identical"] for e in evals),
+            "logged": sum(r["rounds_with_reason_in_metrics"] for r in rows)
+            + sum(e["with_reason_in_metrics"] for e in evals),
+            "hellos_tried": len(hellos),
+            "hellos_refused": sum(h["refused_before_round_1_one_line"] for h in hellos)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--kills", type=int, default=3)
@@ -280,6 +508,7 @@ def main() -> None:
         replies = hostile_replies(model, csv, calib, tmp, args.seed)
         crash = crashes(model, csv, calib, tmp, args.kills, args.seed)
         inputs = bad_input(model, csv, calib, tmp)
+        dep = deployed(model, csv, calib, tmp, args.seed)
     lost = (replies["runs"] - replies["bit_identical"]) + (0 if crash["bit_identical_final_state"]
                                                            else 1)
     write_result("faults", {
@@ -291,8 +520,14 @@ def main() -> None:
             "runs": replies["runs"] + crash["runs"],
             "runs_survived": replies["survived"] + crash["survived"],
             "runs_with_data_lost": lost,
+            "deployed_faults_injected": dep["injected"] + dep["hellos_tried"],
+            "deployed_reply_fault_kinds": dep["kinds"],
+            "deployed_runs": dep["runs"], "deployed_runs_survived": dep["survived"],
+            "deployed_runs_with_data_lost": dep["runs"] - dep["bit_identical"],
+            "deployed_hellos_tried": dep["hellos_tried"],
+            "deployed_hellos_refused_one_line": dep["hellos_refused"],
         },
-        "replies": replies, "crashes": crash, "bad_input": inputs,
+        "replies": replies, "crashes": crash, "bad_input": inputs, "deployed": dep,
         "wall_seconds": round(time.time() - start, 1),
     })
 

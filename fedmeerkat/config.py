@@ -50,6 +50,10 @@ MASK_KINDS = ("calibration", "weight-magnitude", "random", "task", "union")
 # methods whose client step is plain two-point ZO-SGD on the run's space: what lr=auto's
 # search (runners/tune.py) runs
 LR_SEARCHABLE = ("meerkat", "meerkat-vp", "meerkat-random-select", "full-fedzo", "lora-fedzo")
+# methods whose every client step is run_client's plain two-point step, which has a private
+# version (federated/dp.py); VP's calibration phase, FedDyn's update hook, the dense and the
+# first-order clients have none
+DP_METHODS = ("meerkat", "lora-fedzo")
 
 __all__ = ["ConfigError", "RunConfig", "build_config", "describe", "load_config"]
 
@@ -85,6 +89,11 @@ class RunConfig:
     eps: float = _f(1e-3, "perturbation scale of the two-point estimate", gt=0)
     perturbations: int = _f(1, "seeded directions per local step, estimated at the same weights on one batch and averaged (each uploads its scalar; plans carry T x P seeds)", min=1)
     zo_estimator: str = _f("two-point", "two-point: 2 forwards a direction (MeZO); one-sided: f(w+eps z) - f(w) with one shared f(w), P+1 forwards a step (FZOO)", choices=ESTIMATORS)
+    # differential privacy of the uploaded scalars (federated/dp.py, docs/privacy.md)
+    dp_clip: float = _f(0.0, "DP: clip every example's two-point difference to [-C, C], add secret Gaussian noise of std dp_noise_multiplier x C to their sum, divide by batch_size; batches are Poisson samples (0 = off)", min=0)
+    dp_noise_multiplier: float = _f(0.0, "DP: sigma (0 with dp_epsilon: solved for the run's steps before it starts and written to config.toml)", min=0)
+    dp_epsilon: float = _f(0.0, "DP: each client's budget at dp_delta; the run stops (exit 3) before a round would exceed it, resumable with a larger one (0 = no budget, spent epsilon still reported)", min=0)
+    dp_delta: float = _f(0.0, "DP: the delta of the reported epsilon (0 = 1/n per client, n its examples)", min=0, lt=1)
     weighting: str = _f("samples", "FedAvg weights: by client sample count or uniform", choices=WEIGHTINGS)
     clients_per_round: int = _f(0, "clients sampled per round (0 = all)", min=0)
     downlink: str = _f("sparse-weights", "server -> client: the averaged sparse vector (paper) or T+1 aggregated scalars", choices=DOWNLINKS)
@@ -285,6 +294,19 @@ def validate_combination(cfg: RunConfig) -> None:
         raise ConfigError(f"perturbations: local_steps x perturbations = "
                           f"{cfg.local_steps * cfg.perturbations} seeds a round exceed "
                           f"{MAX_STEPS}, the most the wire format encodes")
+    if cfg.dp_clip > 0:
+        if cfg.method not in DP_METHODS:
+            raise ConfigError(f"dp_clip: method={cfg.method} has no private client step; "
+                              f"use method={' or '.join(DP_METHODS)}")
+        if cfg.perturbations != 1 or cfg.zo_estimator != "two-point":
+            raise ConfigError("dp_clip: runs plain two-point steps (perturbations=1, "
+                              "zo_estimator=two-point)")
+        if not (cfg.dp_noise_multiplier > 0 or cfg.dp_epsilon > 0):
+            raise ConfigError("dp_clip: needs dp_noise_multiplier > 0 or a budget dp_epsilon > 0 "
+                              "(sigma is then solved for the run)")
+    elif cfg.dp_noise_multiplier or cfg.dp_epsilon or cfg.dp_delta:
+        raise ConfigError("dp_noise_multiplier/dp_epsilon/dp_delta: set dp_clip > 0 to turn "
+                          "differential privacy on")
     downlinks = get_method(cfg.method).downlinks
     if cfg.downlink not in downlinks:
         raise ConfigError(f"downlink: method {cfg.method} needs downlink={' or '.join(downlinks)} "

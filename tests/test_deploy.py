@@ -77,6 +77,8 @@ KILL = {"site": "site-2", "client": "2", "after_round": 1, "rounds": 3, "resume_
 # a ZO variant (several directions a step, one-sided estimates) deployed: still seeds and
 # scalars only, so still bit-identical to the in-process run
 VARIANT = ["perturbations=3", "zo_estimator=one-sided", "downlink=scalars"]
+# differentially private scalars: the noise's generator must stay at the sites
+DP = ["dp_clip=1.0", "dp_noise_multiplier=1.0", "downlink=scalars"]
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +105,8 @@ def deployed_runs(tmp_path_factory, tiny_model_dir):
             for d in DOWNLINKS}
     runs["variant"] = prepare_run(load_config(None, [*base, *VARIANT, f"out={root / 'variant'}",
                                                      f"rounds={LAST}"]), quiet=True)
+    runs["dp"] = prepare_run(load_config(None, [*base, *DP, f"out={root / 'dp'}",
+                                                f"rounds={LAST}"]), quiet=True)
     killed = prepare_run(load_config(None, [*base, "downlink=scalars", f"out={root / 'killed'}",
                                             f"rounds={KILL['rounds']}",
                                             f"round_timeout={KILL['round_timeout']}"]), quiet=True)
@@ -127,6 +131,27 @@ def deployed_runs(tmp_path_factory, tiny_model_dir):
         *base, *VARIANT, f"rounds={LAST}", f"mask={runs['variant'] / 'mask.safetensors'}",
         f"out={root / 'local-variant'}"]), quiet=True)["out"])
     return runs, local, result, killed
+
+
+def test_a_deployed_private_run_keeps_the_noise_secret_at_the_sites(deployed_runs):
+    """The server's run folder (checkpoints, metrics, summary) never holds a client's secret
+    generator; the sites' state folders do, and every round reports each client's epsilon."""
+    from safetensors import safe_open
+
+    runs, _, result, _ = deployed_runs
+    run = runs["dp"]
+    assert result["runs"][str(run)]["status"] == "FINISHED:COMPLETED"
+    server_files = [p for p in run.rglob("*") if p.is_file() and "site_state" not in p.parts]
+    assert server_files and not any(b"dp_rng" in p.read_bytes() for p in server_files)
+    site_files = sorted((run / "site_state").rglob("*.safetensors"))
+    assert site_files
+    for f in site_files:
+        with safe_open(str(f), framework="pt") as g:
+            assert any(k.endswith(".extra.dp_rng") for k in g.keys())
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(set(r["dp_epsilon"]) == {"0", "1", "2"} for r in lines[1:])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dp"]["noise_multiplier"] == 1.0 and summary["dp"]["epsilon_spent_max"] > 0
 
 
 def test_a_deployed_zo_variant_is_bit_identical_to_the_in_process_run(deployed_runs):

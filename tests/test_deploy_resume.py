@@ -167,3 +167,127 @@ def test_resume_refuses_a_site_that_lost_its_state_folder(runs, tmp_path):
     shutil.rmtree(run_dir / "site_state" / "site-2")
     with pytest.raises(RuntimeError, match="site site-2 holds no client state"):
         serve(FakeFlare(handlers(run_dir)), str(run_dir), SITES, resume=True)
+
+
+# ---- issue 21: sites behind the server, damaged snapshots, the run folder's lock -----------
+
+def _served_then_restarted(runs, tmp_path, downlink, crash_after=None, rounds=ROUNDS):
+    """A deployed run (crashed after `crash_after`'s replies, or finished) and site handlers
+    restarted with `rounds` (they load their latest snapshot at hello)."""
+    prepared, local = runs[downlink]
+    run_dir = fresh(prepared, tmp_path / "run")
+    if crash_after is None:
+        serve(FakeFlare(handlers(run_dir)), str(run_dir), SITES)
+    else:
+        with pytest.raises(Crash):
+            serve(FakeFlare(handlers(run_dir), crash_after=crash_after), str(run_dir), SITES)
+    return run_dir, local
+
+
+@pytest.mark.parametrize("downlink", ["scalars", "sparse-weights"])
+def test_resume_refuses_a_site_whose_state_is_older_than_its_rounds(runs, tmp_path, downlink):
+    run_dir, _ = _served_then_restarted(runs, tmp_path, downlink)
+    store = SiteStateStore(run_dir / "site_state" / "site-1")
+    assert store.rounds() == [2, 3, 4]
+    store.path(4).unlink()  # the folder rolled back one snapshot: its clients took part in 4
+    with pytest.raises(RuntimeError) as e:
+        serve(FakeFlare(handlers(run_dir, overrides=["rounds=5"])), str(run_dir), SITES,
+              resume=True, overrides=["rounds=5"])
+    msg = str(e.value)
+    assert "\n" not in msg and "site site-1" in msg and "round 3" in msg and "round 4" in msg
+    assert [r["round"] for r in read(run_dir)] == list(range(ROUNDS + 1))  # nothing trained
+
+
+def test_a_site_whose_clients_sat_out_may_resume_from_older_state():
+    """Partial participation: only rounds a site's clients' replies were applied in count."""
+    from types import SimpleNamespace
+
+    from fedmeerkat.deploy.serve import check_sites_resumed
+
+    server = SimpleNamespace(round=5, applied=[3, 0, 5])
+    hello = {"a": {"clients": {"0": 9, "1": 9}, "served": 3, "state_dir": "A"},
+             "b": {"clients": {"2": 9}, "served": 5, "state_dir": "B"}}
+    check_sites_resumed(server, hello)  # a sat out rounds 4 and 5: its state at 3 is current
+    hello["a"]["served"] = 2
+    with pytest.raises(RuntimeError, match="site a holds client state of round 2 .*client 0 "
+                                           "took part in round 3"):
+        check_sites_resumed(server, hello)
+    hello["a"]["served"] = 0
+    with pytest.raises(RuntimeError, match="site a holds no client state"):
+        check_sites_resumed(server, hello)
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _flip_last_byte(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0x01  # inside the tensor data: it reads, the checksum does not match
+    p.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_last_byte])
+def test_a_damaged_site_snapshot_falls_back_to_the_one_before(runs, tmp_path, capsys, damage):
+    # the server checkpointed round 2, the sites served 3: losing the site's round 3 is fine
+    run_dir, local = _served_then_restarted(runs, tmp_path, "scalars", crash_after=3)
+    store = SiteStateStore(run_dir / "site_state" / "site-1")
+    damage(store.path(3))
+    capsys.readouterr()
+    hs = handlers(run_dir, overrides=["rounds=4"])
+    serve(FakeFlare(hs), str(run_dir), SITES, resume=True, overrides=["rounds=4"])
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "round_000003" in ln]
+    assert len(warned) == 1 and "warning" in warned[0] and "round 2" in warned[0], warned
+    assert_same_run(run_dir, local)
+
+
+def test_a_fallback_behind_the_rounds_a_site_took_part_in_is_refused(runs, tmp_path):
+    run_dir, _ = _served_then_restarted(runs, tmp_path, "scalars", crash_after=3)
+    store = SiteStateStore(run_dir / "site_state" / "site-1")
+    _flip_last_byte(store.path(3))
+    _flip_last_byte(store.path(2))  # sound: round 1 only, its clients took part in round 2
+    with pytest.raises(RuntimeError, match="site site-1 holds client state of round 1 .*round 2"):
+        serve(FakeFlare(handlers(run_dir)), str(run_dir), SITES, resume=True)
+
+
+def test_no_sound_site_snapshot_is_one_line(runs, tmp_path):
+    from fedmeerkat.options import InputError
+
+    run_dir, _ = _served_then_restarted(runs, tmp_path, "scalars", crash_after=3)
+    store = SiteStateStore(run_dir / "site_state" / "site-2")
+    for r in store.rounds():
+        _truncate(store.path(r))
+    with pytest.raises(InputError) as e:
+        serve(FakeFlare(handlers(run_dir)), str(run_dir), SITES, resume=True)
+    assert "no sound snapshot" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_deployed_server_refuses_another_runs_checkpoint(runs, tmp_path):
+    """Same size, another trainable space (other indices): the space digest tells them apart."""
+    from fedmeerkat.runners.run_folder import CheckpointMismatchError
+    from fedmeerkat.zo import SparseMask
+
+    prepared, _ = runs["scalars"]
+    done, _ = _served_then_restarted(runs, tmp_path, "scalars")
+    other = fresh(prepared, tmp_path / "other")
+    mask = SparseMask.load(other / "mask.safetensors")
+    i = max(range(len(mask.names)), key=lambda j: mask.indices[j].numel())
+    numel = int(torch.Size(mask.shapes[i]).numel())
+    free = torch.tensor(sorted(set(range(numel)) - set(mask.indices[i].tolist())))
+    mask.indices[i] = torch.sort(torch.cat([mask.indices[i][1:], free[:1]])).values
+    mask.save(other / "mask.safetensors")
+    for name in ("checkpoint.safetensors", "checkpoint.prev.safetensors", "metrics.jsonl"):
+        shutil.copy(done / name, other / name)
+    with pytest.raises(CheckpointMismatchError, match="another trainable space"):
+        serve(FakeFlare(handlers(other)), str(other), SITES, resume=True)
+
+
+def test_the_deployed_server_refuses_a_run_folder_in_use(runs, tmp_path):
+    from fedmeerkat.runners.run_folder import RunFolder, RunFolderBusy
+
+    prepared, _ = runs["scalars"]
+    run_dir = fresh(prepared, tmp_path / "run")
+    flare = FakeFlare(handlers(run_dir))
+    with RunFolder(run_dir).locked(), pytest.raises(RunFolderBusy, match="in use"):
+        serve(flare, str(run_dir), SITES)
+    assert flare.tags == [] and not (run_dir / "metrics.jsonl").exists()

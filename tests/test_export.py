@@ -208,3 +208,38 @@ def test_non_empty_out_is_refused_and_an_empty_one_is_used(meerkat, tmp_path, ca
     assert torch.equal(_weights(empty / "model")["model.layers.0.self_attn.q_proj.weight"],
                        _weights(exp / "model")["model.layers.0.self_attn.q_proj.weight"])
     assert not list(tmp_path.glob(".*partial*"))  # no staging folder left behind
+
+
+def _tampered_delta(delta: Path, path: Path, change) -> Path:
+    """A copy of `delta` with its largest tensor's indices and values passed through `change`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(delta), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = max(json.loads(meta["names"]), key=lambda n: tensors[f"idx::{n}"].numel())
+    tensors[f"idx::{name}"], tensors[f"val::{name}"] = change(tensors[f"idx::{name}"],
+                                                              tensors[f"val::{name}"])
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("change,why", [
+    (lambda i, v: (torch.cat([torch.tensor([-1]), i[1:]]), v), "outside"),  # the last weight
+    (lambda i, v: (i, v[:-1]), "values"),
+    (lambda i, v: (i[:-1], v), "values"),
+    (lambda i, v: (i.float(), v), "integer"),
+    (lambda i, v: (i.reshape(1, -1), v.reshape(1, -1)), "1-D"),
+    (lambda i, v: (i + 10**9, v), "outside"),
+])
+def test_a_tampered_delta_is_one_line_exit_2(meerkat, tmp_path, capsys, change, why):
+    """Issue 21: negative indices (which index_copy_ would reject with a traceback, or a
+    negative-index write would put at the tensor's end) and length mismatches are refused."""
+    _, exp = meerkat
+    bad = _tampered_delta(exp / "delta.safetensors", tmp_path / "bad.safetensors", change)
+    out = tmp_path / "applied"
+    capsys.readouterr()
+    assert main(["apply-delta", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert why in err and "\n" not in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -219,3 +219,32 @@ def test_clients_at_the_same_round_share_one_copy():
     if peers:
         with pytest.raises(RuntimeError, match="another vector"):
             share_copies([peers[0], broken])
+
+
+def test_history_stays_bounded_over_10000_rounds(tmp_path):
+    """Issue 21: the server keeps only the aggregates some client can still be sent. A client
+    that never replies (3) is past the point where the vector is cheaper and gets the vector;
+    the others catch up from scalars. The checkpoint stays the same size whatever the round."""
+    from fedmeerkat.federated import ClientReply
+    from fedmeerkat.runners.run_folder import CHECKPOINT, save_checkpoint
+
+    nnz = 64  # 260 vector bytes: a catch-up of 8 aggregates of 2 seeds (34 bytes each) is dearer
+    settings = FedSettings(local_steps=2, lr=1e-3, eps=1e-3, batch_size=1, seed=0,
+                           rounds=10_000, downlink="scalars", clients_per_round=2)
+    server = MeerkatServer(settings, torch.zeros(nnz), [5, 5, 5, 5])
+    choices: dict[int, set[str]] = {k: set() for k in range(4)}
+    sizes = []
+    for r in range(1, 10_001):
+        plans = server.plan_round(r)
+        for k, c in server.catchup_choices.items():
+            choices[k].add(c)
+        replies = [ClientReply(r, p.client_id, [0.01 * (r % 7 - 3)] * p.num_steps, 5, 1.0)
+                   for p in plans if p.client_id != 3]
+        server.apply(r, server.screen(r, replies))
+        assert len(server.history) <= 8, r
+        if r in (100, 10_000):
+            save_checkpoint(tmp_path, server, [])
+            sizes.append((tmp_path / CHECKPOINT).stat().st_size)
+    assert "vector" in choices[3]  # away longer than the vector is worth
+    assert any(c.startswith("scalars:") and c != "scalars:1" for c in choices[0])
+    assert sizes[1] <= sizes[0] + 64 < 4096, sizes  # bounded in the number of rounds

@@ -163,16 +163,17 @@ def _server(k=3, **bound):
     return server
 
 
-def test_relative_bound_uses_the_median_and_needs_three_replies():
+def test_relative_bound_uses_the_median_of_three_or_more_and_pairs_two():
     server = _server()
     v = server.screen(1, _replies([0.5, -1.0], [1.0, 0.2], [150.0, 0.3]))
     # median of max |g| = 1.0: 150 > 100 x 1.0
     assert [r.client_id for r in v.accepted] == [0, 1]
     assert "max |g| 150 exceeds 100 (100 x the round's median 1)" == v.rejected[2]
     assert not server.screen(1, _replies([0.5, -1.0], [1.0, 0.2], [99.0, 0.3])).rejected
-    # two replies: a median cannot tell the outlier, the relative rule is off
-    assert not server.screen(1, _replies([1.0, 1.0], [1e30, 0.0])).rejected
-    # ... the fixed cap still applies
+    # two replies: a median cannot tell the outlier; each is judged against the other's
+    assert list(server.screen(1, _replies([1.0, 1.0], [1e30, 0.0])).rejected) == [1]
+    assert not server.screen(1, _replies([1.0, 1.0], [99.0, 0.0])).rejected
+    # ... the fixed cap applies too
     capped = _server(reply_bound_abs=1e3)
     assert list(capped.screen(1, _replies([1.0, 1.0], [1e30, 0.0])).rejected) == [1]
     # all honest clients at zero: nothing to compare to, the relative rule is off
@@ -303,3 +304,51 @@ def test_feddyn_plan_carries_the_acknowledgement_and_other_plans_do_not():
 def test_feddyn_never_clips():
     server, _, records = _drive("huge", method="meerkat-feddyn", reply_bound_action="clip")
     assert "clipped" not in records[1] and "exceeds" in records[1]["rejected"]["2"]
+
+
+# ---- the relative bound's median is over sources (deployed: sites), not clients -------------
+
+def test_relative_bound_takes_its_median_over_sources_not_clients():
+    """The issue's attack: a site hosting half of a round's clients sends two replies of 1e30.
+    Over clients the median is then (honest + 1e30) / 2 and both pass; over sites it is an
+    honest site's, and both are rejected."""
+    site_of = {0: "site-1", 1: "site-1", 2: "site-2", 3: "site-3"}
+    replies = _replies([1e30, 0.1], [1e30, 0.2], [0.5, -1.0], [1.0, 0.2])
+    assert not _server(4).screen(1, replies).rejected  # a median over clients: both accepted
+    v = _server(4).screen(1, replies, sources=site_of)
+    assert sorted(v.rejected) == [0, 1] and [r.client_id for r in v.accepted] == [2, 3]
+    assert "exceeds 100 (100 x the round's median 1)" in v.rejected[0]
+    # a site's own clients vote as one: its median, not each of them
+    v = _server(5).screen(1, _replies([0.5, 0.1], [0.6, 0.1], [0.7, 0.1], [200.0, 0.1], [1.0, 0.1]),
+                          sources={0: "a", 1: "a", 2: "a", 3: "b", 4: "c"})
+    assert list(v.rejected) == [3]  # median of (0.6, 200, 1) = 1
+    # two sources: a median of two cannot tell which one is off; each is judged against the
+    # other's median, so the site sending 1e30 is rejected and the honest one kept
+    v = _server(4).screen(1, replies, sources={0: "a", 1: "a", 2: "b", 3: "b"})
+    assert sorted(v.rejected) == [0, 1] and [r.client_id for r in v.accepted] == [2, 3]
+    assert "the other source's median" in v.rejected[0]
+    # the same with two clients in process (each its own source)
+    v = _server(2).screen(1, _replies([1e30, 0.1], [0.5, -1.0]))
+    assert list(v.rejected) == [0] and [r.client_id for r in v.accepted] == [1]
+    # one source: nothing to compare to
+    assert not _server(2).screen(1, _replies([1e30, 0.1], [0.5, -1.0]),
+                                 sources={0: "a", 1: "a"}).rejected
+    # every client its own source is the in-process screen, verdict for verdict
+    for rs in (replies, _replies([0.5, -1.0], [1.0, 0.2], [150.0, 0.3])):
+        a, b = _server(len(rs)).screen(1, rs), _server(len(rs)).screen(1, rs, sources={
+            k: k for k in range(len(rs))})
+        assert a.rejected == b.rejected and [r.client_id for r in a.accepted] == [
+            r.client_id for r in b.accepted]
+
+
+@pytest.mark.parametrize("sizes,why", [
+    ([10, math.nan, 5], "client 1: nan"), ([10, math.inf], "client 1: inf"),
+    ([10, 2.5], "client 1: 2.5"), ([10, 0], "client 1: 0"), ([-3, 10], "client 0: -3"),
+    ([10, True], "client 1: True"), ([10, "7"], "client 1: '7'"), ([], "no clients"),
+])
+def test_server_refuses_client_sizes_that_are_not_positive_integers(sizes, why):
+    settings = FedSettings(local_steps=2, lr=0.05, eps=1e-2, batch_size=4, seed=5)
+    with pytest.raises(ValueError, match="positive integer") as e:
+        make_server("meerkat", settings, torch.zeros(4), sizes)
+    assert why in str(e.value) and "\n" not in str(e.value)
+    assert make_server("meerkat", settings, torch.zeros(4), [np.int64(3), 2**40]).client_sizes

@@ -68,8 +68,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from fedmeerkat.runners.simulation import run
 
     s = run(cfg, quiet=ns.quiet, resume=bool(ns.resume))
-    print(f"zero-shot test accuracy: {s['initial_accuracy']:.4f}")
-    print(f"final test accuracy:     {s['final_accuracy']:.4f}  "
+    print(f"zero-shot test accuracy: {_num(s['initial_accuracy'])}")
+    print(f"final test accuracy:     {_num(s['final_accuracy'])}  "
           f"after {s['rounds']} rounds x {s['clients']} clients x {s['local_steps']} steps")
     print(f"predicted-class share:   {_share(s['initial_predicted_share'])} -> "
           f"{_share(s['final_predicted_share'])}")

@@ -33,14 +33,22 @@ def pack(tag: bytes, items: dict[int, bytes], head: bytes = b"") -> bytes:
 
 
 def unpack(blob: bytes, head: int = 0) -> dict[int, bytes]:
-    (n,) = struct.unpack_from("<H", blob, 1 + head)
-    at, out = 3 + head, {}
-    for _ in range(n):
-        k, m = struct.unpack_from("<II", blob, at)
-        out[k] = blob[at + 8:at + 8 + m]
-        if len(out[k]) != m:
-            raise ValueError(f"payload truncated in client {k}'s message")
-        at += 8 + m
+    """client -> message of a payload; ValueError (one line) unless it is exactly that."""
+    try:
+        (n,) = struct.unpack_from("<H", blob, 1 + head)
+        at, out = 3 + head, {}
+        for _ in range(n):
+            k, m = struct.unpack_from("<II", blob, at)
+            if k in out:  # which of the two is meant cannot be told
+                raise ValueError(f"client {k} appears twice")
+            out[k] = blob[at + 8:at + 8 + m]
+            if len(out[k]) != m:
+                raise ValueError(f"payload truncated in client {k}'s message")
+            at += 8 + m
+    except struct.error:
+        raise ValueError(f"payload truncated ({len(blob)} bytes)") from None
+    if at != len(blob):
+        raise ValueError(f"{len(blob) - at} trailing bytes after {n} messages")
     return out
 
 
@@ -49,7 +57,12 @@ def pack_reply(pid: int, compute_s: float, forward_s: float, items: dict[int, by
 
 
 def unpack_reply(blob: bytes) -> tuple[int, float, float, dict[int, bytes]]:
+    """A site's "T" reply; ValueError (one line) for anything else a site may send."""
+    if not isinstance(blob, bytes):
+        raise ValueError(f"reply is not bytes ({type(blob).__name__})")
     if blob[:1] != b"T":
         raise ValueError(f"not a train reply (tag {blob[:1]!r})")
+    if len(blob) < 1 + REPLY_HEAD.size:
+        raise ValueError(f"payload truncated ({len(blob)} bytes)")
     pid, compute_s, forward_s = REPLY_HEAD.unpack_from(blob, 1)
     return pid, compute_s, forward_s, unpack(blob, REPLY_HEAD.size)

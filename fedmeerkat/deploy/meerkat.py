@@ -20,8 +20,21 @@ from pathlib import Path
 from fedmeerkat.config import ConfigError
 from fedmeerkat.deploy.job import make_job
 from fedmeerkat.federated.methods import get_method
-from fedmeerkat.runners.prepare import get_mask, partition_record, prepare, split_clients
-from fedmeerkat.runners.run_folder import INITIAL_STATE, PARTITION, RunFolder, save_state
+from fedmeerkat.runners.prepare import (
+    get_mask,
+    partition_record,
+    prepare,
+    split_clients,
+    with_solved_noise,
+)
+from fedmeerkat.runners.run_folder import (
+    CONFIG,
+    INITIAL_STATE,
+    PARTITION,
+    RunFolder,
+    read_run_config,
+    save_state,
+)
 from fedmeerkat.runners.spaces import build_space
 
 
@@ -39,11 +52,54 @@ def prepare_run(cfg, quiet: bool = False) -> Path:
     cfg, folder = RunFolder.open(cfg, resume=False)
     prep = prepare(cfg)
     parts = split_clients(cfg, prep)
+    if cfg.dp_clip > 0 and cfg.dp_noise_multiplier == 0:  # sigma for the budget, in config.toml
+        cfg = with_solved_noise(cfg, [len(p) for p in parts])
+        folder.write_config(cfg)
     space = build_space(cfg, prep.model, folder.path, resume=False,
                         make_mask=lambda: get_mask(cfg, prep, parts, quiet))
     save_state(folder.file(INITIAL_STATE), space.view.gather(), {"nnz": str(space.mask.nnz)})
     folder.write_json(PARTITION, partition_record(cfg, prep, parts))
     return folder.path
+
+
+# The keys one site may set for itself (`site_overrides`, `deploy submit --site-set`): which
+# data it holds and where its model runs, never what the run computes. data_files: the site's
+# own examples (split among its clients; its own test split); device, threads: where and how
+# its model runs; eval_batch_size: how its evaluation is batched. Every other key (seed,
+# method, lr, downlink, local_steps, dtype, the task, ...) is the run's: a site that differs
+# answers plans it was not sent, or another run's.
+SITE_KEYS = ("data_files", "device", "threads", "eval_batch_size")
+
+
+def check_sites(run_dir: str | Path, site_clients: dict[str, list[int]],
+                site_overrides: dict[str, list[str]]) -> None:
+    """ConfigError unless every client id 0..K-1 of the run (config.toml's `clients`) is on
+    exactly one site and every site override sets a SITE_KEYS key of a site that hosts
+    clients; checked before a job is built, so nothing is submitted."""
+    if not (Path(run_dir) / CONFIG).is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG})")
+    k = int(read_run_config(Path(run_dir))["clients"])
+    site_of: dict[int, str] = {}
+    for site, ids in site_clients.items():
+        for c in ids:
+            if c in site_of:
+                raise ConfigError(f"sites: client {c} is on {site_of[c]} and on {site}; each of "
+                                  f"the run's clients 0..{k - 1} goes to exactly one site")
+            if not 0 <= c < k:
+                raise ConfigError(f"sites: client {c} (on {site}) is not one of the run's "
+                                  f"clients 0..{k - 1} (clients={k})")
+            site_of[c] = site
+    if len(site_of) < k:
+        raise ConfigError(f"sites: clients {sorted(set(range(k)) - set(site_of))} are on no "
+                          f"site; each of the run's clients 0..{k - 1} goes to exactly one")
+    for site, kvs in site_overrides.items():
+        if site not in site_clients:
+            raise ConfigError(f"site settings for {site!r}, which hosts no clients")
+        for kv in kvs:
+            key = kv.partition("=")[0].strip()
+            if key not in SITE_KEYS:
+                raise ConfigError(f"{key}: a site cannot set it (a site sets only "
+                                  f"{', '.join(SITE_KEYS)}; the rest is the run's)")
 
 
 def site_args(run_dir: str | Path, site_clients: dict[str, list[int]],
@@ -69,7 +125,8 @@ def deploy_job(run_dir: str | Path, site_clients: dict[str, list[int]],
                site_run_dirs: dict[str, str] | None = None, python: str = sys.executable,
                round_timeout: int = 3600, interval: float = 0.02, resume: bool = False,
                overrides: list[str] | None = None, evaluation: str = "sites",
-               site_state_dirs: dict[str, str] | None = None):
+               site_state_dirs: dict[str, str] | None = None,
+               handler: str = "fedmeerkat.deploy.site:site"):
     """The FLARE job of a prepared run: the server drives it from `run_dir`; each site hosts
     `site_clients[site]` and reads its copy of the run folder (`site_run_dirs`, default the same
     path). `interval` sets FLARE's three polling periods (their defaults cost 2 s a round).
@@ -77,9 +134,11 @@ def deploy_job(run_dir: str | Path, site_clients: dict[str, list[int]],
     `resume` continues the run from its checkpoint (server) and the sites' state folders
     (`site_state_dirs`, default RUN_DIR/site_state/SITE in each site's copy); `overrides`
     (RESUMABLE_KEYS, e.g. rounds=20) go to the server and every site. `evaluation`: "sites" or
-    "server" (the server loads the model)."""
+    "server" (the server loads the model). `handler`: the sites' "module:factory" (a test
+    points it at a hostile site; a site imports only allowed modules, site_trainer.load)."""
     if evaluation not in ("sites", "server"):
         raise ValueError(f"evaluation: {evaluation!r}, expected 'sites' or 'server'")
+    check_sites(run_dir, site_clients, site_overrides or {})
     overrides = list(overrides or [])
     if overrides and not resume:
         raise ValueError("overrides apply to a resumed run only (the run folder fixes the rest)")
@@ -88,7 +147,7 @@ def deploy_job(run_dir: str | Path, site_clients: dict[str, list[int]],
     args = site_args(run_dir, site_clients, site_overrides, site_run_dirs, overrides,
                      evaluation, site_state_dirs)
     return make_job(Path(run_dir).name.replace(".", "_") or "fedmeerkat", args,
-                    "fedmeerkat.deploy.serve:serve", "fedmeerkat.deploy.site:site",
+                    "fedmeerkat.deploy.serve:serve", handler,
                     {"run_dir": str(Path(run_dir).resolve()), "site_clients": site_clients,
                      "resume": resume, "overrides": overrides, "evaluation": evaluation},
                     round_timeout=round_timeout, python=python, task_request_interval=interval,

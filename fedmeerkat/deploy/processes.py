@@ -1,9 +1,14 @@
 """Start a provisioned server and sites as local processes, the way FLARE's own CI does, and stop
-them for sure.
+them for sure; and `foreground`, which runs one of them for `fedmeerkat deploy server|site` and
+says in one line when it is ready.
 
-Each parent (`server_train` / `client_train`) runs in its own session (setsid), so the job
-processes and trainers it spawns share its process group and one killpg reaches them all.
+Each parent (`server_train` / `client_train`) runs in its own session (setsid) and killpg
+stops it; FLARE 2.9 starts each job process (and with it the trainer) in a session of its own
+(nvflare/utils/process_utils.py), which that does not reach: in selftest's private PID
+namespace they die with the namespace.
 Output goes to `<kit>/console.txt`; FLARE's own logs stay in the kit (log.txt, per-job folders).
+A site is ready once it has registered with the server: `Registered` (a component provisioning
+puts into every site kit's local/resources.json) then writes `<kit>/REGISTERED_FILE`.
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedmeerkat.deploy.provision import ORG, Kits
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_constant import FLContextKey
+
+from fedmeerkat.deploy.provision import ORG, REGISTERED_FILE, Kits
 
 SERVER_MODULE = "nvflare.private.fed.app.server.server_train"
 CLIENT_MODULE = "nvflare.private.fed.app.client.client_train"
@@ -43,6 +52,46 @@ def child_env() -> dict[str, str]:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.setdefault("MALLOC_ARENA_MAX", "4")  # as sub_start.sh
     return env
+
+
+class Registered(FLComponent):
+    """Writes <kit>/REGISTERED_FILE (the PID of the site's FLARE parent) once that parent
+    has registered with the server."""
+
+    def handle_event(self, event_type: str, fl_ctx) -> None:
+        if event_type == EventType.AFTER_CLIENT_REGISTER and fl_ctx.get_prop(
+                FLContextKey.CLIENT_TOKEN):
+            kit = Path(fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT).get_root_dir())
+            (kit / REGISTERED_FILE).write_text(f"{os.getpid()}\n")
+
+
+def foreground(argv: list[str], kit: Path, ready: Callable[[subprocess.Popen], bool],
+               ready_line: Callable[[int], str], poll_s: float = 0.2) -> int:
+    """Run one FLARE parent with this terminal, print ready_line(pid) once ready(proc) holds,
+    and return its exit status (128 + signal if a signal ended it). SIGTERM and SIGHUP are
+    passed on; Ctrl-C reaches it directly (same process group), so SIGINT only waits here."""
+    (kit / "transfer").mkdir(exist_ok=True)
+    proc = subprocess.Popen(argv, cwd=kit, env=child_env(), stdin=subprocess.DEVNULL)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda n, _: proc.send_signal(n))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while proc.poll() is None:
+        if ready(proc):
+            print(ready_line(proc.pid), flush=True)
+            break
+        time.sleep(poll_s)
+    rc = proc.wait()
+    return 128 - rc if rc < 0 else rc
+
+
+def ports_open(host: str, ports: tuple[int, ...]) -> bool:
+    for port in ports:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                pass
+        except OSError:
+            return False
+    return True
 
 
 def start(argv: list[str], kit: Path) -> subprocess.Popen:

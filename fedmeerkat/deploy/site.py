@@ -33,6 +33,7 @@ from fedmeerkat.runners.client_host import ClientHost
 from fedmeerkat.runners.prepare import (
     SharedModel,
     client_state,
+    dp_of,
     prepare,
     settings_of,
     site_split,
@@ -89,9 +90,17 @@ def site(site_name: str, site_arg: str) -> Callable[[bytes], bytes]:
             finally:
                 self.forward_s += time.perf_counter() - t
 
+        def example_losses(self, example_ids: np.ndarray) -> np.ndarray:
+            t = time.perf_counter()
+            try:
+                return super().example_losses(example_ids)
+            finally:
+                self.forward_s += time.perf_counter() - t
+
     settings = settings_of(cfg)
     model = TimedModel(prep, view)
-    host = ClientHost(get_method(cfg.method), cfg.method_settings, settings, model, states)
+    host = ClientHost(get_method(cfg.method), cfg.method_settings, settings, model, states,
+                      dp=dp_of(cfg))
     evaluates = local or bool(arg.get("evaluate", False))
     served = 0  # the round the clients' state is at the end of
     print(f"site {site_name}: clients {hosted} ({[len(p) for p in mine.values()]} examples), "
@@ -103,11 +112,12 @@ def site(site_name: str, site_arg: str) -> Callable[[bytes], bytes]:
         if tag == b"H":
             hello = json.loads(payload[1:] or b"{}")
             if hello.get("resume"):
-                kept = store.rounds()
-                if kept:
-                    store.load(kept[-1], states)
+                if store.rounds():  # none: the clients' state in memory stands (a live site)
+                    # a damaged snapshot falls back to the one before; the server decides
+                    # whether that is recent enough (deploy.serve.check_sites_resumed)
+                    served = store.load_latest(states, warn=lambda msg: print(
+                        f"site {site_name}: {msg}", file=sys.stderr, flush=True))
                     host.states_replaced()
-                    served = kept[-1]
             else:
                 store.clear()
             return b"H" + json.dumps({"clients": {k: s.num_samples for k, s in states.items()},

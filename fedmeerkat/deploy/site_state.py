@@ -5,13 +5,16 @@ site whose server restarted from an earlier checkpoint) continues bit-identicall
         tensors  theta.round{S}              a client's copy of the global vector of round S
                                              (scalar downlink; shared by clients synced to S)
                  client.{k}.extra.{name}     method state (FedDyn's h_k)
-        metadata {"format": "1", "round": R, "previous": the round of the snapshot before
-                  (0: none, the clients' initial state), "clients": {k: {"pointer": {...},
-                  "synced": S}}}
+        metadata "state": {"format": "2", "round": R, "previous": the round of the snapshot
+                  before (0: none, the clients' initial state), "clients": {k: {"pointer":
+                  {...}, "synced": S}}}; "sha256": checksum of the tensors and "state"
 
-Written to a temp file, fsynced and renamed (a crash leaves the previous snapshot whole);
-safetensors and JSON only, no pickle. The last KEEP snapshots are kept: the server checkpoints
-after every round, so it is at most one round behind what a site served.
+Written to a temp file, fsynced and renamed, and the folder fsynced (a crash leaves the
+previous snapshot whole); safetensors and JSON only, no pickle. The last KEEP snapshots are
+kept: the server checkpoints after every round, so it is at most one round behind what a site
+served. A damaged snapshot (unreadable, truncated, checksum mismatch) is passed over for the
+one before (`load_latest`); whether that older state may continue the run is the server's
+call (deploy.serve.check_sites_resumed). Format 1 (no checksum) is refused like a damaged one.
 """
 
 from __future__ import annotations
@@ -27,10 +30,16 @@ from safetensors.torch import save_file
 
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientState
+from fedmeerkat.options import InputError
+from fedmeerkat.runners.run_folder import checksum, fsync_dir
 
-FORMAT = "1"
+FORMAT = "2"
 KEEP = 3
 _NAME = re.compile(r"^round_(\d{6})\.safetensors$")
+
+
+class SnapshotError(InputError):
+    """A snapshot file that is damaged: unreadable, truncated or failing its checksum."""
 
 
 class SiteStateStore:
@@ -63,10 +72,13 @@ class SiteStateStore:
                 "clients": {str(k): {"pointer": s.pointer.state_dict(), "synced": s.synced}
                             for k, s in states.items()}}
         tmp = self.path(round_idx).with_name(self.path(round_idx).name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+        state = json.dumps(meta)
+        save_file(tensors, str(tmp), metadata={"state": state,
+                                               "sha256": checksum(tensors, FORMAT, state)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.path(round_idx))
+        fsync_dir(self.folder)
         for r in self.rounds()[:-self.keep]:
             self.path(r).unlink()
 
@@ -75,16 +87,26 @@ class SiteStateStore:
             return json.loads((f.metadata() or {})["state"])
 
     def load(self, round_idx: int, states: dict[int, ClientState]) -> None:
-        """Set `states` (in place: a ClientHost holds them) to their state after round_idx."""
-        with safe_open(str(self.path(round_idx)), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("format") != FORMAT or int(meta["round"]) != round_idx:
-            raise ValueError(f"{self.path(round_idx)}: not a format-{FORMAT} snapshot of "
-                             f"round {round_idx}")
+        """Set `states` (in place: a ClientHost holds them) to their state after round_idx;
+        SnapshotError if the file is damaged (nothing is changed then)."""
+        path = self.path(round_idx)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            state = raw["state"]
+            meta = json.loads(state)
+        except Exception as e:  # SafetensorError (truncated, corrupt header), OSError, no state
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SnapshotError(f"{path} is unreadable ({first})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT \
+                or meta.get("round") != round_idx:
+            raise SnapshotError(f"{path}: not a format-{FORMAT} snapshot of round {round_idx}")
+        if raw.get("sha256") != checksum(tensors, FORMAT, state):
+            raise SnapshotError(f"{path} fails its checksum (corrupt)")
         if sorted(meta["clients"]) != sorted(str(k) for k in states):
-            raise ValueError(f"{self.path(round_idx)} holds clients {sorted(meta['clients'])}, "
-                             f"this site hosts {sorted(states)}")
+            raise InputError(f"{path} holds clients {sorted(meta['clients'])}, this site "
+                             f"hosts {sorted(states)}")
         for k, s in states.items():
             c = meta["clients"][str(k)]
             s.pointer = ClientDataPointer.from_state(c["pointer"])
@@ -93,6 +115,25 @@ class SiteStateStore:
                 s.theta = tensors[f"theta.round{s.synced}"]
             pre = f"client.{k}.extra."
             s.extra = {n[len(pre):]: t.clone() for n, t in tensors.items() if n.startswith(pre)}
+
+    def load_latest(self, states: dict[int, ClientState], warn: Callable[[str], None]) -> int:
+        """Load the newest sound snapshot (a damaged one is passed over, with a warning) and
+        return its round; 0 when there is none. SnapshotError when none is sound."""
+        kept = self.rounds()
+        problems = []
+        for r in reversed(kept):
+            try:
+                self.load(r, states)
+                return r
+            except SnapshotError as e:
+                problems.append(str(e))
+                if r != kept[0]:
+                    warn(f"warning: {e}; falling back to the snapshot of round "
+                         f"{max(x for x in kept if x < r)}")
+        if problems:
+            raise SnapshotError(f"{self.folder}: no sound snapshot to resume from: "
+                                + "; ".join(problems))
+        return 0
 
     def restore_before(self, round_idx: int, states: dict[int, ClientState],
                        reset: Callable[[], None]) -> int:

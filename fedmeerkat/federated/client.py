@@ -11,15 +11,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated.aggregate import Aggregate, apply_aggregate
+from fedmeerkat.federated.dp import DPSettings, PrivateSteps
 from fedmeerkat.federated.messages import ClientReply, RoundPlan
 from fedmeerkat.zo import SparseView, StepResult, zo_multi_step, zo_step
+from fedmeerkat.zo.step import zo_step_private
 
 
 class LocalModel(Protocol):
@@ -28,6 +30,10 @@ class LocalModel(Protocol):
     view: SparseView
 
     def loss(self, example_ids: np.ndarray) -> float: ...
+
+    def example_losses(self, example_ids: np.ndarray) -> np.ndarray:
+        """Each example's loss (differentially private clients, federated/dp.py)."""
+        ...
 
 
 @dataclass
@@ -106,21 +112,31 @@ def check_steps(plan: RoundPlan, lr: Sequence[float]) -> None:
         raise ValueError(f"plan asks for {plan.num_steps} steps with {len(plan.seeds)} seeds")
 
 
-# (index t of the step's first seed, the loss on the step's batch) -> one result per seed
-Step = Callable[[int, Callable[[], float]], list[StepResult]]
+# (index t of the step's first seed, the loss on the step's batch: its mean, or each example's
+# with DP) -> one result per seed
+Step = Callable[[int, Callable[[], Any]], list[StepResult]]
 
 
 def run_steps(state: ClientState, plan: RoundPlan, model: LocalModel, step: Step, *,
               batch_size: int, seeds_per_step: int = 1,
-              on_step: Callable[[StepResult], object] | None = None) -> ClientReply:
+              on_step: Callable[[StepResult], object] | None = None,
+              dp: PrivateSteps | None = None) -> ClientReply:
     """The round's loop of every ZO client, whatever its space: each step takes the next
     batch of the client's data and `seeds_per_step` seeds of the plan, and uploads one scalar
-    per seed."""
+    per seed. With `dp`, a batch is a Poisson sample drawn from the client's secret generator
+    and the step gets per-example losses (federated/dp.py)."""
     scalars: list[float] = []
     losses: list[float] = []
     for t in range(0, plan.num_steps, seeds_per_step):
-        ids = state.example_ids[state.pointer.next_batch(batch_size)]
-        for res in step(t, functools.partial(model.loss, ids)):
+        loss_fn: Callable[[], Any]
+        if dp is None:
+            ids = state.example_ids[state.pointer.next_batch(batch_size)]
+            loss_fn = functools.partial(model.loss, ids)
+        else:
+            ids = state.example_ids[dp.batch(state.num_samples)]
+            loss_fn = (functools.partial(model.example_losses, ids) if len(ids)
+                       else lambda: np.zeros(0))  # an empty batch: no forward
+        for res in step(t, loss_fn):
             scalars.append(res.g)
             losses.append(res.loss)
             if on_step is not None:
@@ -148,13 +164,17 @@ def run_client(
     update: Callable[[torch.Tensor, torch.Tensor, float, float], object] | None = None,
     perturbations: int = 1,
     estimator: str = "two-point",
+    dp: DPSettings | None = None,
 ) -> ClientReply:
     """Algorithm 2, step 1: T two-point steps from the global sparse vector; upload T scalars.
 
     `update` replaces the plain SGD update (see zo.step.zo_step). With `perturbations` P > 1 or
     the one-sided estimator, each step takes P consecutive seeds of the plan on one batch
-    (zo.step.zo_multi_step) and uploads one scalar per seed: plan.num_steps counts seeds."""
+    (zo.step.zo_multi_step) and uploads one scalar per seed: plan.num_steps counts seeds.
+    With `dp`, each scalar is differentially private (federated/dp.py)."""
     check_steps(plan, lr)
+    if dp is not None and (perturbations != 1 or estimator != "two-point" or update is not None):
+        raise ValueError("dp_clip runs plain two-point steps (perturbations=1, no update hook)")
     p = perturbations
     plain = p == 1 and estimator == "two-point"
     if not plain and update is not None:
@@ -166,12 +186,21 @@ def run_client(
     theta = sync_client(state, plan, device=device).clone()
     model.view.write(theta)
 
-    def step(t: int, loss_fn: Callable[[], float]) -> list[StepResult]:
+    private = None if dp is None else PrivateSteps(dp, batch_size, state.extra)
+
+    def step(t: int, loss_fn: Callable[[], Any]) -> list[StepResult]:
+        if private is not None:
+            return [zo_step_private(model.view, theta, plan.seeds[t], eps=eps, lr=lr[t],
+                                    weight_decay=weight_decay, losses_fn=loss_fn,
+                                    privatize=private.scalar)]
         if plain:
             return [zo_step(model.view, theta, plan.seeds[t], eps=eps, lr=lr[t],
                             weight_decay=weight_decay, update=update, loss_fn=loss_fn)]
         return zo_multi_step(model.view, theta, plan.seeds[t:t + p], eps=eps, lrs=lr[t:t + p],
                              estimator=estimator, weight_decay=weight_decay, loss_fn=loss_fn)
 
-    return run_steps(state, plan, model, step, batch_size=batch_size, seeds_per_step=p,
-                     on_step=on_step)
+    reply = run_steps(state, plan, model, step, batch_size=batch_size, seeds_per_step=p,
+                      on_step=on_step, dp=private)
+    if private is not None:
+        private.save()  # the generator continues where it stopped (and never leaves)
+    return reply

@@ -38,8 +38,9 @@ the one planned and not yet applied is the caller's bug and raises ValueError.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,8 +155,15 @@ class BaseServer(ABC):
     directions_ok = True
 
     def __init__(self, settings: FedSettings, theta0: torch.Tensor, client_sizes: list[int]):
-        if not client_sizes or min(client_sizes) <= 0:
-            raise ValueError("every client needs at least one example")
+        # the sizes are the FedAvg weights (and a deployed site reports its own): a NaN, a
+        # fraction or a bool would weight the average silently
+        bad = next(((k, n) for k, n in enumerate(client_sizes)
+                    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0),
+                   None)
+        if not client_sizes or bad is not None:
+            raise ValueError("every client needs a positive integer number of examples (" +
+                             ("no clients" if bad is None else f"client {bad[0]}: {bad[1]!r}") +
+                             ")")
         if settings.downlink not in self.downlinks:
             raise ValueError(f"{self.method} needs downlink in {self.downlinks}, "
                              f"got {settings.downlink!r}")
@@ -173,7 +181,8 @@ class BaseServer(ABC):
         self.client_sizes = list(client_sizes)
         self.round = 0  # last completed round
         self.plan: SentPlan | None = None  # the last plan_round's; its round is in progress
-        self.history: dict[int, Aggregate] = {}  # scalar aggregates of past rounds (scalars mode)
+        # scalars mode: the past rounds' aggregates some client may still be sent (pruned)
+        self.history: dict[int, Aggregate] = {}
         self.synced = [0] * len(client_sizes)  # round whose global model each client holds
         self.applied = [0] * len(client_sizes)  # last round each client's reply was applied
         self.catchup_choices: dict[int, str] = {}  # client -> "scalars:N" | "vector", this round
@@ -229,14 +238,39 @@ class BaseServer(ABC):
 
     def _cheaper_sync(self, vector_plan: RoundPlan, k: int) -> RoundPlan:
         """Missed aggregates or the vector, whichever serializes to fewer bytes."""
-        missed = [self.history[r] for r in range(self.synced[k] + 1, vector_plan.round)]
-        scalar_plan = RoundPlan(vector_plan.round, k, vector_plan.seeds, vector_plan.num_steps,
-                                None, missed, vector_plan.applied)
-        if len(missed) <= MAX_CATCHUP and scalar_plan.nbytes() <= vector_plan.nbytes():
+        missed = self._catchup(self.synced[k], vector_plan.round)
+        if missed is not None:
             self.catchup_choices[k] = f"scalars:{len(missed)}"
-            return scalar_plan
+            return RoundPlan(vector_plan.round, k, vector_plan.seeds, vector_plan.num_steps,
+                             None, missed, vector_plan.applied)
         self.catchup_choices[k] = "vector"
         return vector_plan
+
+    def _catchup(self, synced: int, round_idx: int) -> list[Aggregate] | None:
+        """The aggregates a client holding round `synced`'s model misses before `round_idx`, or
+        None when the vector is no more bytes (both plans carry the same seeds and `applied`,
+        so the catch-up is compared with the vector alone), when they exceed MAX_CATCHUP or
+        when they were pruned (`_prune_history`)."""
+        rounds = range(synced + 1, round_idx)
+        if len(rounds) > MAX_CATCHUP or any(r not in self.history for r in rounds):
+            return None
+        missed = [self.history[r] for r in rounds]
+        catchup = RoundPlan(round_idx, 0, [], 0, None, missed).nbytes()
+        return missed if catchup <= RoundPlan(round_idx, 0, [], 0, self.theta).nbytes() else None
+
+    def _prune_history(self) -> None:
+        """Drop the aggregates no client will be sent. A client's catch-up from where it is
+        only grows as rounds pass while the vector's size is fixed, so once the vector is
+        cheaper (or the catch-up exceeds MAX_CATCHUP) it gets the vector until it syncs again:
+        what is older than the oldest catch-up still worth sending can go. This bounds the
+        history, and the checkpoint that holds it, whatever the number of rounds."""
+        keep = self.round + 1
+        for s in sorted(set(self.synced)):  # the slowest client whose catch-up still pays
+            if self._catchup(s, self.round + 1) is not None:
+                keep = s + 1
+                break
+        for r in [r for r in self.history if r < keep]:
+            del self.history[r]
 
     def _planned(self, round_idx: int) -> SentPlan:
         """The kept plan of `round_idx` if that is the round in progress."""
@@ -254,13 +288,16 @@ class BaseServer(ABC):
     def _clip(self, reply: Any, limit: float) -> Any:
         return clip_scalars(reply, limit)
 
-    def screen(self, round_idx: int, replies: list[Any]) -> Screened:
+    def screen(self, round_idx: int, replies: list[Any],
+               sources: Mapping[int, Hashable] | None = None) -> Screened:
         """Which replies the planned round `round_idx` may use, and why not the others;
-        changes nothing. Pass the verdict to `apply`."""
+        changes nothing. Pass the verdict to `apply`. `sources`: client -> who sends its
+        replies (the deployed sites), for the reply bound's median (None: each client)."""
         return screen_replies(
             round_idx, replies, expected_steps=self._planned(round_idx).steps,
             reply_type=self.reply_type, bound=self.bound, magnitude=self._magnitude,
-            clip=self._clip if self.clip_ok else None, vector_size=self.theta.numel())
+            clip=self._clip if self.clip_ok else None, vector_size=self.theta.numel(),
+            sources=sources)
 
     # ---- the update --------------------------------------------------------------------
     def apply(self, round_idx: int, verdict: Screened) -> RoundOutcome:
@@ -277,6 +314,7 @@ class BaseServer(ABC):
             self.synced[r.client_id] = round_idx - 1
             self.applied[r.client_id] = round_idx
         self.round = round_idx
+        self._prune_history()
         return outcome
 
     @abstractmethod
@@ -340,6 +378,7 @@ class BaseServer(ABC):
             self.history[int(h["round"])] = Aggregate(int(h["round"]), list(h["seeds"]),
                                                       coefs[at:at + n].tolist(), float(h["decay"]))
             at += n
+        self._prune_history()  # a checkpoint written before pruning holds every round
 
 
 class MeerkatServer(BaseServer):

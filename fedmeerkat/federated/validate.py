@@ -22,11 +22,17 @@ Checks, in this order (the first that fails is the reason):
      would poison the average; its loss would poison the round's mean loss).
   6. magnitude bound, on m_k = max_t |g_k^t| (vector replies: max |v_k - theta|, the size of
      the client's update):
-       - relative (`reply_bound`, default 100): m_k > reply_bound x median of m over the
-         round's replies that passed 1-5. Robust to any minority of outliers, but with fewer
-         than RELATIVE_MIN_REPLIES (3) such replies a median cannot tell the outlier from the
-         honest client (of two, the median is their mean), so the rule is then skipped; so it
-         is when the median is 0 (nothing to compare to). Off with reply_bound = 0.
+       - relative (`reply_bound`, default 100): m_k > reply_bound x the round's median of m
+         over the replies that passed 1-5, taken over their sources: each source's median,
+         then the median of those. A source is who sends a client's reply (`sources`: client
+         -> source; deployed, its site; None: every client its own, as in process), so one
+         party hosting many clients casts one vote and cannot set the median by itself.
+         Robust to any minority of outlying sources, but with fewer than
+         RELATIVE_MIN_REPLIES (3) sources a median cannot tell the outlier from the honest
+         one (of two, the median is their mean): with exactly two sources each is judged
+         against reply_bound x the OTHER source's median instead (one of two sites cannot
+         poison a round), and with one the rule is skipped; so it is when the median is 0
+         (nothing to compare to). Off with reply_bound = 0.
        - absolute (`reply_bound_abs`, default 0 = off): m_k > reply_bound_abs.
      The limit is the smaller of the active ones. `reply_bound_action = "reject"` (default)
      leaves the client out; "clip" keeps it with every scalar clipped to +-limit (rounded to
@@ -47,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +63,7 @@ import torch
 from fedmeerkat.federated.messages import ClientReply, VectorReply
 
 REPLY_ACTIONS = ("reject", "clip")
-RELATIVE_MIN_REPLIES = 3  # the relative bound needs a median of at least this many replies
+RELATIVE_MIN_REPLIES = 3  # the relative bound needs a median of at least this many sources
 
 
 @dataclass(frozen=True)
@@ -113,12 +119,14 @@ def screen_replies(
     magnitude: Callable[[Any], float],
     clip: Callable[[Any, float], Any] | None,
     vector_size: int | None = None,
+    sources: Mapping[int, Hashable] | None = None,
 ) -> Screened:
     """Which of `replies` round `round_idx` may use (see the module docstring).
 
     `expected_steps`: planned client -> its step count this round. `magnitude(reply)` is m_k,
     `clip(reply, limit)` a clipped copy (None: this method cannot clip, so it rejects).
-    `vector_size`: the trainable vector's length, for vector replies. Pure: never raises on a
+    `vector_size`: the trainable vector's length, for vector replies. `sources`: planned
+    client -> who sends its replies (None: every client its own). Pure: never raises on a
     reply's content and changes nothing."""
     out = Screened()
     by_client: dict[int, list[Any]] = {}
@@ -155,24 +163,40 @@ def screen_replies(
     if not candidates:
         return out
     mags = [float(magnitude(r)) for r in candidates]
+    by_source: dict[Hashable, list[float]] = {}
+    for r, m in zip(candidates, mags, strict=True):
+        by_source.setdefault(r.client_id if sources is None else sources[r.client_id],
+                             []).append(m)
     limits: list[tuple[float, str]] = []
-    if bound.relative and len(candidates) >= RELATIVE_MIN_REPLIES:
-        med = float(np.median(mags))
+    if bound.relative and len(by_source) >= RELATIVE_MIN_REPLIES:
+        # one source, one vote; a single reply's median is that reply's m, so with every
+        # client its own source this is the median over clients, to the bit
+        med = float(np.median([float(np.median(ms)) for ms in by_source.values()]))
         if med > 0:
             limits.append((bound.relative * med,
                            f"{_fmt(bound.relative)} x the round's median {_fmt(med)}"))
     if bound.absolute:
         limits.append((bound.absolute, "reply_bound_abs"))
     limit, why = min(limits) if limits else (math.inf, "")
+    # two sources: their median is their mean, which an outlier drags along; each is judged
+    # against the other's median instead, so one of two sites cannot poison the round
+    pair: dict[Hashable, tuple[float, str]] = {}
+    if bound.relative and len(by_source) == 2:
+        (a, ma), (b, mb) = ((s, float(np.median(ms))) for s, ms in by_source.items())
+        for src, other in ((a, mb), (b, ma)):
+            if other > 0 and bound.relative * other < limit:
+                pair[src] = (bound.relative * other, f"{_fmt(bound.relative)} x the other "
+                                                     f"source's median {_fmt(other)}")
     for r, m in zip(candidates, mags, strict=True):
         k = r.client_id
-        if not m > limit:
+        lim, why_k = pair.get(k if sources is None else sources[k], (limit, why))
+        if not m > lim:
             out.accepted.append(r)
             continue
         note = f"max |{'v - theta' if isinstance(r, VectorReply) else 'g'}| {_fmt(m)} " \
-               f"exceeds {_fmt(limit)} ({why})"
+               f"exceeds {_fmt(lim)} ({why_k})"
         if bound.action == "clip" and clip is not None:
-            out.accepted.append(clip(r, limit))
+            out.accepted.append(clip(r, lim))
             out.clipped[k] = note + "; clipped"
         else:
             out.rejected[k] = note

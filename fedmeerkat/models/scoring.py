@@ -119,6 +119,11 @@ class LabelScorer:
     def loss(self, batch: Batch) -> float:
         return float(F.cross_entropy(self.logits(batch), batch.labels))
 
+    def example_losses(self, batch: Batch) -> np.ndarray:
+        """Each example's cross-entropy (float64), from the same forward as `loss`."""
+        return F.cross_entropy(self.logits(batch), batch.labels,
+                               reduction="none").double().cpu().numpy()
+
     def loss_tensor(self, batch: Batch) -> torch.Tensor:
         """The same loss with the autograd graph kept (first-order baselines)."""
         return F.cross_entropy(self._logits(batch), batch.labels)

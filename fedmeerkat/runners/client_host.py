@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from fedmeerkat.federated import ClientState, FedSettings, LocalModel, RoundPlan, share_copies
+from fedmeerkat.federated.dp import DPSettings
 from fedmeerkat.federated.registry import Method
 from fedmeerkat.zo import StepResult
 
@@ -19,8 +20,10 @@ from fedmeerkat.zo import StepResult
 class ClientHost:
     def __init__(self, method: Method, method_settings, settings: FedSettings, model: LocalModel,
                  states: dict[int, ClientState],
-                 on_step: Callable[[StepResult], object] | None = None):
+                 on_step: Callable[[StepResult], object] | None = None,
+                 dp: DPSettings | None = None):
         self.routine = method.client(method_settings)
+        self.dp = dp  # differentially private scalars (federated/dp.py); config.py checks
         self.settings = settings
         self.model = model
         self.states = states
@@ -41,6 +44,8 @@ class ClientHost:
         # others), so routines of one direction a step need not take them
         directions = ({"perturbations": s.perturbations, "estimator": s.estimator}
                       if s.perturbations != 1 or s.estimator != "two-point" else {})
+        if self.dp is not None:
+            directions["dp"] = self.dp
         reply = self.routine(state, plan, self.model, eps=s.eps,
                              lr=s.lrs(plan.round, len(plan.seeds)), batch_size=s.batch_size,
                              weight_decay=s.weight_decay, on_step=self.on_step, **directions)

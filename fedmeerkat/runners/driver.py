@@ -63,6 +63,11 @@ class PlanBytes(Mapping[int, bytes]):
 
 
 class Transport(Protocol):
+    """Moves bytes. A transport whose clients' replies come through fewer parties than
+    clients (the deployed sites) also has `sources`, client -> its party: the screen's reply
+    bound then counts each party once (federated/validate.py); without it every client is
+    its own."""
+
     def exchange(self, round_idx: int, plans: Mapping[int, bytes],
                  deadline: float | None) -> dict[int, bytes]:
         """Deliver plans (client id -> plan bytes); return the reply bytes that arrived by
@@ -118,7 +123,8 @@ class RoundDriver:
             sizes[k] = [len(got[k]), blobs.plans[k].nbytes()]  # nbytes == len(to_bytes())
             replies.append(reply)  # the server screens the rest (federated/validate.py)
         missing = sorted(set(blobs) - set(got))
-        return sizes, rejected, missing, self.server.screen(r, replies)
+        return sizes, rejected, missing, self.server.screen(
+            r, replies, getattr(self.transport, "sources", None))
 
     def run_round(self, r: int) -> dict[str, Any]:
         failed: list[dict[str, Any]] = []
@@ -180,7 +186,11 @@ class RoundDriver:
         if outcome.extra.get("log"):  # a method's one-line note (e.g. Meerkat-VP's flags)
             self.log(f"round {r}: {outcome.extra['log']}")
         result = self.evaluate(r)
-        if result is not None:
+        if result is not None and result.get("test_accuracy") is None:
+            record.update(result)  # a deployed evaluation no site could give: the run goes on
+            self.log(f"round {r}: train loss {outcome.train_loss:.4f}, no evaluation (test "
+                     "metrics missing)")
+        elif result is not None:
             record.update(result)
             self.log(f"round {r}: train loss {outcome.train_loss:.4f}, test accuracy "
                      f"{result['test_accuracy']:.4f} (predicted share "

@@ -97,6 +97,12 @@ EVAL_KEYS = ("test_accuracy", "test_loss", "predicted_share", "test_examples", "
              "val_loss", "val_examples", *(f"{s}_{k}" for s in SPLITS for k in THRESHOLD_FREE))
 
 
+def no_evaluation() -> dict[str, Any]:
+    """The entries of an evaluation that could not be made (a deployed run whose evaluating
+    sites all failed to answer usably): every metric None, as in a round not evaluated."""
+    return dict.fromkeys(EVAL_KEYS)
+
+
 def evaluated_part(rec: dict[str, Any]) -> dict[str, Any]:
     """The evaluation entries of a metrics line (older run folders lack some: None)."""
     return {k: rec.get(k) for k in EVAL_KEYS}
@@ -111,6 +117,8 @@ def eval_from_record(rec: dict[str, Any], n: int) -> EvalResult:
 
 def format_evaluation(rec: dict[str, Any]) -> str:
     """'test accuracy 0.586 (predicted share 0.02/0.98; AUC ...); validation AUC ...'"""
+    if rec.get("test_accuracy") is None:
+        return "no evaluation (test metrics missing)"
     text = (f"test accuracy {rec['test_accuracy']:.4f} (predicted share "
             f"{_fmt(rec['predicted_share'] or [])}; {format_metrics(rec)})")
     if rec.get("val_accuracy") is not None:
@@ -152,6 +160,8 @@ def gain_verdict(initial: dict[str, Any], final: dict[str, Any]) -> str:
     """One line: is the change from the untrained model learning or recalibration? Learning
     raises the threshold-free test metric (ROC-AUC / macro-F1, primary_metric); recalibration
     raises accuracy alone (a shift of the label bias), which they do not see."""
+    if initial.get("test_accuracy") is None or final.get("test_accuracy") is None:
+        return "no evaluation of the initial or the final model: no verdict"
     a, b = primary_metric(initial, "test"), primary_metric(final, "test")
     d_acc = final["test_accuracy"] - initial["test_accuracy"]
     if a is None or b is None:

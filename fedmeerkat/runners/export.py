@@ -221,6 +221,13 @@ def read_delta(path: Path) -> Delta:
         if isinstance(e, ExportError):
             raise
         raise ExportError(f"{path} is not a fedmeerkat delta ({type(e).__name__})") from None
+    for name, idx, vals in zip(names, indices, values, strict=True):
+        if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise ExportError(f"{path}: delta tensor {name!r}: indices must be a 1-D integer "
+                              "array")
+        if vals.shape != idx.shape:
+            raise ExportError(f"{path}: delta tensor {name!r}: {vals.numel()} values for "
+                              f"{idx.numel()} indices")
     return Delta(names, indices, values, meta)
 
 
@@ -239,8 +246,13 @@ def check_base(delta: Delta, model, fingerprint: Mapping[str, Any]) -> None:
     params = dict(model.named_parameters())
     for name, idx in zip(delta.names, delta.indices, strict=True):
         p = params.get(name)
-        if p is None or (idx.numel() and int(idx.max()) >= p.numel()):
+        if p is None:
             raise DeltaMismatchError(f"delta tensor {name!r} does not fit this model")
+        # a negative index would write from the tensor's end, or make index_copy_ raise
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
+            raise DeltaMismatchError(f"delta tensor {name!r}: indices {int(idx.min())}.."
+                                     f"{int(idx.max())} outside 0..{p.numel() - 1} of this "
+                                     "model's tensor")
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ server (server-side evaluation) and every deployed site.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,12 @@ from fedmeerkat.config import RunConfig
 from fedmeerkat.data.partition import label_histogram, partition
 from fedmeerkat.data.pointer import ClientDataPointer
 from fedmeerkat.federated import ClientState, FedSettings
+from fedmeerkat.federated.dp import (
+    DPSettings,
+    PrivacyLedger,
+    sampling_rate,
+    solve_noise_multiplier,
+)
 from fedmeerkat.models.loading import load_model
 from fedmeerkat.models.scoring import LabelScorer, encode_prompts
 from fedmeerkat.options import InputError
@@ -61,6 +68,11 @@ class SharedModel:
         p = self.prep
         batch = p.scorer.collate([p.train_ids[i] for i in example_ids], p.train_labels[example_ids])
         return p.scorer.loss(batch)
+
+    def example_losses(self, example_ids: np.ndarray) -> np.ndarray:
+        p = self.prep
+        batch = p.scorer.collate([p.train_ids[i] for i in example_ids], p.train_labels[example_ids])
+        return p.scorer.example_losses(batch)
 
     def loss_tensor(self, example_ids: np.ndarray) -> torch.Tensor:
         """The same loss with its autograd graph (fedavg-backprop)."""
@@ -190,3 +202,32 @@ def client_state(cfg: RunConfig, client_id: int, example_ids: np.ndarray,
                        ClientDataPointer(len(example_ids), seed=mix(cfg.seed, DATA_ORDER,
                                                                     client_id)),
                        theta if cfg.downlink == "scalars" else None)
+
+
+def dp_of(cfg: RunConfig) -> DPSettings | None:
+    """The run's differential privacy (federated/dp.py), None when dp_clip = 0."""
+    if cfg.dp_clip <= 0:
+        return None
+    return DPSettings(cfg.dp_clip, cfg.dp_noise_multiplier, cfg.dp_delta, cfg.dp_epsilon)
+
+
+def with_solved_noise(cfg: RunConfig, client_sizes: list[int]) -> RunConfig:
+    """dp_epsilon without dp_noise_multiplier: the sigma that keeps every client within the
+    budget even if it takes part in every round (the largest over the clients' sizes: each
+    has its sampling rate and, with dp_delta = 0, its delta 1/n), solved by dp-accounting. The
+    caller writes it to config.toml, so a resumed run (or one resumed with a larger budget)
+    keeps it."""
+    if cfg.dp_clip <= 0 or cfg.dp_noise_multiplier > 0:
+        return cfg
+    steps = cfg.rounds * cfg.local_steps
+    sigma = max(solve_noise_multiplier(sampling_rate(cfg.batch_size, n), steps, cfg.dp_epsilon,
+                                       cfg.dp_delta or 1.0 / n) for n in set(client_sizes))
+    log(f"dp: noise multiplier {sigma:.4f} keeps every client's epsilon <= {cfg.dp_epsilon:g} "
+        f"for {steps} steps")
+    return dataclasses.replace(cfg, dp_noise_multiplier=sigma)
+
+
+def ledger_of(cfg: RunConfig, client_sizes: list[int]) -> PrivacyLedger | None:
+    """The server's count of each client's private steps (None without DP)."""
+    dp = dp_of(cfg)
+    return None if dp is None else PrivacyLedger(dp, cfg.batch_size, list(client_sizes))

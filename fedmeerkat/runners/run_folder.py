@@ -13,6 +13,8 @@
     summary.json              (`write_json_atomic`); accuracy.png is drawn by report.plot_run
     server.log                the deployed server's log; site_state/SITE a site's snapshots;
                               flare_job/ the job `fedmeerkat deploy submit` exported
+    .lock                     locked (flock) by the one process writing the folder
+                              (`RunFolder.locked`); it holds that process's id
 
 Writes go to a temp file, are fsynced and renamed, so a crash leaves the previous file whole.
 Only safetensors and JSON/TOML are read: no pickle.
@@ -20,21 +22,23 @@ Only safetensors and JSON/TOML are read: no pickle.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
 import math
 import os
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fedmeerkat.config import ConfigError, RunConfig, build_config, parse_overrides
@@ -118,8 +122,10 @@ SUMMARY = "summary.json"
 PLOT = "accuracy.png"
 SERVER_LOG = "server.log"
 SITE_STATE = "site_state"
+DP_LEDGER = "dp_ledger.json"  # the steps each client ran under DP (federated/dp.py)
 FLARE_JOB = "flare_job"  # the exported FLARE job of `fedmeerkat deploy submit`
 TRAJECTORIES = "trajectories"
+LOCK = ".lock"
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -176,16 +182,18 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
 CHECKPOINT = "checkpoint.safetensors"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.safetensors"  # the one before: used if the last is bad
 # 3: a sha256 checksum of tensors and state, and the trainable space's digest, in the metadata.
-# 2 (no checksum; never released) still loads, unverified: its tensors and state are those of
-# 3, so refusing it would only throw away runs in progress. 1 (a copy per client) is refused.
+# Every other version is refused like a damaged file (the previous checkpoint is tried): 2 (no
+# checksum; never released) would load unverified, and one flipped bit turns "3" into "2";
+# 1 (a copy per client) predates portable z, so its run cannot continue bit-identically.
 CHECKPOINT_VERSION = "3"
-_UNVERIFIED_VERSIONS = ("2",)
 # Keys a resumed run may change: they do not alter what the finished rounds computed.
 # z and every update are bit-identical on any device, so the devices may change too.
 # How long a round waits and how many replies it needs decide whether a round is applied, not
 # what an applied round computes, so a run stopped for want of replies may resume with others.
+# A larger privacy budget (dp_epsilon) changes when the run stops, not what a round computes
+# (sigma is fixed in config.toml when the run starts).
 RESUMABLE_KEYS = ("rounds", "eval_every", "eval_batch_size", "threads", "device", "server_device",
-                  "round_timeout", "min_clients", "round_retries")
+                  "round_timeout", "min_clients", "round_retries", "dp_epsilon")
 
 
 class CheckpointError(InputError):
@@ -194,6 +202,14 @@ class CheckpointError(InputError):
 
 class CheckpointMismatchError(InputError):
     """A sound checkpoint that belongs to another run (another trainable space or model)."""
+
+
+class CheckpointWriteError(InputError):
+    """A checkpoint could not be written (a full disk): the last one is left as it was."""
+
+
+class RunFolderBusy(InputError):
+    """Another writer (a run, a resume, a deployed server) holds the run folder's lock."""
 
 
 def space_digest(space: SparseMask | DenseSpace) -> str:
@@ -208,10 +224,11 @@ def space_digest(space: SparseMask | DenseSpace) -> str:
     return h.hexdigest()
 
 
-def _checksum(tensors: dict[str, torch.Tensor], version: str, state: str, space: str) -> str:
-    """sha256 over every tensor (name, dtype, shape, bytes, in name order) and the metadata."""
+def checksum(tensors: dict[str, torch.Tensor], *header: str) -> str:
+    """sha256 over the `header` strings and every tensor (name, dtype, shape, bytes, in name
+    order): a checkpoint's (version, state, space) or a site snapshot's."""
     h = hashlib.sha256()
-    h.update(json.dumps([version, state, space]).encode())
+    h.update(json.dumps(list(header)).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
@@ -235,18 +252,25 @@ def save_checkpoint(out: Path, server: BaseServer, states: list[ClientState],
             "clients": [{"pointer": s.pointer.state_dict(), "synced": s.synced} for s in states]}
     state = json.dumps(meta)
     tmp = out / (CHECKPOINT + ".tmp")
-    save_file(tensors, str(tmp), metadata={
-        "version": CHECKPOINT_VERSION, "state": state, "space": space,
-        "sha256": _checksum(tensors, CHECKPOINT_VERSION, state, space)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        save_file(tensors, str(tmp), metadata={
+            "version": CHECKPOINT_VERSION, "state": state, "space": space,
+            "sha256": checksum(tensors, CHECKPOINT_VERSION, state, space)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (OSError, SafetensorError) as e:  # a full disk: safetensors reports it as its own
+        tmp.unlink(missing_ok=True)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointWriteError(f"{out}: writing {CHECKPOINT} failed ({first}); the last "
+                                   "checkpoint is unchanged") from None
     if (out / CHECKPOINT).is_file():
         os.replace(out / CHECKPOINT, out / PREVIOUS_CHECKPOINT)
     os.replace(tmp, out / CHECKPOINT)
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (the directory entry, not only the file)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # platforms without directory fds
@@ -270,20 +294,16 @@ def read_checkpoint(path: Path, space: str = "") -> tuple[dict[str, torch.Tensor
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path.name} is unreadable ({first})") from None
     version = meta_raw.get("version")
-    if version != CHECKPOINT_VERSION and version not in _UNVERIFIED_VERSIONS:
-        # version 1 (a copy per client) never shipped in a release and predates portable z:
-        # a run it started cannot continue bit-identically, so it is refused, not converted
+    if version != CHECKPOINT_VERSION:  # see CHECKPOINT_VERSION
+        raise CheckpointError(f"{path.name} has checkpoint version {version!r}, this "
+                              f"fedmeerkat reads version {CHECKPOINT_VERSION} only")
+    want = checksum(tensors, version, meta_raw.get("state", ""), meta_raw.get("space", ""))
+    if meta_raw.get("sha256") != want:
+        raise CheckpointError(f"{path.name} fails its checksum (corrupt)")
+    if space and meta_raw.get("space") != space:
         raise CheckpointMismatchError(
-            f"{path}: checkpoint version {version!r}, this fedmeerkat reads version "
-            f"{CHECKPOINT_VERSION}; start the run again")
-    if version == CHECKPOINT_VERSION:
-        want = _checksum(tensors, version, meta_raw.get("state", ""), meta_raw.get("space", ""))
-        if meta_raw.get("sha256") != want:
-            raise CheckpointError(f"{path.name} fails its checksum (corrupt)")
-        if space and meta_raw.get("space") != space:
-            raise CheckpointMismatchError(
-                f"{path}: checkpoint was made for another trainable space or model than this "
-                "run folder's mask.safetensors; it cannot continue this run")
+            f"{path}: checkpoint was made for another trainable space or model than this "
+            "run folder's mask.safetensors; it cannot continue this run")
     try:
         state = json.loads(meta_raw["state"])
     except (KeyError, json.JSONDecodeError):
@@ -458,6 +478,27 @@ class RunFolder:
     def holds_config_only(self) -> bool:
         """Nothing ran yet (a run that failed on its input): the folder can go."""
         return [p.name for p in self.path.iterdir()] == [CONFIG]
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock for the block: a second writer, in another process or this
+        one (flock holds per open file description), gets RunFolderBusy instead of writing
+        checkpoints and metrics.jsonl interleaved with the first. The OS drops the lock when
+        its holder exits, however it ends, so a crashed run leaves none behind."""
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                raise RunFolderBusy(f"run folder {self.path} is in use by another writer"
+                                    + (f" (process {pid})" if pid else "")
+                                    + "; wait for it to end or stop it") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
 
     # ---- writing ---------------------------------------------------------------------------
     def write_config(self, cfg: RunConfig) -> None:

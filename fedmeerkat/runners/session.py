@@ -1,9 +1,10 @@
 """One run session for every transport: the top of `fedmeerkat run` and of the deployed server.
 
     session = Session(cfg, folder, server, transport, evaluator, states, space)
-    session.open(resume)          # round 0 (evaluated, checkpointed) or the last checkpoint
-    session.train()               # the round driver with the run folder's hooks
-    summary = session.finish()    # final_state.safetensors and summary.json
+    with folder.locked():             # one writer per run folder (RunFolder.locked)
+        session.open(resume)          # round 0 (evaluated, checkpointed) or the last checkpoint
+        session.train()               # the round driver with the run folder's hooks
+        summary = session.finish()    # final_state.safetensors and summary.json
 
 A session owns the run folder's life (metrics.jsonl, checkpoints, trajectories, the final
 state, summary.json), the evaluation cadence (`eval_every`, always the last round) behind one
@@ -23,6 +24,7 @@ from typing import Any
 
 from fedmeerkat.config import RunConfig
 from fedmeerkat.federated import BaseServer, ClientState, RoundPlan
+from fedmeerkat.federated.dp import BudgetExhausted, PrivacyLedger
 from fedmeerkat.options import InputError
 from fedmeerkat.runners.driver import RoundDriver, RoundFailed, Transport
 from fedmeerkat.runners.evaluation import (
@@ -33,7 +35,7 @@ from fedmeerkat.runners.evaluation import (
     gain_verdict,
     summary_metrics,
 )
-from fedmeerkat.runners.run_folder import SUMMARY, RunFolder, space_digest
+from fedmeerkat.runners.run_folder import DP_LEDGER, SUMMARY, RunFolder, space_digest
 
 
 def _stderr(msg: str) -> None:
@@ -54,6 +56,7 @@ class Session:
     record_extra: Callable[[], dict[str, Any]] = dict  # more entries of a round's line
     round_log: bool = False  # one line per round (the deployed server's log)
     resume_hint: str = ""  # how to continue after a failed round, added to its error
+    ledger: PrivacyLedger | None = None  # DP runs: the steps each client ran (federated/dp.py)
     started: float = field(default_factory=time.time)
     initial: dict[str, Any] = field(default_factory=dict)  # round 0's evaluation
     last: dict[str, Any] = field(default_factory=dict)  # the latest evaluation
@@ -84,19 +87,23 @@ class Session:
         cfg = self.cfg
         driver = RoundDriver(self.server, self.transport,
                              append_metrics=lambda rec: self.folder.metrics.append(
-                                 {**rec, **self.record_extra()}),
+                                 {**rec, **self.record_extra(), **self._privacy()}),
                              save_arrays=self.folder.save_trajectories,
                              checkpoint=lambda: self.folder.save_checkpoint(
                                  self.server, self.states, self.digest),
                              evaluate=self._evaluate_due, log=self.log,
                              round_timeout=cfg.round_timeout, min_clients=cfg.min_clients,
-                             round_retries=cfg.round_retries, on_plans=self.on_plans)
+                             round_retries=cfg.round_retries, on_plans=self._planned)
         try:
             for r in range(self.server.round + 1, cfg.rounds + 1):
                 record = driver.run_round(r)
                 if self.round_log:
                     self.log(f"round {r}: train loss {record['train_loss']:.4f}, "
                              f"{len(record['bytes'])} replies")
+        except BudgetExhausted as e:
+            raise RoundFailed(f"{e}; {self.folder} holds round {self.server.round}: continue "
+                              f"with {self.resume_hint or 'a resume'} and a larger "
+                              "dp_epsilon=") from None
         except RoundFailed as e:
             if not self.resume_hint:
                 raise
@@ -135,6 +142,7 @@ class Session:
             "bytes_note": "per participating client per round, mean; from the serialized "
                           "messages",
             **(extra or {}),
+            **self._privacy_summary(),
             "wall_seconds": round(time.time() - self.started, 1),
             "out": str(self.folder),
             **server.summary_extra(),
@@ -144,17 +152,46 @@ class Session:
 
     def run(self, resume: bool, initial: dict[str, Any] | None = None,
             extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        self.open(resume, initial)
-        self.train()
-        return self.finish(extra)
+        """The three steps under the folder's lock. A resumed run writes nothing before them,
+        and a new run's folder was claimed by its own process, so a second writer is refused
+        before it writes anything."""
+        with self.folder.locked():
+            self.open(resume, initial)
+            self.train()
+            return self.finish(extra)
 
     # ---- helpers -----------------------------------------------------------------------
     def _evaluate_due(self, r: int) -> dict[str, Any] | None:
         cfg = self.cfg
         if not (r == cfg.rounds or (cfg.eval_every and r % cfg.eval_every == 0)):
             return None
-        self.last = self.evaluate(self.server.theta)
-        return self.last  # the driver logs it
+        result = self.evaluate(self.server.theta)
+        if result.get("test_accuracy") is not None:  # a missing one keeps the last good one
+            self.last = result
+        return result  # the driver logs it
+
+    def _planned(self, plans: list[RoundPlan]) -> None:
+        """Before a round's plans go out: a DP run counts their steps against each client's
+        budget (and refuses the round if one would exceed it), kept on disk at once."""
+        if self.ledger is not None:
+            self.ledger.charge({p.client_id: p.num_steps for p in plans})
+            self.folder.write_json(DP_LEDGER, {"steps": {str(k): v for k, v in
+                                                         sorted(self.ledger.steps.items())}})
+        self.on_plans(plans)
+
+    def _privacy(self) -> dict[str, Any]:
+        return {} if self.ledger is None else {"dp_epsilon": self.ledger.spent()}
+
+    def _privacy_summary(self) -> dict[str, Any]:
+        if self.ledger is None:
+            return {}
+        spent, dp = self.ledger.spent(), self.ledger.settings
+        return {"dp": {"clip": dp.clip, "noise_multiplier": dp.noise_multiplier,
+                       "delta": dp.delta or "1/n per client", "budget": dp.epsilon or None,
+                       "sampling": "Poisson, q = batch_size / n per client",
+                       "accountant": "dp-accounting RDP (add or remove one example)",
+                       "epsilon_spent": spent,
+                       "epsilon_spent_max": max(spent.values(), default=0.0)}}
 
     def _restore(self) -> None:
         self.folder.load_checkpoint(self.server, self.states, self.digest, log=self.log)
@@ -165,6 +202,11 @@ class Session:
             raise InputError(f"{self.folder}/metrics.jsonl lacks round 0; the run cannot be "
                              "resumed")
         self.folder.metrics.rewrite(records)
+        if self.ledger is not None and self.folder.file(DP_LEDGER).is_file():
+            # every step ever planned counts, the re-run round's included (conservative)
+            self.ledger.steps = {int(k): int(v) for k, v in
+                                 self.folder.read_json(DP_LEDGER)["steps"].items()}
         self.initial = evaluated_part(records[0])
-        self.last = evaluated_part([r for r in records if r.get("test_accuracy") is not None][-1])
+        evaluated = [r for r in records if r.get("test_accuracy") is not None]
+        self.last = evaluated_part(evaluated[-1] if evaluated else records[0])
         self.log(f"resuming {self.folder} after round {self.server.round} of {self.cfg.rounds}")

@@ -32,12 +32,15 @@ from fedmeerkat.runners.prepare import (
     SharedModel,
     class_names,
     client_state,
+    dp_of,
     get_mask,
+    ledger_of,
     log,
     partition_record,
     prepare,
     settings_of,
     split_clients,
+    with_solved_noise,
 )
 from fedmeerkat.runners.run_folder import PARTITION, RunFolder
 from fedmeerkat.runners.session import Session
@@ -67,6 +70,9 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
     theta0 = space.view.gather()
     if cfg.lr_auto and not resume:
         cfg = pick_lr(cfg, prep, space.view, theta0, folder)
+    if not resume and cfg.dp_clip > 0 and cfg.dp_noise_multiplier == 0:
+        cfg = with_solved_noise(cfg, [len(p) for p in parts])
+        folder.write_config(cfg)  # the sigma dp_epsilon asks for, kept for resumes
     _warn_eps(prep, theta0, cfg.eps)
     shared0 = theta0.clone() if cfg.downlink == "scalars" else None  # one copy for all
     states = [client_state(cfg, k, p, shared0) for k, p in enumerate(parts)]
@@ -77,11 +83,12 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
     progress = Progress(server, cfg.rounds, quiet)
     host = ClientHost(get_method(cfg.method), cfg.method_settings, server.settings,
                       SharedModel(prep, space.view), {s.client_id: s for s in states},
-                      progress.on_step)
+                      progress.on_step, dp=dp_of(cfg))
     evaluator = LocalEvaluator(prep, space.view, cfg.eval_batch_size)
     session = Session(cfg, folder, server, InProcessTransport(host), evaluator, states,
                       space.mask, log=progress.write, on_plans=progress.on_plans,
-                      resume_hint=f"`fedmeerkat run --resume {folder}`", started=started)
+                      resume_hint=f"`fedmeerkat run --resume {folder}`", started=started,
+                      ledger=ledger_of(cfg, [s.num_samples for s in states]))
     progress.session = session
     try:
         with z_cache(cfg.z_cache_mb << 20):  # full-fedzo only: see zo.dense.z_cache

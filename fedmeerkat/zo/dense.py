@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedmeerkat.zo.mask import MaskFileError, MaskMismatchError, check_shape
 from fedmeerkat.zo.perturb import draw_z, sgd_update, to_float32
 from fedmeerkat.zo.seeds import mix
 from fedmeerkat.zo.step import StepResult
@@ -133,19 +134,32 @@ class DenseSpace:
 
     @classmethod
     def load(cls, path: str | Path) -> DenseSpace:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+        """The space a file describes; MaskFileError (one line) for any file that is not."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+        except Exception as e:  # missing, truncated, not safetensors (SafetensorError)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise MaskFileError(f"{path}: not a readable space file ({first})") from None
         if meta.pop("format_version", None) != DENSE_FORMAT:
-            raise ValueError(f"{path}: not a dense space file")
-        names, shapes = json.loads(meta.pop("names")), json.loads(meta.pop("shapes"))
-        return cls(names, [tuple(s) for s in shapes], meta)
+            raise MaskFileError(f"{path}: not a dense space file")
+        try:
+            names, shapes = json.loads(meta.pop("names")), json.loads(meta.pop("shapes"))
+        except (KeyError, json.JSONDecodeError):
+            raise MaskFileError(f"{path}: no readable names and shapes in its metadata") from None
+        if (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+                or len(set(names)) != len(names)):
+            raise MaskFileError(f"{path}: names must be a list of distinct tensor names")
+        if not isinstance(shapes, list) or len(shapes) != len(names):
+            raise MaskFileError(f"{path}: {len(names)} names, but shapes is not a list of "
+                                f"{len(names)}")
+        return cls(names, [check_shape(f"{path}: tensor {n!r}", s)
+                           for n, s in zip(names, shapes, strict=True)], meta)
 
     def check_model(self, params: Mapping[str, torch.Tensor], fingerprint=None) -> None:
         for name, shape in zip(self.names, self.shapes, strict=True):
             p = params.get(name)
             if p is None or tuple(p.shape) != tuple(shape):
-                from fedmeerkat.zo.mask import MaskMismatchError
-
                 raise MaskMismatchError(f"parameter {name!r} {shape} is not in this model")
 
 

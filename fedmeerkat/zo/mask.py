@@ -9,6 +9,7 @@ The mask file is safetensors: `idx::<name>` int64 indices and, when calibration 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from fedmeerkat.options import InputError
 
 MASK_FORMAT_VERSION = "1"
+MAX_NUMEL = 2**63 - 1  # torch sizes and indices are int64
 
 # Default eligibility: 2-D weight matrices inside the decoder blocks. Embeddings, norms and the
 # LM head are excluded (several target models tie the LM head to the embeddings, and the paper's
@@ -34,6 +36,18 @@ class MaskMismatchError(InputError):
 
 class MaskFileError(InputError):
     """A mask file that cannot be read or whose indices do not describe a mask."""
+
+
+def check_shape(what: str, shape: object) -> tuple[int, ...]:
+    """A tensor shape read from a file (`what` names the tensor in the error): sizes must be
+    integers >= 0 with an int64 product; torch.Size overflows or silently wraps beyond it."""
+    if (not isinstance(shape, list | tuple)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_NUMEL
+                       for d in shape)
+            or math.prod(shape) > MAX_NUMEL):
+        raise MaskFileError(f"{what}: {shape!r} is no tensor shape (sizes must be integers "
+                            f">= 0, at most 2**63 - 1 elements in all)")
+    return tuple(shape)
 
 
 def check_indices(name: str, idx: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -130,11 +144,14 @@ class SparseMask:
                     raise MaskFileError(f"{path}: not a fedmeerkat mask file (format "
                                         f"{meta.get('format_version')})")
                 names = json.loads(meta.pop("names"))
-                shapes = [tuple(int(d) for d in s) for s in json.loads(meta.pop("shapes"))]
+                shapes = json.loads(meta.pop("shapes"))
                 keys = set(f.keys())
                 missing = [n for n in names if f"idx::{n}" not in keys]
-                if missing or len(shapes) != len(names) or len(set(names)) != len(names):
+                if (missing or not isinstance(shapes, list) or len(shapes) != len(names)
+                        or len(set(names)) != len(names)):
                     raise MaskFileError(f"{path}: names, shapes and index tensors disagree")
+                shapes = [check_shape(f"{path}: tensor {n!r}", s)
+                          for n, s in zip(names, shapes, strict=True)]
                 indices = [f.get_tensor(f"idx::{n}") for n in names]
                 grads = [f.get_tensor(f"grad::{n}") for n in names if f"grad::{n}" in keys]
         except MaskFileError:

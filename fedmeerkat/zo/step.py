@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fedmeerkat.zo.perturb import draw_z, sgd_update, to_float32
@@ -62,6 +63,34 @@ def zo_step(
         update(theta, z, g, lr)
     view.write(theta)
     return StepResult(g=g, loss_plus=loss_plus, loss_minus=loss_minus)
+
+
+@torch.no_grad()
+def zo_step_private(
+    view: SparseView,
+    theta: torch.Tensor,
+    seed: int,
+    *,
+    eps: float,
+    lr: float,
+    losses_fn: Callable[[], np.ndarray],
+    privatize: Callable[[np.ndarray], float],
+    weight_decay: float = 0.0,
+) -> StepResult:
+    """`zo_step` with per-example losses: the same two forwards give each example's
+    difference d_i = (f_i(theta+eps z) - f_i(theta-eps z)) / 2eps, and `privatize(d)` makes the
+    step's scalar (federated/dp.py: clip, sum, secret noise, / expected batch). `losses_fn`
+    returns the per-example losses of the batch the caller fixed (empty: no forward, loss 0)."""
+    z = draw_z(seed, theta.numel(), device=theta.device)
+    view.write(theta + eps * z)
+    plus = np.asarray(losses_fn(), dtype=np.float64)
+    view.write(theta - eps * z)
+    minus = np.asarray(losses_fn(), dtype=np.float64)
+    g = to_float32(privatize((plus - minus) / (2.0 * eps)))
+    sgd_update(theta, z, g, lr, weight_decay)
+    view.write(theta)
+    return StepResult(g=g, loss_plus=float(plus.mean()) if plus.size else 0.0,
+                      loss_minus=float(minus.mean()) if minus.size else 0.0)
 
 
 ESTIMATORS = ("two-point", "one-sided")

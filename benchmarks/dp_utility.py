@@ -1,0 +1,136 @@
+"""What differential privacy of the scalars costs: test ROC-AUC at epsilon in {inf, 8, 3, 1}.
+
+    python benchmarks/dp_utility.py [--only GROUP ...]
+
+The recipe is the learning benchmark's pick with the forward in bf16 (benchmarks/learning.py:
+lr 1e-4, 600 forwards of 16, its mask and validation split); its rt-central-bf16 runs are the
+non-private centralized reference and are read back, not re-run. Every run is an ordinary
+simulation under the learning benchmark's resumable runner (runs/dp_utility/<group>/<name>):
+stop it at any time and run the same command again. delta = 1/n per client (dp_delta = 0);
+sigma is solved by dp-accounting for each run's budget (config.toml keeps it).
+
+Groups, in the order they run:
+  clip      C in {1, 10, 100} at epsilon 8, centralized, seed 0: C is picked on validation
+            (the best validation gain; ties to the smaller C), never on test;
+  central   the picked C at epsilon 8, 3 and 1, seeds 0, 1, 2 (test reported);
+  k10       K = 10 Dirichlet clients (alpha 0.5, Flower's convention), one per round, 30 rounds
+            of 10 steps (the learning benchmark's federated setting), at epsilon inf, 8, 3, 1,
+            seeds 0, 1, 2.
+Target (the privacy issue): at epsilon 8 each setting keeps at least 70% of the non-private
+test ROC-AUC gain (median over seeds).
+
+Output: benchmarks/results/dp_utility.json (every run's curve and spent epsilon, the pick, the
+targets, command, versions, machine) and docs/dp_utility.md from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import write_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import learning  # noqa: E402
+
+RUNS = learning.ROOT / "runs" / "dp_utility"
+PICK = {**learning.CENTRAL, **learning.ZO_300, **learning.BF16, "lr": 1e-4}  # learning.json
+K10 = {"clients": 10, "partition": "dirichlet", "alpha": 0.5, "clients_per_round": 1,
+       "rounds": 30, "local_steps": 10, "eval_every": 10}
+EPSILONS = (8.0, 3.0, 1.0)
+CLIPS = (1.0, 10.0, 100.0)
+
+
+def dp(eps: float, clip: float) -> dict[str, Any]:
+    return {"dp_clip": clip, "dp_epsilon": eps}
+
+
+def plan(clip: float | None) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    out = {"clip": [(f"eps8-clip{c:g}-seed0", {**PICK, **dp(8.0, c), "seed": 0}) for c in CLIPS]}
+    if clip is not None:
+        out["central"] = [(f"eps{e:g}-clip{clip:g}-seed{s}", {**PICK, **dp(e, clip), "seed": s})
+                          for e in EPSILONS for s in learning.SEEDS]
+        out["k10"] = [(f"k10-eps{e:g}-clip{clip:g}-seed{s}" if e else f"k10-epsinf-seed{s}",
+                       {**PICK, **K10, **(dp(e, clip) if e else {}), "seed": s})
+                      for e in (0.0, *EPSILONS) for s in learning.SEEDS]
+    return out
+
+
+def picked_clip(recs: list[dict[str, Any]]) -> float | None:
+    if len(recs) < len(CLIPS):
+        return None
+    best = max(zip(CLIPS, recs, strict=True), key=lambda cr: (learning.val_gain(cr[1]), -cr[0]))
+    return best[0]
+
+
+def median(xs: list[float]) -> float | None:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+def judge(groups: dict[str, Any], reference: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median test ROC-AUC gain per epsilon and its share of the non-private gain."""
+    out: dict[str, Any] = {}
+    for name, inf in (("central", reference),
+                      ("k10", [r for r in groups.get("k10", []) if "epsinf" in r["run"]])):
+        base = median([learning.primary_gain(r) for r in inf])
+        rows = {}
+        for e in EPSILONS:
+            runs = [r for r in groups.get(name, []) if f"-eps{e:g}-" in r["run"]]
+            gain = median([learning.primary_gain(r) for r in runs])
+            rows[f"{e:g}"] = {"seeds": len(runs), "median_test_auc_gain": gain,
+                              "share_of_non_private": (gain / base if gain is not None and base
+                                                       else None)}
+        out[name] = {"non_private_median_gain": base, "by_epsilon": rows,
+                     "at_least_70_percent_at_8": (rows["8"]["share_of_non_private"] or 0) >= 0.7
+                     if rows["8"]["seeds"] == 3 else None}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    started = time.time()
+    bench = learning.Bench(threads=0, runs=RUNS)
+    reference = [bench.read(learning.RUNS / "rt-central-bf16" / f"zo-lr1e-4-bf16-seed{s}")
+                 for s in learning.SEEDS]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    clip = None
+    for group in ("clip", "central", "k10"):
+        runs = plan(clip).get(group, [])
+        if args.only is not None and group not in args.only:
+            runs = [(n, c) for n, c in runs if (RUNS / group / n / "summary.json").exists()]
+        for name, settings in runs:
+            rec = bench.read(bench.ensure(group, name, settings))
+            summary = json.loads((RUNS / group / name / "summary.json").read_text())
+            groups.setdefault(group, []).append({**rec, "dp": summary.get("dp")})
+            save(groups, reference, clip, started)
+        if group == "clip":
+            clip = picked_clip(groups.get("clip", []))
+            if clip is None:
+                break
+    save(groups, reference, clip, started)
+
+
+def save(groups, reference, clip, started) -> None:
+    data = {"recipe": PICK, "k10": K10, "clips": CLIPS, "picked_clip": clip,
+            "groups": {g: [r if g != "clip" else learning.without_test(r) for r in rs]
+                       for g, rs in groups.items()},
+            "reference_non_private_central": [r["run"] for r in reference],
+            "targets": judge(groups, reference),
+            "wall_seconds_this_invocation": round(time.time() - started, 1)}
+    write_result("dp_utility", data)
+    lines = ["# Differential privacy: utility (benchmarks/dp_utility.py)", "",
+             "Written from `benchmarks/results/dp_utility.json`; do not edit by hand.", "",
+             f"Clip picked on validation: {clip}", "", "```json",
+             json.dumps(data["targets"], indent=2), "```", ""]
+    (learning.ROOT / "docs" / "dp_utility.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,8 +2,10 @@
 that calls real `site()` handlers in process (as test_deploy_resume.py does), one site
 misbehaving. Every hostile train or evaluation reply leaves the run bit-identical to the run in
 which that reply was simply lost, with the reason in metrics.jsonl; a bad hello stops the run
-before round 1 with one line naming the site. The last test runs real FLARE processes (mutual
-TLS, private namespaces) with one hostile site."""
+before round 1 with one line naming the site. The last three tests share one deployment of real
+FLARE processes (mutual TLS, private namespaces) whose sites are hostile (deploy_hostile.py):
+site-2 in train rounds, site-1 (the majority host and the evaluating site) in train rounds and
+evaluations, and, in a second job, site-2's hello."""
 
 from __future__ import annotations
 
@@ -400,54 +402,126 @@ def test_a_site_mapping_that_does_not_cover_the_clients_once_is_refused(prepared
 
 # ---- real FLARE processes ------------------------------------------------------------------
 
-@pytest.mark.deploy
-def test_a_hostile_site_over_real_flare_ends_as_if_its_replies_were_lost(
-        tmp_path_factory, tiny_model_dir, monkeypatch):
-    """Provisioned server and two sites as processes (mutual TLS, private namespaces); site-2
-    runs deploy_hostile.py's handler: in each of 12 rounds one hostile kind (a NaN reply, a
-    payload that is not bytes, a truncated payload, then inf, 1e30, a NaN loss, too few and
-    too many scalars, a vector reply, garbage, another round's reply, a spoofed id). The job
-    finishes and matches, bit for bit, the in-process serve() in which site-2's replies of
-    those rounds were lost, with each reason in metrics.jsonl."""
+@pytest.fixture(scope="module")
+def real_flare(tmp_path_factory, tiny_model_dir):
+    """One provisioned deployment (server and two sites as processes, mutual TLS, private
+    namespaces), the sites running deploy_hostile.py's handler, for two jobs: the run "run"
+    (site-2 hostile in train rounds, site-1, the majority host and the evaluating site, in
+    train rounds and evaluations), then "bad_hello" (site-2's hello claims client 0). Beside
+    them, the in-process serve() of "run" in which those replies were lost."""
     pytest.importorskip("nvflare", reason="nvflare not installed (pip install nvflare==2.9.0)")
     from fedmeerkat.deploy import selftest
 
     why = selftest.netns_available()
     if why:
         pytest.skip(f"no private namespaces for the deployment test ({why})")
-    import deploy_hostile
+    import deploy_hostile as dh
 
     from fedmeerkat.config import load_config
     from fedmeerkat.deploy.meerkat import prepare_run
 
     root = tmp_path_factory.mktemp("hostile-flare")
     run_dir = prepare_run(load_config(None, [*base_overrides(root, tiny_model_dir,
-                                                             rounds=len(deploy_hostile.CORRUPT)),
+                                                             rounds=dh.ROUNDS),
                                              "downlink=scalars", f"out={root / 'run'}"]),
                           quiet=True)
     ref = Path(shutil.copytree(run_dir, root / "lost"))
+    bad_hello = Path(shutil.copytree(run_dir, root / dh.BAD_HELLO_RUN))
     sites = selftest.MEERKAT_SITES
-    # the site trainers import the hostile handler from here
-    tests_dir = str(Path(__file__).resolve().parent)
-    monkeypatch.setenv("PYTHONPATH", tests_dir + ":" + str(Path(tests_dir).parent))
-    monkeypatch.setenv("FEDMEERKAT_DEPLOY_ALLOW", "deploy_hostile.")
-    result = selftest.launch(root / "deploy", [
-        "--rounds", "1", "--runs", str(run_dir),
-        "--meerkat-job", json.dumps({"handler": "deploy_hostile:hostile_site"})], timeout_s=240)
+    with pytest.MonkeyPatch.context() as mp:
+        # the site trainers import the hostile handler from here
+        tests_dir = str(Path(__file__).resolve().parent)
+        mp.setenv("PYTHONPATH", tests_dir + ":" + str(Path(tests_dir).parent))
+        mp.setenv("FEDMEERKAT_DEPLOY_ALLOW", "deploy_hostile.")
+        result = selftest.launch(root / "deploy", [
+            "--rounds", "1", "--runs", f"{run_dir},{bad_hello}", "--job-timeout", "120",
+            "--meerkat-job", json.dumps({"handler": "deploy_hostile:hostile_site"})],
+            timeout_s=300)
     assert result["returncode"] == 0, result.get("error") or result["output"]
-    assert result["runs"][str(run_dir)]["status"] == "FINISHED:COMPLETED", result["runs"]
 
     def lose(tag, at, s, reply):
-        return LOST if tag == b"T" and s == deploy_hostile.HOSTILE and at in \
-            deploy_hostile.CORRUPT else reply
+        if tag == b"T" and s == dh.HOSTILE and at in dh.CORRUPT:
+            return LOST
+        if tag == b"T" and s == dh.MAJORITY and at in dh.MAJORITY_CORRUPT:
+            return edit_items(reply, lambda items: [items.pop(k)
+                                                    for k in dh.MAJORITY_CORRUPT[at][1]])
+        if tag == b"E" and s == dh.MAJORITY and at in dh.EVAL_CORRUPT:
+            return LOST
+        return reply
 
     serve(Flare({s: site(s, a) for s, a in site_args(ref, sites).items()}, lose), str(ref),
           sites)
-    assert_same_run(run_dir, ref)
+    return {"result": result, "run": run_dir, "lost": ref, "bad_hello": bad_hello,
+            "results": root / "deploy" / "results"}
+
+
+@pytest.mark.deploy
+def test_a_hostile_site_over_real_flare_ends_as_if_its_replies_were_lost(real_flare):
+    """site-2 runs deploy_hostile.py's handler: in each of 12 rounds one hostile kind (a NaN
+    reply, a payload that is not bytes, a truncated payload, then inf, 1e30, a NaN loss, too
+    few and too many scalars, a vector reply, garbage, another round's reply, a spoofed id).
+    The job finishes and matches, bit for bit, the in-process serve() in which site-2's replies
+    of those rounds (and site-1's below) were lost, with each reason in metrics.jsonl."""
+    import deploy_hostile as dh
+
+    run_dir = real_flare["run"]
+    assert real_flare["result"]["runs"][str(run_dir)]["status"] == "FINISHED:COMPLETED", \
+        real_flare["result"]["runs"]
+    assert_same_run(run_dir, real_flare["lost"])
     records = read(run_dir)
-    for r, (_, why) in deploy_hostile.CORRUPT.items():
-        if r in deploy_hostile.PAYLOAD_ROUNDS:
+    for r, (_, why) in dh.CORRUPT.items():
+        if r in dh.PAYLOAD_ROUNDS:
             assert records[r]["missing"] == [2] and why in records[r]["site_rejected"]["site-2"]
         else:
             assert why in records[r]["rejected"]["2"], (r, records[r].get("rejected"))
         assert sorted(records[r]["client_steps"]) == ["0", "1"]
+
+
+@pytest.mark.deploy
+def test_a_hostile_majority_host_and_evaluator_over_real_flare_ends_as_if_lost(real_flare):
+    """site-1 hosts two of the three clients and is the one site evaluating: 1e30 from both
+    its clients in one round (rejected against site-2's median: one site, one vote), a NaN
+    from one of them in another, and in each of 17 evaluations one hostile evaluation reply
+    (every kind of EVAL_FAULTS but a lost one). Bit-identical to the run in which they were
+    lost; each of those evaluations is missing (test metrics None) with its reason."""
+    import deploy_hostile as dh
+
+    run_dir = real_flare["run"]
+    assert_same_run(run_dir, real_flare["lost"])
+    records = read(run_dir)
+    assert [r["round"] for r in records] == list(range(dh.ROUNDS + 1))
+    for r, (_, left_out, why) in dh.MAJORITY_CORRUPT.items():
+        rec = records[r]
+        assert sorted(rec["rejected"]) == [str(k) for k in left_out], (r, rec.get("rejected"))
+        assert all(why in v for v in rec["rejected"].values()), rec["rejected"]
+        assert "missing" not in rec and "site_rejected" not in rec
+        assert sorted(rec["client_steps"]) == sorted({"0", "1", "2"} - {str(k) for k in left_out})
+    assert all("exceeds" in v for v in records[13]["rejected"].values())
+    assert set(dh.EVAL_CORRUPT.values()) == set(EVAL_FAULTS) - {"lost"}
+    for r, rec in enumerate(records):
+        if r in dh.EVAL_CORRUPT:
+            assert all(rec[k] is None for k in KEYS if k.startswith("test_")), rec
+            assert rec["predicted_share"] is None
+            assert list(rec["eval_rejected"]) == ["site-1"]
+            assert EVAL_FAULTS[dh.EVAL_CORRUPT[r]][1] in rec["eval_rejected"]["site-1"], rec
+        else:
+            assert "eval_rejected" not in rec and rec["test_accuracy"] is not None, rec
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["initial_accuracy"] == records[0]["test_accuracy"]
+    assert summary["final_accuracy"] == records[-1]["test_accuracy"]
+
+
+@pytest.mark.deploy
+def test_a_bad_hello_over_real_flare_ends_the_job_before_round_1_with_the_reason(real_flare):
+    """site-2's hello also claims client 0 (site-1's): the job ends (FLARE ends it, it does
+    not hang) with the server's one-line reason in the job's log, and no round is written."""
+    from fedmeerkat.deploy.admin import reason_from_logs
+
+    run = real_flare["result"]["runs"][str(real_flare["bad_hello"])]
+    assert run["status"].startswith("FINISHED") and run["status"] != "FINISHED:COMPLETED", run
+    assert not (real_flare["bad_hello"] / "metrics.jsonl").exists()
+    assert not (real_flare["bad_hello"] / "summary.json").exists()
+    assert "bad hello: claims clients [0, 2]" in (real_flare["bad_hello"] / "server.log").read_text()
+    reason = reason_from_logs(real_flare["results"] / real_flare["bad_hello"].name)
+    assert reason is not None and reason.endswith(
+        "site site-2: bad hello: claims clients [0, 2], the run assigns it [2]"), reason

@@ -290,7 +290,11 @@ def serve(flare, run_dir: str, site_clients: dict[str, list[int]], resume: bool 
             print(msg, file=log_file)
 
         mask = SparseMask.load(folder.file(MASK_FILE))
-        hellos = hello(flare, site_clients, resume, cfg.clients)
+        try:
+            hellos = hello(flare, site_clients, resume, cfg.clients)
+        except RuntimeError as e:  # the reason in the run folder too, not only FLARE's log
+            print(f"stopped before round 1: {e}", file=log_file)
+            raise
         sizes = {k: n for h in hellos.values() for k, n in h["clients"].items()}
         server = make_server(cfg.method, settings_of(cfg),
                              load_file(str(folder.file(INITIAL_STATE)))["theta"],

@@ -182,7 +182,10 @@ def same_config(out: Path, cfg) -> bool:
     have = load_run_config(out).to_dict()
     want = cfg.to_dict()
     # lr=auto runs hold their pick (lr, lr_auto = false) once the search is done
-    skip = ("out", "mask", "lr", "lr_auto") if want["lr_auto"] else ("out", "mask")
+    # threads is how a run was computed, not what (a run read from another group may have
+    # been made with another --threads)
+    skip = ("out", "mask", "threads", "lr", "lr_auto") if want["lr_auto"] else (
+        "out", "mask", "threads")
     return all(have.get(k) == v for k, v in want.items() if k not in skip)
 
 

@@ -529,6 +529,8 @@ def save(args, plan, groups: dict[str, Any], started: float) -> None:
                                 / "summary.json").exists()]},
         "wall_seconds_this_invocation": round(time.time() - started, 1),
     }
+    # run settings name files under the checkout (the grid's mask): relative in the result
+    data = json.loads(json.dumps(data).replace(str(ROOT) + "/", ""))
     write_result("learning", data)
     plot(data)
     (ROOT / "docs" / "learning.md").write_text(markdown(data))

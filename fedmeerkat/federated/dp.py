@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -157,8 +156,7 @@ class PrivacyLedger:
                              self.steps.get(k, 0) if steps is None else steps,
                              self.settings.delta_for(n))
 
-    def charge(self, planned: dict[int, int],
-               on_refusal: Callable[[str], object] | None = None) -> None:
+    def charge(self, planned: dict[int, int]) -> None:
         """Count a round's plans (client -> seeds it runs) before they are sent; a plan that
         would take its client past the budget raises BudgetExhausted and nothing is counted."""
         budget = self.settings.epsilon

@@ -130,6 +130,8 @@ def test_a_private_run_reports_each_clients_epsilon_within_its_budget(
     assert set(dp["epsilon_spent"]) == {"0", "1"}
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     eps = [r["dp_epsilon"]["0"] for r in lines[1:]]
+    # the batch loss would be an unnoised statistic: private clients report none
+    assert [r["train_loss"] for r in lines[1:]] == [None] * 3
     assert eps == sorted(eps) and eps[-1] == pytest.approx(dp["epsilon_spent"]["0"])
     assert "dp_noise_multiplier" in (out / "config.toml").read_text()  # solved, then kept
     from fedmeerkat.report.table import run_report

@@ -146,7 +146,9 @@ def run_steps(state: ClientState, plan: RoundPlan, model: LocalModel, step: Step
         client_id=state.client_id,
         scalars=scalars,
         num_samples=state.num_samples,
-        train_loss=float(np.mean(losses)) if losses else float("nan"),
+        # a private client's batch loss would be an unnoised statistic of its examples: it
+        # reports 0 (the server records the loss as withheld) and keeps the losses local
+        train_loss=0.0 if dp is not None else float(np.mean(losses)) if losses else float("nan"),
         losses=losses,
     )
 

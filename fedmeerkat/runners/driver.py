@@ -88,6 +88,9 @@ class RoundDriver:
     evaluate: Callable[[int], dict[str, Any] | None] = lambda r: None
     log: Callable[[str], None] = print
     round_timeout: float = 0.0  # seconds a round waits for replies (0 = no deadline)
+    # differentially private clients report no training loss (federated/client.py): metrics
+    # record it as null and the log says withheld
+    loss_withheld: bool = False
     min_clients: int = 1  # usable replies a round needs to be applied
     round_retries: int = 2  # re-plans of a round below min_clients before the run stops
     on_plans: Callable[[list[RoundPlan]], object] = lambda plans: None  # e.g. a progress bar
@@ -126,6 +129,9 @@ class RoundDriver:
         return sizes, rejected, missing, self.server.screen(
             r, replies, getattr(self.transport, "sources", None))
 
+    def _loss(self, outcome: Any) -> str:
+        return "withheld (dp)" if self.loss_withheld else f"{outcome.train_loss:.4f}"
+
     def run_round(self, r: int) -> dict[str, Any]:
         failed: list[dict[str, Any]] = []
         for attempt in range(1, self.round_retries + 2):
@@ -159,7 +165,8 @@ class RoundDriver:
         outcome = self.server.apply(r, verdict)
         rejected = {**rejected, **outcome.rejected}
         record: dict[str, Any] = {
-            "round": r, "train_loss": outcome.train_loss, "test_accuracy": None,
+            "round": r, "train_loss": None if self.loss_withheld else outcome.train_loss,
+            "test_accuracy": None,
             "bytes_up": sum(u for u, _ in sizes.values()),
             "bytes_down": sum(d for _, d in sizes.values()),
             "bytes": {str(k): v for k, v in sizes.items()},  # client -> [up, down]
@@ -188,11 +195,11 @@ class RoundDriver:
         result = self.evaluate(r)
         if result is not None and result.get("test_accuracy") is None:
             record.update(result)  # a deployed evaluation no site could give: the run goes on
-            self.log(f"round {r}: train loss {outcome.train_loss:.4f}, no evaluation (test "
+            self.log(f"round {r}: train loss {self._loss(outcome)}, no evaluation (test "
                      "metrics missing)")
         elif result is not None:
             record.update(result)
-            self.log(f"round {r}: train loss {outcome.train_loss:.4f}, test accuracy "
+            self.log(f"round {r}: train loss {self._loss(outcome)}, test accuracy "
                      f"{result['test_accuracy']:.4f} (predicted share "
                      f"{'/'.join(f'{s:.2f}' for s in result['predicted_share'])}; "
                      f"{format_metrics(result)})"

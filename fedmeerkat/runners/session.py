@@ -93,12 +93,15 @@ class Session:
                                  self.server, self.states, self.digest),
                              evaluate=self._evaluate_due, log=self.log,
                              round_timeout=cfg.round_timeout, min_clients=cfg.min_clients,
+                             loss_withheld=self.ledger is not None,
                              round_retries=cfg.round_retries, on_plans=self._planned)
         try:
             for r in range(self.server.round + 1, cfg.rounds + 1):
                 record = driver.run_round(r)
                 if self.round_log:
-                    self.log(f"round {r}: train loss {record['train_loss']:.4f}, "
+                    loss = record["train_loss"]
+                    self.log(f"round {r}: train loss "
+                             f"{'withheld (dp)' if loss is None else f'{loss:.4f}'}, "
                              f"{len(record['bytes'])} replies")
         except BudgetExhausted as e:
             raise RoundFailed(f"{e}; {self.folder} holds round {self.server.round}: continue "

@@ -291,3 +291,34 @@ def test_the_deployed_server_refuses_a_run_folder_in_use(runs, tmp_path):
     with RunFolder(run_dir).locked(), pytest.raises(RunFolderBusy, match="in use"):
         serve(flare, str(run_dir), SITES)
     assert flare.tags == [] and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_an_unreadable_snapshot_is_one_line_where_only_its_metadata_is_read(tmp_path):
+    from fedmeerkat.deploy.site_state import SnapshotError
+
+    store = SiteStateStore(tmp_path / "site")
+    store.save(3, {})
+    _truncate(store.path(3))
+    with pytest.raises(SnapshotError) as e:  # restore_before reads the oldest one's metadata
+        store.restore_before(2, {}, reset=lambda: None)
+    assert "unreadable" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_flare_reply_without_a_blob_is_kept_as_none_not_raised(tmp_path):
+    """serve() then counts that site's clients as rejected (reply is not bytes)."""
+    from types import SimpleNamespace
+
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    from fedmeerkat.deploy.job import FlareTransport
+
+    class Controller:
+        abort_signal = SimpleNamespace(triggered=False)
+
+        def send_model(self, *, task_name, targets, timeout, data, callback):
+            params = {"blob": b"ok"} if targets == ["good"] else {"other": 1}
+            callback(FLModel(params=params, meta={"client_name": targets[0]}))
+
+    got = FlareTransport(Controller(), ["good", "bad"], tmp_path, 5.0).exchange(
+        1, {"good": b"T", "bad": b"T"})
+    assert got == {"good": b"ok", "bad": None}

@@ -57,8 +57,11 @@ class FlareTransport:
             def callback(model: FLModel) -> None:
                 if model.meta.get("client_name") != site:
                     raise RuntimeError(f"reply for {site} came from {model.meta.get('client_name')}")
+                # a reply without a blob is kept as None: serve() counts the site's clients as
+                # rejected with the reason, where a KeyError here would only reach FLARE's log
+                params = model.params if isinstance(model.params, dict) else {}
                 with arrived:
-                    replies[site] = model.params["blob"]
+                    replies[site] = params.get("blob")
                     arrived.notify_all()
             return callback
 

@@ -83,8 +83,17 @@ class SiteStateStore:
             self.path(r).unlink()
 
     def meta(self, round_idx: int) -> dict:
-        with safe_open(str(self.path(round_idx)), framework="pt") as f:
-            return json.loads((f.metadata() or {})["state"])
+        """The snapshot's metadata; SnapshotError (one line) if the file is unreadable."""
+        path = self.path(round_idx)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["state"])
+        except Exception as e:  # as in load(): truncated, corrupt header, no state
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SnapshotError(f"{path} is unreadable ({first})") from None
+        if not isinstance(meta, dict):
+            raise SnapshotError(f"{path}: not a format-{FORMAT} snapshot of round {round_idx}")
+        return meta
 
     def load(self, round_idx: int, states: dict[int, ClientState]) -> None:
         """Set `states` (in place: a ClientHost holds them) to their state after round_idx;
@@ -144,7 +153,7 @@ class SiteStateStore:
             self.load(earlier[-1], states)
             return earlier[-1]
         kept = self.rounds()
-        if kept and self.meta(kept[0])["previous"] != 0:  # the one it needs was pruned
+        if kept and self.meta(kept[0]).get("previous") != 0:  # the one it needs was pruned
             raise RuntimeError(f"{self.folder}: no snapshot before round {round_idx} "
                                f"(kept: {kept})")
         reset()

@@ -74,23 +74,61 @@ def median(xs: list[float]) -> float | None:
     return xs[len(xs) // 2] if xs else None
 
 
+def test_gain(rec: dict[str, Any], metric: str) -> float:
+    """Test `metric` at the run's last evaluation minus round 0's (the run is not selected
+    by a best round: every setting is compared at its full budget)."""
+    c = rec["curve"]
+    return c[-1][f"test_{metric}"] - c[0][f"test_{metric}"]
+
+
+def row(runs: list[dict[str, Any]], base: float | None) -> dict[str, Any]:
+    auc = [test_gain(r, "auc") for r in runs]
+    gain = median(auc)
+    spent = [r["dp"]["epsilon_spent_max"] for r in runs if r.get("dp")]
+    return {"seeds": len(runs), "test_auc_gain_per_seed": auc, "median_test_auc_gain": gain,
+            "median_test_best_shift_gain": median([test_gain(r, "best_shift_accuracy")
+                                                   for r in runs]),
+            "share_of_non_private": gain / base if gain is not None and base else None,
+            "epsilon_spent_max": max(spent) if spent else None}
+
+
 def judge(groups: dict[str, Any], reference: list[dict[str, Any]]) -> dict[str, Any]:
     """Median test ROC-AUC gain per epsilon and its share of the non-private gain."""
     out: dict[str, Any] = {}
     for name, inf in (("central", reference),
                       ("k10", [r for r in groups.get("k10", []) if "epsinf" in r["run"]])):
-        base = median([learning.primary_gain(r) for r in inf])
-        rows = {}
-        for e in EPSILONS:
-            runs = [r for r in groups.get(name, []) if f"-eps{e:g}-" in r["run"]]
-            gain = median([learning.primary_gain(r) for r in runs])
-            rows[f"{e:g}"] = {"seeds": len(runs), "median_test_auc_gain": gain,
-                              "share_of_non_private": (gain / base if gain is not None and base
-                                                       else None)}
-        out[name] = {"non_private_median_gain": base, "by_epsilon": rows,
+        base = row(inf, None)
+        rows = {"inf": base} | {
+            f"{e:g}": row([r for r in groups.get(name, []) if f"-eps{e:g}-" in r["run"]],
+                          base["median_test_auc_gain"])
+            for e in EPSILONS}
+        out[name] = {"non_private_median_gain": base["median_test_auc_gain"], "by_epsilon": rows,
                      "at_least_70_percent_at_8": (rows["8"]["share_of_non_private"] or 0) >= 0.7
                      if rows["8"]["seeds"] == 3 else None}
     return out
+
+
+def table(targets: dict[str, Any]) -> list[str]:
+    def f(x: float | None, fmt: str = "+.3f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    lines = []
+    for name, title in (("central", "Centralized (one client, IID)"),
+                        ("k10", "K = 10 Dirichlet clients (alpha 0.5), one per round")):
+        t = targets[name]
+        lines += [f"### {title}", "",
+                  "| epsilon | seeds | median test ROC-AUC gain | share of non-private | "
+                  "median best-shift gain | max epsilon spent | per seed |",
+                  "|---|---|---|---|---|---|---|"]
+        for e, r in t["by_epsilon"].items():
+            lines.append(f"| {e} | {r['seeds']} | {f(r['median_test_auc_gain'])} | "
+                         f"{f(r['share_of_non_private'], '.0%')} | "
+                         f"{f(r['median_test_best_shift_gain'])} | "
+                         f"{f(r['epsilon_spent_max'], '.2f')} | "
+                         f"{', '.join(f(g) for g in r['test_auc_gain_per_seed'])} |")
+        lines += ["", f"At least 70% of the non-private gain at epsilon 8: "
+                  f"{t['at_least_70_percent_at_8']}", ""]
+    return lines
 
 
 def main() -> None:
@@ -128,10 +166,17 @@ def save(groups, reference, clip, started) -> None:
             "targets": judge(groups, reference),
             "wall_seconds_this_invocation": round(time.time() - started, 1)}
     write_result("dp_utility", data)
+    clip_rows = [f"| {r['run'].rsplit('/', 1)[-1]} | {learning.val_gain(r):+.3f} |"
+                 for r in groups.get("clip", [])]
     lines = ["# Differential privacy: utility (benchmarks/dp_utility.py)", "",
-             "Written from `benchmarks/results/dp_utility.json`; do not edit by hand.", "",
-             f"Clip picked on validation: {clip}", "", "```json",
-             json.dumps(data["targets"], indent=2), "```", ""]
+             "Written from `benchmarks/results/dp_utility.json` by the benchmark; do not edit "
+             "by hand. Recipe: rotten_tomatoes, batch 16, lr 1e-4, 300 steps (600 forwards "
+             "of 16), bf16 forward, the calibration mask at density 1e-3, 1,000 test reviews, "
+             "delta = 1/n per client; sigma solved by dp-accounting (RDP) for each budget.", "",
+             "## The clip, picked on validation (epsilon 8, seed 0)", "",
+             "| run | validation ROC-AUC gain (best round) |", "|---|---|", *clip_rows, "",
+             f"Picked: C = {clip}", "", "## Test ROC-AUC at each epsilon", "",
+             *table(data["targets"])]
     (learning.ROOT / "docs" / "dp_utility.md").write_text("\n".join(lines))
 
 

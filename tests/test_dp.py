@@ -207,3 +207,5 @@ def test_the_utility_benchmark_picks_the_clip_on_validation_only():
     assert all(c["dp_clip"] == 10.0 and c["dp_epsilon"] in (8.0, 3.0, 1.0)
                for _, c in runs["central"])
     assert sum("dp_clip" not in c for _, c in runs["k10"]) == 3  # the non-private K = 10 runs
+    # before C is picked only what does not depend on it is planned
+    assert {g: len(r) for g, r in mod.plan(None).items()} == {"clip": 3, "k10": 3}

@@ -92,6 +92,11 @@ def row(runs: list[dict[str, Any]], base: float | None) -> dict[str, Any]:
             "epsilon_spent_max": max(spent) if spent else None}
 
 
+def at_epsilon(rec: dict[str, Any], eps: float) -> bool:
+    name = rec["run"].rsplit("/", 1)[-1]  # eps8-clip100-seed0 or k10-eps8-clip100-seed0
+    return name.removeprefix("k10-").startswith(f"eps{eps:g}-")
+
+
 def judge(groups: dict[str, Any], reference: list[dict[str, Any]]) -> dict[str, Any]:
     """Median test ROC-AUC gain per epsilon and its share of the non-private gain."""
     out: dict[str, Any] = {}
@@ -99,7 +104,7 @@ def judge(groups: dict[str, Any], reference: list[dict[str, Any]]) -> dict[str, 
                       ("k10", [r for r in groups.get("k10", []) if "epsinf" in r["run"]])):
         base = row(inf, None)
         rows = {"inf": base} | {
-            f"{e:g}": row([r for r in groups.get(name, []) if f"-eps{e:g}-" in r["run"]],
+            f"{e:g}": row([r for r in groups.get(name, []) if at_epsilon(r, e)],
                           base["median_test_auc_gain"])
             for e in EPSILONS}
         out[name] = {"non_private_median_gain": base["median_test_auc_gain"], "by_epsilon": rows,

@@ -23,6 +23,7 @@ import math
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor, ExecutionMode
@@ -50,7 +51,8 @@ class FlareTransport:
         # wait for. A reply after our deadline lands in this call's own dict, never in a later
         # round's; FLARE ignores one after its own.
         timeout = max(1, math.ceil(wait_s))
-        replies: dict[str, bytes] = {}
+        # None: a reply without a blob; serve() checks every payload's type (not bytes: rejected)
+        replies: dict[str, Any] = {}
         arrived = threading.Condition()
 
         def on_reply(site: str):

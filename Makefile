@@ -33,6 +33,7 @@ experiments: install
 results: install
 	cd benchmarks && for cmd in "bytes.py" "step_cost.py" "device.py" "memory.py" \
 	    "memory.py --model smollm2-135m --seq 64 --out results/memory_smollm2.json" \
+	    "memory_ratio.py --repeats 2" "memory_ratio.py --repeats 2 --dtype bfloat16" \
 	    "clients_memory.py --repeats 5" "server_cost.py" "demo.py --fresh-cache" "fault_suite.py" \
 	    "deploy_overhead.py" "deploy_overhead.py --payload-bytes 424704" "deploy_smollm2.py"; do \
 	  echo "== $$cmd"; OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python $$cmd || exit 1; done

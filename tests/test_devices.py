@@ -67,6 +67,26 @@ def test_view_is_one_buffer_and_one_index(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_loaded_model_is_one_buffer_on_the_device(device, tiny_model_dir):
+    """load_model moves the packed buffer as one tensor: the parameters stay views of one
+    storage on the device (model.to() would allocate each apart) and hold a plain load's values."""
+    from transformers import AutoModelForCausalLM
+
+    from fedmeerkat.models import load_model
+    from fedmeerkat.models.packing import storage_groups
+
+    model, _ = load_model(tiny_model_dir, device=device)
+    params = list(model.parameters())
+    assert all(p.device.type == device for p in params)
+    # all but the tied embedding, which stays a lazily mapped view of the file
+    assert sorted(len(g) for g in storage_groups(model).values()) == [1, len(params) - 1]
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(device)
+    got = model.state_dict()
+    for name, want in plain.state_dict().items():
+        assert torch.equal(got[name], want), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_step_stays_on_the_device(device):
     model = DeviceNet(device)
     theta = model.view.gather()

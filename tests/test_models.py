@@ -59,6 +59,52 @@ def test_load_tiny_from_folder(tiny_dir: Path) -> None:
     assert model_fingerprint(model) == model_fingerprint(reference)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_load_reads_the_weights_into_one_buffer(tiny_dir: Path, dtype: str) -> None:
+    """load_model puts every parameter but the vocabulary matrices into one flat buffer, read
+    from the file, and ends with exactly the model a plain transformers load gives."""
+    from transformers import AutoModelForCausalLM
+
+    from fedmeerkat.models.packing import storage_groups
+    from fedmeerkat.zo import SparseView
+    from fedmeerkat.zo.mask_kinds import random_mask
+
+    model, _ = load_model(str(tiny_dir), dtype=dtype)
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=loading.DTYPES[dtype])
+    got, want = model.state_dict(), plain.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert model.config.to_dict() == plain.config.to_dict()
+    assert model.generation_config.to_dict() == plain.generation_config.to_dict()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    groups = sorted(storage_groups(model).values(), key=len)
+    # the tied embedding stays a lazy view of the file; only fp32 files keep it in place
+    assert [len(g) for g in groups] == ([1, len(want) - 2] if dtype == "float32"
+                                        else [len(want) - 1])
+    if dtype == "float32":
+        assert groups[0][0][0] == "model.embed_tokens.weight"
+    packed = groups[-1]
+    # a view over it indexes the buffer in place: no second copy of the model
+    params = dict(model.named_parameters())
+    view = SparseView(params, random_mask(model, density=0.05))
+    assert view._groups[0][0].data_ptr() == packed[0][1].untyped_storage().data_ptr()
+    theta = view.gather()
+    view.write(theta + 1)
+    assert torch.equal(view.gather(), (theta + 1).to(loading.DTYPES[dtype]).float())
+
+
+def test_load_falls_back_without_safetensors_of_its_own(tiny_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the packed read does not apply, the usual transformers load still runs."""
+    import fedmeerkat.models.loading as mod
+
+    monkeypatch.setattr(mod, "safetensors_files", lambda path, **kw: None)
+    model, _ = load_model(str(tiny_dir))
+    reference, _ = tiny_llama(seed=0)
+    assert model_fingerprint(model) == model_fingerprint(reference)
+
+
 def test_fingerprint_distinguishes_weights_and_structure() -> None:
     base = model_fingerprint(tiny_llama(seed=0)[0])
     assert base == model_fingerprint(tiny_llama(seed=0)[0])

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from fedmeerkat.zo import draw_z, rng
 
 sys.path.insert(0, str(Path(__file__).parent))
+from z_reference import reference_draw_z  # noqa: E402
 from zo_probe import GOLDEN_CASES, z_hash  # noqa: E402
 
 PROBE = str(Path(__file__).with_name("zo_probe.py"))
@@ -52,8 +53,10 @@ def supported_capabilities() -> list[str]:
     return caps
 
 
-def _probe(capability: str, *args: str) -> dict:
+def _probe(capability: str, *args: str, compile_z: str | None = None) -> dict:
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    if compile_z is not None:
+        env[rng.COMPILE_ENV] = compile_z
     out = subprocess.run([sys.executable, PROBE, *args], env=env, capture_output=True,
                          text=True, timeout=180, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -113,6 +116,89 @@ def test_chunks_and_offsets_give_the_same_values():
         draw_z(-1, 10)
 
 
+# ---- the compiled CPU path and the four-op _mulhilo give the old eager bits ---------------------
+SEEDS = [0, 2**64 - 1, 12345, 0xDEADBEEFCAFE]
+C4 = 4 * rng.CHUNK  # coordinates per chunk
+SPANS = [(1, 0), (1, 3), (5, 1), (7, 2**33 + 1), (C4, 0), (C4 - 2, 3), (C4 + 1, 3),
+         (3 * C4 + 5, 7), (1_500_000, 0), (1_500_000, 2**33 + 2)]  # (n, offset)
+
+
+def _bits(z: torch.Tensor) -> torch.Tensor:  # torch.equal would take -0.0 for 0.0
+    return z.view(torch.int32)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_eager_and_compiled_paths_give_the_reference_bits(seed):
+    kernel = rng.compiled_kernel()  # None where this machine cannot compile: eager only
+    k0, k1 = rng._key(seed)
+    for n, offset in SPANS:
+        if seed not in (0, 2**64 - 1) and n > C4 + 1:
+            continue  # the long spans for two seeds keep this test short
+        want = _bits(reference_draw_z(seed, n, offset))
+        eager = torch.empty(n)
+        rng._draw_eager(k0, k1, offset, n, eager)
+        assert torch.equal(_bits(eager), want), ("eager", seed, n, offset)
+        if kernel is not None:  # every span, even those draw_z keeps eager
+            compiled = torch.empty(n)
+            rng._draw_compiled(kernel, k0, k1, offset, n, compiled)
+            assert torch.equal(_bits(compiled), want), ("compiled", seed, n, offset)
+        assert torch.equal(_bits(draw_z(seed, n, offset=offset)), want), (seed, n, offset)
+    assert draw_z(seed, 0).numel() == 0
+
+
+def test_z_is_never_zero_so_the_sign_can_sit_in_the_table():
+    """The compiled path draws (+-slope) * frac + (+-value) instead of negating a * f + v; the
+    same bits unless a * f + v rounds to exactly 0 (+0.0 against -0.0). Rounding is monotone,
+    so inside a cell z is bounded by its values at the cell's two ends: all of them positive."""
+    start = rng._table(torch.device("cpu"))[0]
+    ends = torch.cat([start[1:] - 1, torch.tensor([2**31 - 1])])
+    z = rng._normal(torch.cat([start, ends]), rng._table(torch.device("cpu")))
+    assert bool((z > 0).all()), z.min()
+
+
+def test_a_process_compiles_once_it_has_drawn_enough(monkeypatch):
+    asked = []
+    monkeypatch.setattr(rng, "compiled_kernel", lambda: asked.append(1))  # None: eager
+    monkeypatch.delenv(rng.COMPILE_ENV, raising=False)
+    monkeypatch.setattr(rng, "_eager_cpu_drawn", 0)
+    draw_z(5, 1000)
+    assert not asked and rng._eager_cpu_drawn == 1000
+    monkeypatch.setattr(rng, "_eager_cpu_drawn", rng.COMPILE_AFTER - 10)
+    draw_z(5, 9)
+    assert not asked
+    draw_z(5, 1)  # reaches COMPILE_AFTER
+    assert asked == [1]
+    monkeypatch.setenv(rng.COMPILE_ENV, "0")
+    draw_z(5, 10)
+    assert asked == [1]
+    monkeypatch.setenv(rng.COMPILE_ENV, "1")
+    monkeypatch.setattr(rng, "_eager_cpu_drawn", 0)
+    draw_z(5, 10)
+    assert asked == [1, 1]
+
+
+def test_no_compiler_or_a_wrong_kernel_falls_back_to_eager(monkeypatch):
+    compiled = rng.compiled_kernel.__wrapped__  # uncached: decides afresh
+    monkeypatch.setenv(rng.COMPILE_ENV, "0")
+    assert compiled() is None
+    monkeypatch.delenv(rng.COMPILE_ENV)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no cc")))
+    assert compiled() is None
+
+    def off_by_one_bit(fn, **_):
+        def kernel(*args):
+            slope, value, frac = fn(*args)
+            value = value.clone()
+            value.view(torch.int32)[12345] ^= 1
+            return slope, value, frac
+        return kernel
+
+    monkeypatch.setattr(torch, "compile", off_by_one_bit)
+    assert compiled() is None
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)  # eager `_cells`: right bits
+    assert compiled() is not None
+
+
 # ---- golden values, in other processes, under every instruction set -----------------------
 def test_golden_hashes_in_this_process():
     assert [z_hash(*case) for case in GOLDEN_CASES] == GOLDEN
@@ -120,9 +206,13 @@ def test_golden_hashes_in_this_process():
 
 @pytest.mark.parametrize("capability", supported_capabilities())
 def test_golden_hashes_hold_under_every_cpu_capability_and_thread_count(capability):
-    for threads in ("1", "2"):
-        info = _probe(capability, "hash", threads)
+    """One thread: the compiled path (inductor honours ATEN_CPU_CAPABILITY too), for every case;
+    two: the eager one. A compile costs each process seconds, hence not both everywhere."""
+    can_compile = rng.compiled_kernel() is not None
+    for threads, compile_z in (("1", "1"), ("2", "0")):
+        info = _probe(capability, "hash", threads, compile_z=compile_z)
         assert info["capability"].lower() == capability, info  # the setting took effect
+        assert info["z_compiled"] == (compile_z == "1" and can_compile), info
         assert info["hashes"] == GOLDEN, (capability, threads)
 
 

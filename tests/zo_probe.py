@@ -16,7 +16,7 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedmeerkat.zo import SparseMask, SparseView, draw_z, replay, round_seeds, zo_step
+from fedmeerkat.zo import SparseMask, SparseView, draw_z, replay, rng, round_seeds, zo_step
 
 # (seed, n, offset): small, a million, the top seed, and a far offset (counter words 1 and 2)
 GOLDEN_CASES = [(0, 1000, 0), (12345, 1_000_000, 0), (2**63 - 1, 4099, 3),
@@ -67,6 +67,7 @@ def main() -> None:
         torch.set_num_threads(int(sys.argv[2]))
         info["threads"] = torch.get_num_threads()
         info["hashes"] = [z_hash(*case) for case in GOLDEN_CASES]
+        info["z_compiled"] = rng.compiled_kernel() is not None  # FEDMEERKAT_Z_COMPILE decides
     elif mode == "client":
         info.update(_client(sys.argv[2], sys.argv[3]))
     elif mode == "replay":

@@ -22,11 +22,15 @@ from typing import Any
 import torch
 import transformers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from fedmeerkat.models.packing import move_packed, packed_state_dict, safetensors_files
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -247,6 +251,37 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _load_packed(path: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> PreTrainedModel | None:
+    """The model with all its parameters of a dtype in one flat buffer, read straight from
+    the safetensors files (`packing`); None where that does not apply (no safetensors files,
+    a quantized checkpoint, modules kept in fp32, an unknown tensor dtype): load as usual."""
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if getattr(config, "quantization_config", None) is not None:
+        return None
+    try:
+        cls: Any = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None
+    # such modules would be cast back up from the buffer's dtype: not what a plain load gives
+    if dtype != torch.float32 and (getattr(cls, "_keep_in_fp32_modules", None)
+                                   or getattr(cls, "_keep_in_fp32_modules_strict", None)):
+        return None
+    files = safetensors_files(path, **kwargs)
+    vocab = getattr(config, "vocab_size", None)
+    state = packed_state_dict(files, dtype, lazy=lambda shape: len(shape) == 2
+                              and shape[0] == vocab) if files else None
+    if state is None:
+        return None
+    # transformers assigns the state dict's tensors as the parameters (no copy)
+    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    # what a load from `path` records and reads besides the weights
+    model.config.name_or_path = model.name_or_path = path
+    if model.can_generate():
+        with contextlib.suppress(OSError):  # no generation_config.json: keep the derived one
+            model.generation_config = GenerationConfig.from_pretrained(path, **kwargs)
+    return model
+
+
 def load_model(
     spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -265,9 +300,11 @@ def load_model(
     kwargs: dict[str, Any] = {"local_files_only": _hub_offline()}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        # safetensors weights only: a pickled pytorch_model.bin is refused, never unpickled
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
-                                                     use_safetensors=True, **kwargs)
+        model = _load_packed(path, DTYPES[dtype], kwargs)
+        if model is None:
+            # safetensors weights only: a pickled pytorch_model.bin is refused, never unpickled
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                         use_safetensors=True, **kwargs)
     except (OSError, ValueError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if is_local:
@@ -277,6 +314,7 @@ def load_model(
             f"or no such model): {first_line}\n"
             f"Local model folders and the packaged default {DEFAULT_MODEL!r} work offline."
         ) from None
+    move_packed(model, torch.device(device))  # one copy per buffer, not one per parameter
     model.to(device)  # type: ignore[arg-type]  # transformers' stubs reject str devices
     slow = bf16_without_native_support(dtype, device)
     if slow:

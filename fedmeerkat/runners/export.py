@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from fedmeerkat.config import ConfigError, RunConfig
 from fedmeerkat.models.loading import DTYPES, load_model, model_fingerprint
+from fedmeerkat.models.packing import storage_groups
 from fedmeerkat.options import InputError
 from fedmeerkat.runners.run_folder import FINAL_STATE, load_run_config, load_run_state
 from fedmeerkat.runners.spaces import restore_run_weights, space_kind
@@ -113,15 +114,19 @@ def path_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _own_storage(params: Mapping[str, torch.Tensor], names: list[str]) -> None:
-    """SparseView made `names` views of one shared buffer; savers (transformers, safetensors,
-    peft) take tensors sharing storage for tied weights and may keep one or refuse, so each
-    gets its own storage first."""
-    for n in names:
-        params[n].data = params[n].data.clone()
+def _own_storage(model: torch.nn.Module) -> None:
+    """load_model and SparseView make parameters views of one shared buffer; savers
+    (transformers, safetensors, peft) take tensors sharing storage for tied weights and may
+    keep one or refuse, so each such parameter gets its own storage first (tied parameters
+    are one Parameter object and stay tied)."""
+    for group in storage_groups(model).values():
+        if len(group) > 1:
+            for _, p in group:
+                p.data = p.data.clone()
 
 
 def save_hf_folder(model, tokenizer, folder: Path) -> None:
+    _own_storage(model)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
@@ -151,7 +156,6 @@ def export_run(run_dir: Path, out: Path) -> Exported:
                              "model/ is the whole change")
         else:
             assert isinstance(space, SparseMask)
-            _own_storage(dict(model.named_parameters()), space.names)
             write_delta(tmp / DELTA_FILE, space, theta,
                         delta_meta(cfg, base_fingerprint, _final_round(run_dir)))
             res.delta = out / DELTA_FILE
@@ -177,7 +181,7 @@ def _export_lora(cfg: RunConfig, space: SparseMask, theta: torch.Tensor, model, 
     params = dict(peft_model.base_model.model.named_parameters())  # the names training used
     space.check_model(params, {})
     SparseView(params, space).write(theta)
-    _own_storage(params, space.names)
+    _own_storage(peft_model)
     peft_model.save_pretrained(tmp / "adapter")
     save_hf_folder(peft_model.merge_and_unload(), tokenizer, tmp / "model")
 

@@ -6,23 +6,31 @@ Two parts, both free of transcendental functions at run time:
    the counter-based generator of cuRAND, JAX and Random123. Key = the 64-bit seed as two
    32-bit words; counter = (i >> 2 as two 32-bit words, 0, STREAM); coordinate i takes word
    i & 3 of the output. Everything is integer arithmetic on int64 tensors holding 32-bit
-   values; the 32x32 -> 64-bit products are split into 16-bit halves, so no int64 operation
-   ever overflows (signed overflow would be undefined behaviour in the kernels). Checked
-   against Random123's known-answer vectors (tests/test_rng.py).
+   values; each 32x32 -> 64-bit product is taken as a * (m - 2^32), in (-2^62, 0], so no int64
+   operation ever overflows (signed overflow would be undefined behaviour in the kernels).
+   Checked against Random123's known-answer vectors (tests/test_rng.py).
 2. **Normal: a stored quantile table** (`normal_table.safetensors`, written once by
    `make_normal_table`). Bit 31 of the word is the sign; the other 31 bits r pick |z| =
    Phi^-1(1 - q/2) at tail probability q = r / 2^31, by linear interpolation in a table whose
    cells are geometric in q (256 cells per octave, one exact entry per value below r = 512),
    so the tails are as accurate as the centre: the largest |z| is 6.3 (q = 2.3e-10), the
-   interpolation error below 2e-6 everywhere (tests/test_rng.py). At run time: one binary
-   search in int64 (`torch.searchsorted`), two table look-ups, an exact int -> float32
+   interpolation error below 2e-6 everywhere (tests/test_rng.py). At run time: the cell index
+   from r's bit length (exact integer work), two table look-ups, an exact int -> float32
    conversion (< 2^22), then a multiply and an add as two separately rounded IEEE float32 ops
    (two kernels: nothing can fuse them into an FMA).
 
 So the result depends on nothing but (seed, i): not on the instruction set (ATEN_CPU_CAPABILITY),
-the thread count, the torch build or the device. Drawn directly on the device where it is used,
-in chunks of Philox counters (CHUNK on the CPU, DEVICE_CHUNK elsewhere; 4 coordinates each),
-which bounds the int64 scratch memory.
+the thread count, the torch build or the device.
+
+What runs: on the CPU, once a process has drawn COMPILE_AFTER coordinates (or at once with
+FEDMEERKAT_Z_COMPILE=1), the integer part (Philox, cell index, look-ups, offset in the cell) is
+one torch.compile (inductor C++) kernel per CHUNK Philox blocks, and only the float multiply and
+add stay eager: about 10x faster than the eager draw (benchmarks/z_draw.py). The kernel is
+scalar C++ on purpose (inductor's vectorised integer code was wrong on AVX2 and on the default
+ISA in torch 2.13), and checked against the eager draw on a whole chunk before first use.
+Everywhere else (other devices, short processes, no C++ compiler, a failed compile or check)
+the same ops run eagerly, in chunks of Philox counters (CHUNK on the CPU, DEVICE_CHUNK
+elsewhere; 4 coordinates each), which bounds the int64 scratch memory.
 
 Why not torch.randn: its CPU kernel takes a vectorised log/cos path on AVX2/AVX-512 and a scalar
 one elsewhere (different last bits on ARM), and CUDA uses another generator altogether.
@@ -30,10 +38,16 @@ one elsewhere (different last bits on ARM), and CUDA uses another generator alto
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _M32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # multipliers (Random123)
@@ -54,21 +68,22 @@ _CELLS_PER_OCTAVE = 256
 
 
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of a * m for 32-bit a (int64 tensor) and constant m < 2^32,
-    without any intermediate reaching 2^63. In place on fresh temporaries: a new array per op
-    made a CPU draw about 1.3x slower (same integer ops, same bits)."""
-    p = a * (m & 0xFFFF)  # < 2^48
-    q = a * (m >> 16)  # < 2^48
-    t = q.bitwise_and(0xFFFF).bitwise_left_shift_(16).add_(p)  # < 2^49: low 48 bits of a*m
-    lo = t.bitwise_and(_M32)
-    hi = q.bitwise_right_shift_(16).add_(t.bitwise_right_shift_(32))
+    """(hi, lo) 32-bit halves of a * m for 32-bit a (int64 tensor) and constant m in
+    (2^31, 2^32), without overflow: p = a * (m - 2^32) lies in (-2^62, 0], a * m = p + a * 2^32,
+    so lo = p mod 2^32 and hi = (p >> 32) + a (arithmetic shift: floor). Four ops where 16-bit
+    halves took nine."""
+    p = a * (m - (1 << 32))
+    lo = p.bitwise_and(_M32)
+    hi = p.bitwise_right_shift_(32).add_(a)
     return hi, lo
 
 
 def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
-               k0: int, k1: int, rounds: int = PHILOX_ROUNDS) -> list[torch.Tensor]:
+               k0: int | torch.Tensor, k1: int | torch.Tensor, rounds: int = PHILOX_ROUNDS
+               ) -> list[torch.Tensor]:
     """Philox4x32-`rounds` of counters (c0..c3, int64 tensors of 32-bit values) under key
-    (k0, k1): four int64 tensors of 32-bit output words."""
+    (k0, k1; ints, or 0-d int64 tensors when compiled): four int64 tensors of 32-bit output
+    words."""
     for r in range(rounds):
         if r:
             k0, k1 = (k0 + _PHILOX_W0) & _M32, (k1 + _PHILOX_W1) & _M32
@@ -150,12 +165,136 @@ def _key(seed: int) -> tuple[int, int]:
     return seed & _M32, seed >> 32
 
 
+def _counters(blocks: torch.Tensor, k0: int | torch.Tensor, k1: int | torch.Tensor
+              ) -> list[torch.Tensor]:
+    zero = torch.zeros_like(blocks)
+    return philox4x32(blocks & _M32, blocks >> 32, zero, zero + STREAM, k0, k1)
+
+
+# ---- the compiled CPU path: integers in one inductor kernel, the float ops eager ------------------
+# A compile costs a process seconds (importing inductor, tracing; more with a cold cache), the
+# eager draw about 25 ns a coordinate: compile once the process has drawn COMPILE_AFTER
+# coordinates eagerly (about 1.7 s of drawing), so short runs and most tests never pay it.
+COMPILE_AFTER = 1 << 26
+COMPILE_ENV = "FEDMEERKAT_Z_COMPILE"  # "0": never; "1": from the first CPU draw; unset: as above
+_eager_cpu_drawn = 0  # coordinates this process drew eagerly on the CPU
+
+
+def _cells(b0: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, slope2: torch.Tensor,
+           value2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the CHUNK blocks from b0: per coordinate (4b + w) the signed slope and value of its
+    cell and its offset in the cell (exact float32), so z = slope * frac + value. Integer work,
+    table loads and exact int -> float conversions only: no float arithmetic to contract.
+
+    The sign is folded into the index (slope2, value2 = the table, then its negation): RNE is
+    symmetric, so (-a) * f + (-v) = -(a * f + v) exactly, and z is never 0 (a test bounds every
+    cell), so not even the sign of a zero differs. The bit length of x < 2^22 is read from the
+    exponent bits of float32(x) (exact below 2^24): inductor does not lower frexp."""
+    half = slope2.shape[0] // 2
+    blocks = torch.arange(CHUNK, dtype=torch.int64, device=b0.device) + b0
+    js, fracs = [], []
+    for w in _counters(blocks, k0, k1):
+        r = w & 0x7FFFFFFF
+        exponent = ((r >> 9).to(torch.float32).view(torch.int32) >> 23).to(torch.int64)
+        s = (exponent - 126).clamp_min(0)
+        top = r >> s
+        js.append((s << 8) + top + (w >> 31) * half)
+        fracs.append((r - (top << s)).to(torch.float32))
+    j = torch.stack(js, dim=1).view(-1)  # coordinate 4b + w
+    return slope2[j], value2[j], torch.stack(fracs, dim=1).view(-1)
+
+
+@cache
+def _signed_table() -> tuple[torch.Tensor, torch.Tensor]:
+    _, value, slope = _table(torch.device("cpu"))
+    return torch.cat([slope, -slope]), torch.cat([value, -value])
+
+
+def _cells_to_z(cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor], lo: int, take: int,
+                dst: torch.Tensor) -> None:
+    slope, value, frac = (t[lo:lo + take] for t in cells)
+    torch.mul(slope, frac, out=dst)  # two separately rounded float32 ops (two kernels), as in
+    dst.add_(value)  # _normal: never an FMA, whatever the compiler
+
+
+@cache
+def compiled_kernel() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """The compiled `_cells`, or None where it cannot be had: FEDMEERKAT_Z_COMPILE=0, no C++
+    compiler, any compile error, or a result that differs from the eager draw on a whole chunk
+    (checked once, bit for bit). None means the eager path, with the same bits, slower."""
+    if os.environ.get(COMPILE_ENV, "1") == "0":
+        return None
+    try:
+        # scalar C++ (simdlen 1): inductor's vectorised code for these integer kernels was wrong
+        # in torch 2.13 (AVX2: garbage indices; default ISA: no build; AVX-512 with int32
+        # temporaries: heap corruption). Scalar, it matched the eager bits under all three.
+        kernel = torch.compile(_cells, fullgraph=True, dynamic=False,
+                               options={"cpp.simdlen": 1})
+        k0, k1 = _key(0x243F6A8885A308D3)  # any key; one chunk visits every cell many times
+        want = torch.empty(4 * CHUNK)
+        _draw_eager(k0, k1, 0, want.numel(), want)
+        got = torch.empty_like(want)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch-internal, at first compile
+            cells = kernel(torch.tensor(0), torch.tensor(k0), torch.tensor(k1), *_signed_table())
+        _cells_to_z(cells, 0, got.numel(), got)
+        if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+            log.warning("compiled z differs from the eager draw on this machine; drawing eagerly")
+            return None
+    except Exception as e:  # no compiler, an unsupported platform: the eager path, same bits
+        log.debug("z stays eager: %s: %s", type(e).__name__, e)
+        return None
+    return kernel
+
+
+def _draw_compiled(kernel: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   k0: int, k1: int, offset: int, n: int, flat: torch.Tensor) -> None:
+    slope2, value2 = _signed_table()
+    keys = torch.tensor(k0), torch.tensor(k1)
+    first, last = offset >> 2, (offset + n - 1) >> 2
+    at = 0
+    for b0 in range(first, last + 1, CHUNK):  # the last chunk is whole too: one static shape
+        lo = offset - 4 * b0 if b0 == first else 0
+        take = min(4 * CHUNK - lo, n - at)
+        _cells_to_z(kernel(torch.tensor(b0), *keys, slope2, value2), lo, take, flat[at:at + take])
+        at += take
+
+
+# ---- the eager path: every device, and the CPU where compiling is not worth it or not possible ----
+def _draw_eager(k0: int, k1: int, offset: int, n: int, flat: torch.Tensor) -> None:
+    dev = flat.device
+    table = _table(dev)
+    first, last = offset >> 2, (offset + n - 1) >> 2  # Philox blocks touched
+    at = 0  # values written so far
+    chunk = CHUNK if dev.type == "cpu" else DEVICE_CHUNK
+    for b0 in range(first, last + 1, chunk):
+        b1 = min(b0 + chunk, last + 1)
+        words = _counters(torch.arange(b0, b1, dtype=torch.int64, device=dev), k0, k1)
+        z = _normal(torch.stack(words, dim=1).view(-1), table)  # coordinate 4b + w
+        lo = offset - 4 * b0 if b0 == first else 0
+        take = min(z.numel() - lo, n - at)
+        flat[at:at + take].copy_(z[lo:lo + take])
+        at += take
+
+
+def _kernel_for(n: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    global _eager_cpu_drawn
+    mode = os.environ.get(COMPILE_ENV)
+    if mode == "0" or torch.compiler.is_compiling():
+        return None
+    if mode != "1" and _eager_cpu_drawn + n < COMPILE_AFTER:
+        _eager_cpu_drawn += n
+        return None
+    return compiled_kernel()
+
+
 @torch.no_grad()
 def draw_z(seed: int, n: int, *, device: torch.device | str = "cpu", offset: int = 0,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """z_i = Z(seed, i) for i in [offset, offset + n): float32 on `device` (or into `out`).
 
-    A pure function of (seed, i): any split of a range into chunks gives the same values.
+    A pure function of (seed, i): any split of a range into chunks gives the same values, and
+    the compiled and eager paths give the same bits.
     """
     if n < 0 or offset < 0:
         raise ValueError(f"n and offset must be non-negative, got n={n}, offset={offset}")
@@ -165,21 +304,11 @@ def draw_z(seed: int, n: int, *, device: torch.device | str = "cpu", offset: int
         raise ValueError(f"out must be float32 with {n} values")
     if n == 0:
         return out
-    dev = out.device
-    table = _table(dev)
     k0, k1 = _key(seed)
-    first, last = offset >> 2, (offset + n - 1) >> 2  # Philox blocks touched
     flat = out.view(-1)
-    at = 0  # values written so far
-    chunk = CHUNK if dev.type == "cpu" else DEVICE_CHUNK
-    for b0 in range(first, last + 1, chunk):
-        b1 = min(b0 + chunk, last + 1)
-        blocks = torch.arange(b0, b1, dtype=torch.int64, device=dev)
-        zero = torch.zeros_like(blocks)
-        words = philox4x32(blocks & _M32, blocks >> 32, zero, zero + STREAM, k0, k1)
-        z = _normal(torch.stack(words, dim=1).view(-1), table)  # coordinate 4b + w
-        lo = offset - 4 * b0 if b0 == first else 0
-        take = min(z.numel() - lo, n - at)
-        flat[at:at + take].copy_(z[lo:lo + take])
-        at += take
+    kernel = _kernel_for(n) if out.device.type == "cpu" else None
+    if kernel is not None:
+        _draw_compiled(kernel, k0, k1, offset, n, flat)
+    else:
+        _draw_eager(k0, k1, offset, n, flat)
     return out

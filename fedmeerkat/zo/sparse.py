@@ -11,9 +11,14 @@ model only ever receives values written from it (`write`), never increments. Wri
 `theta ± eps*z` and then `theta` back leaves a bf16/fp16 model bit-identical to before, where
 `+=`/`-=` would drift.
 
-Re-homing costs one extra copy of the masked tensors while it runs (tensor by tensor, so the
-peak is the model plus the buffer), once per model. Do it after the model has been moved to
-its device: `model.to()` allocates new tensors and would undo the sharing.
+A model from `load_model` needs no re-homing: its weights were read straight into one flat
+buffer per dtype (`fedmeerkat.models.packing`), so the masked parameters already share a
+storage and the view indexes that storage in place, at no memory cost. Any other model (built
+in memory, LoRA adapters added after loading, a mask that also takes the lazily mapped
+embedding matrices) is re-homed here, which copies the masked tensors into a new buffer: the
+peak is the model plus the buffer (the old tensors are freed, but the allocator or a file
+mapping may keep them resident), once per model. Either way, move the model to its device
+first: `model.to()` to another device allocates new tensors and undoes the sharing.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def _flat_storage(t: torch.Tensor) -> torch.Tensor:
 def _share_buffer(params: list[torch.Tensor]) -> torch.Tensor:
     """Make `params` (same device and dtype) views of one flat buffer; return the buffer."""
     storages = {p.untyped_storage().data_ptr() for p in params}
-    if len(storages) == 1:  # already re-homed (a second view of the same model)
+    if len(storages) == 1:  # packed by load_model, or re-homed by an earlier view
         return _flat_storage(params[0])
     total = sum(p.numel() for p in params)
     buf = torch.empty(total, dtype=params[0].dtype, device=params[0].device)

@@ -145,26 +145,58 @@ def main() -> None:
     args = ap.parse_args()
     started = time.time()
     bench = learning.Bench(threads=args.threads, runs=RUNS)
-    reference = [bench.read(learning.RUNS / "rt-central-bf16" / f"zo-lr1e-4-bf16-seed{s}")
-                 for s in learning.SEEDS]
+    previous = _previous()
+    reference = [_reference(bench, s) for s in learning.SEEDS]
     groups: dict[str, list[dict[str, Any]]] = {}
+    carried: list[str] = []
     clip = None
     for group in ("clip", "central", "k10"):
         runs = plan(clip).get(group, [])
         if args.only is not None and group not in args.only:
-            runs = [(n, c) for n, c in runs if (RUNS / group / n / "summary.json").exists()]
+            here = [(n, c) for n, c in runs if (RUNS / group / n / "summary.json").exists()]
+            old = previous.get("groups", {}).get(group, [])
+            if len(here) < len(runs) and len(old) >= len(runs):
+                # a checkout without this group's run folders (runs/ is not committed): its
+                # records as the last invocation that ran them wrote them
+                groups[group] = old
+                carried.append(group)
+                runs = []
+            else:
+                runs = here
         for name, settings in runs:
             rec = bench.read(bench.ensure(group, name, settings))
             summary = json.loads((RUNS / group / name / "summary.json").read_text())
             groups.setdefault(group, []).append({**rec, "dp": summary.get("dp")})
-            save(groups, reference, clip, started)
+            save(groups, reference, clip, started, carried)
         if group == "clip":
-            clip = picked_clip(groups.get("clip", []))
-    save(groups, reference, clip, started)
+            clip = (previous.get("picked_clip") if "clip" in carried
+                    else picked_clip(groups.get("clip", [])))
+    save(groups, reference, clip, started, carried)
 
 
-def save(groups, reference, clip, started) -> None:
+def _previous() -> dict[str, Any]:
+    path = learning.RESULTS / "dp_utility.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _reference(bench: learning.Bench, seed: int) -> dict[str, Any]:
+    """The non-private centralized run of `seed`: its folder, or (a checkout without it) its
+    record in learning.json, which the learning benchmark wrote from that folder."""
+    out = learning.RUNS / "rt-central-bf16" / f"zo-lr1e-4-bf16-seed{seed}"
+    if (out / "summary.json").exists():
+        return bench.read(out)
+    recs = json.loads((learning.RESULTS / "learning.json").read_text())["groups"]
+    want = str(out.relative_to(learning.ROOT))
+    found = [r for r in recs["rt-central-bf16"]["runs"] if r["run"] == want]
+    if not found:
+        raise SystemExit(f"{want}: neither its run folder nor its record in learning.json; "
+                         "run `python benchmarks/learning.py --only rt-central-bf16` first")
+    return found[0]
+
+
+def save(groups, reference, clip, started, carried=()) -> None:
     data = {"recipe": PICK, "k10": K10, "clips": CLIPS, "picked_clip": clip,
+            "groups_carried_from_the_previous_result": list(carried),
             "groups": {g: [r if g != "clip" else learning.without_test(r) for r in rs]
                        for g, rs in groups.items()},
             "reference_non_private_central": [r["run"] for r in reference],

@@ -187,7 +187,8 @@ def same_config(out: Path, cfg) -> bool:
     skip = ("out", "mask", "threads", "lr", "lr_auto") if want["lr_auto"] else (
         "out", "mask", "threads")
     if want.get("dp_epsilon") and not want.get("dp_noise_multiplier"):
-        skip += ("dp_noise_multiplier",)  # solved for the budget, then kept in config.toml
+        # solved for the budget, then kept in config.toml
+        skip += ("dp_noise_multiplier", "dp_noise_multipliers")
     return all(have.get(k) == v for k, v in want.items() if k not in skip)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -91,7 +92,8 @@ class RunConfig:
     zo_estimator: str = _f("two-point", "two-point: 2 forwards a direction (MeZO); one-sided: f(w+eps z) - f(w) with one shared f(w), P+1 forwards a step (FZOO)", choices=ESTIMATORS)
     # differential privacy of the uploaded scalars (federated/dp.py, docs/privacy.md)
     dp_clip: float = _f(0.0, "DP: clip every example's two-point difference to [-C, C], add secret Gaussian noise of std dp_noise_multiplier x C to their sum, divide by batch_size; batches are Poisson samples (0 = off)", min=0)
-    dp_noise_multiplier: float = _f(0.0, "DP: sigma (0 with dp_epsilon: solved for the run's steps before it starts and written to config.toml)", min=0)
+    dp_noise_multiplier: float = _f(0.0, "DP: sigma of every client (0 with dp_epsilon: solved per client, see dp_noise_multipliers)", min=0)
+    dp_noise_multipliers: list = _f([], "DP: one sigma per client, replacing dp_noise_multiplier; with dp_epsilon and no sigma, each client's is solved for its planned steps before the run starts and written here in config.toml")
     dp_epsilon: float = _f(0.0, "DP: each client's budget at dp_delta; the run stops (exit 3) before a round would exceed it, resumable with a larger one (0 = no budget, spent epsilon still reported)", min=0)
     dp_delta: float = _f(0.0, "DP: the delta of the reported epsilon (0 = 1/n per client, n its examples)", min=0, lt=1)
     weighting: str = _f("samples", "FedAvg weights: by client sample count or uniform", choices=WEIGHTINGS)
@@ -301,10 +303,19 @@ def validate_combination(cfg: RunConfig) -> None:
         if cfg.perturbations != 1 or cfg.zo_estimator != "two-point":
             raise ConfigError("dp_clip: runs plain two-point steps (perturbations=1, "
                               "zo_estimator=two-point)")
-        if not (cfg.dp_noise_multiplier > 0 or cfg.dp_epsilon > 0):
+        if not (cfg.dp_noise_multiplier > 0 or cfg.dp_noise_multipliers or cfg.dp_epsilon > 0):
             raise ConfigError("dp_clip: needs dp_noise_multiplier > 0 or a budget dp_epsilon > 0 "
                               "(sigma is then solved for the run)")
-    elif cfg.dp_noise_multiplier or cfg.dp_epsilon or cfg.dp_delta:
+        sig = cfg.dp_noise_multipliers
+        if sig:
+            if cfg.dp_noise_multiplier > 0:
+                raise ConfigError("dp_noise_multipliers: give it or dp_noise_multiplier, not both")
+            if len(sig) != cfg.clients or not all(
+                    isinstance(s, int | float) and not isinstance(s, bool) and 0 < s < math.inf
+                    for s in sig):
+                raise ConfigError(f"dp_noise_multipliers: expected {cfg.clients} positive "
+                                  f"numbers (one per client), got {sig!r}")
+    elif cfg.dp_noise_multiplier or cfg.dp_noise_multipliers or cfg.dp_epsilon or cfg.dp_delta:
         raise ConfigError("dp_noise_multiplier/dp_epsilon/dp_delta: set dp_clip > 0 to turn "
                           "differential privacy on")
     downlinks = get_method(cfg.method).downlinks

@@ -66,6 +66,18 @@ def test_the_clip_bounds_every_examples_influence_on_the_scalar():
         assert abs(a.scalar(d) - b.scalar(np.delete(d, 3))) <= dp.clip / 16 + 1e-12
 
 
+def test_each_client_adds_the_noise_of_its_own_sigma():
+    dp = DPSettings(clip=1.0, noise_multiplier=0.0, noise_multipliers=(0.5, 4.0))
+    zeros = np.zeros(4)
+    spread = [np.std([PrivateSteps(dp, 4, {}, k).scalar(zeros) for _ in range(2000)])
+              for k in (0, 1)]
+    assert spread == pytest.approx([0.5 / 4, 4.0 / 4], rel=0.1)
+    with pytest.raises(ValueError, match="client 2 has no"):
+        dp.sigma(2)
+    with pytest.raises(ValueError, match="positive"):
+        DPSettings(clip=1.0, noise_multiplier=1.0, noise_multipliers=(1.0, 0.0))
+
+
 def test_noise_is_os_seeded_and_continues_from_the_saved_state():
     dp = DPSettings(clip=1.0, noise_multiplier=1.0)
     zeros = np.zeros(4)
@@ -109,6 +121,12 @@ def test_bad_dp_settings_are_one_line_errors():
         build_config({"dp_clip": 1.0, "dp_epsilon": 3, "perturbations": 2})
     with pytest.raises(ConfigError, match="dp_delta"):
         build_config({"dp_clip": 1.0, "dp_epsilon": 3, "dp_delta": 1.5})
+    with pytest.raises(ConfigError, match="dp_noise_multipliers: expected 2 positive"):
+        build_config({"dp_clip": 1.0, "clients": 2, "dp_noise_multipliers": [1.0, -1.0]})
+    with pytest.raises(ConfigError, match="not both"):
+        build_config({"dp_clip": 1.0, "clients": 2, "dp_noise_multipliers": [1.0, 1.0],
+                      "dp_noise_multiplier": 1.0})
+    assert build_config({"dp_clip": 1.0, "clients": 2, "dp_noise_multipliers": [1, 2.5]})
 
 
 def _args(tiny_model_dir, sentiment_csv, calib_txt, out, *extra):
@@ -133,10 +151,31 @@ def test_a_private_run_reports_each_clients_epsilon_within_its_budget(
     # the batch loss would be an unnoised statistic: private clients report none
     assert [r["train_loss"] for r in lines[1:]] == [None] * 3
     assert eps == sorted(eps) and eps[-1] == pytest.approx(dp["epsilon_spent"]["0"])
-    assert "dp_noise_multiplier" in (out / "config.toml").read_text()  # solved, then kept
+    assert "dp_noise_multipliers = [" in (out / "config.toml").read_text()  # solved, then kept
     from fedmeerkat.report.table import run_report
 
     assert "epsilon spent per client: 0: " in run_report(out)
+
+
+def test_sigma_is_solved_per_client_for_the_steps_its_seeded_participation_plans(
+        tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path):
+    """One client a round: each client's sigma is solved for the rounds it is drawn for, not
+    for every round, so each spends its whole budget by the end and no more."""
+    from fedmeerkat.config import load_config
+
+    out = tmp_path / "sampled"
+    assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, out, "rounds=5",
+                      "clients_per_round=1", "dp_clip=1.0", "dp_epsilon=4")) == 0
+    cfg = load_config(out / "config.toml")
+    ran = {k: 0 for k in range(2)}
+    for r in [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]:
+        for k, n in r["client_steps"].items():
+            ran[int(k)] += n
+    assert 0 < ran[0] != ran[1] > 0  # the draw gives the two clients different step counts
+    sigmas = cfg.dp_noise_multipliers
+    assert len(sigmas) == 2 and (sigmas[0] < sigmas[1]) == (ran[0] < ran[1])
+    spent = json.loads((out / "summary.json").read_text())["dp"]["epsilon_spent"]
+    assert all(3.99 < spent[str(k)] <= 4.0 for k in range(2))  # tight: the whole budget
 
 
 def test_the_budget_stops_the_run_with_exit_3_and_a_larger_one_resumes_it(

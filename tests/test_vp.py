@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -326,3 +327,23 @@ def test_calibration_phase_run_on_the_tiny_llama(tiny_model_dir, sentiment_csv, 
     assert traj["calibration_gradip"].shape == (4, 16) and traj["gradip"].shape == (4, 2)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["vp_settings"]["calibration"] == "phase" and len(summary["vp_ratios"]) == 4
+
+
+def test_planned_steps_bound_what_vp_plans_each_client_and_count_its_calibration_round():
+    """Differential privacy solves sigma for BaseServer.planned_steps before a run: what a VP
+    server then plans a client (its calibration round, T after, 1 once stopped) never
+    exceeds it, and equals it for a client never stopped."""
+    model, states, server = _cls_setup(0, with_single_label=True)
+    server.settings = dataclasses.replace(server.settings, clients_per_round=2, rounds=8)
+    planned = VPServer.planned_steps(server.settings, 4, vp=VP_TEST)
+    ran = dict.fromkeys(range(4), 0)
+    for r in range(1, 9):
+        for p in _round(r, model, states, server)[0]:
+            ran[p.client_id] += p.num_steps
+    assert all(ran[k] <= planned[k] for k in range(4))
+    assert all(ran[k] == planned[k] for k in range(4) if k not in server.stopped)
+    assert max(planned.values()) >= 60  # a calibration round (60 steps) is counted
+    phase = dataclasses.replace(VP_TEST, calibration="phase")
+    flat = VPServer.planned_steps(dataclasses.replace(server.settings, clients_per_round=0,
+                                                      rounds=3), 4, vp=phase)
+    assert flat == dict.fromkeys(range(4), 2 + 60 + 2 * 2)  # T + T_cali first, then T

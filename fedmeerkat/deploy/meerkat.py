@@ -52,8 +52,8 @@ def prepare_run(cfg, quiet: bool = False) -> Path:
     cfg, folder = RunFolder.open(cfg, resume=False)
     prep = prepare(cfg)
     parts = split_clients(cfg, prep)
-    if cfg.dp_clip > 0 and cfg.dp_noise_multiplier == 0:  # sigma for the budget, in config.toml
-        cfg = with_solved_noise(cfg, [len(p) for p in parts])
+    if (solved := with_solved_noise(cfg, [len(p) for p in parts])) is not cfg:
+        cfg = solved  # the sigmas for the budget, in config.toml
         folder.write_config(cfg)
     space = build_space(cfg, prep.model, folder.path, resume=False,
                         make_mask=lambda: get_mask(cfg, prep, parts, quiet))

@@ -188,7 +188,8 @@ def run_client(
     theta = sync_client(state, plan, device=device).clone()
     model.view.write(theta)
 
-    private = None if dp is None else PrivateSteps(dp, batch_size, state.extra)
+    private = None if dp is None else PrivateSteps(dp, batch_size, state.extra,
+                                                   state.client_id)
 
     def step(t: int, loss_fn: Callable[[], Any]) -> list[StepResult]:
         if private is not None:

@@ -37,17 +37,30 @@ RNG_KEY = "dp_rng"
 @dataclass(frozen=True)
 class DPSettings:
     clip: float  # C: every example's difference is clipped to [-C, C]
-    noise_multiplier: float  # sigma: noise std is sigma * C
+    noise_multiplier: float  # sigma of every client: noise std is sigma * C
     delta: float = 0.0  # the delta epsilon is reported at; 0 = 1 / n per client
     epsilon: float = 0.0  # each client's budget; 0 = none (spent epsilon is still reported)
+    # one sigma per client, replacing noise_multiplier (solved per client for a budget:
+    # runners/prepare.with_solved_noise)
+    noise_multipliers: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not (self.clip > 0 and math.isfinite(self.clip)):
             raise ValueError(f"dp_clip must be a positive number, got {self.clip}")
-        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
-            raise ValueError(f"dp_noise_multiplier must be positive, got {self.noise_multiplier}")
+        for s in self.noise_multipliers or (self.noise_multiplier,):
+            if not (s > 0 and math.isfinite(s)):
+                raise ValueError(f"dp_noise_multiplier must be positive, got {s}")
         if not 0 <= self.delta < 1:
             raise ValueError(f"dp_delta must be in [0, 1), got {self.delta}")
+
+    def sigma(self, client_id: int) -> float:
+        """The noise multiplier of client `client_id`."""
+        if not self.noise_multipliers:
+            return self.noise_multiplier
+        if not 0 <= client_id < len(self.noise_multipliers):
+            raise ValueError(f"client {client_id} has no dp_noise_multipliers entry "
+                             f"({len(self.noise_multipliers)} given)")
+        return self.noise_multipliers[client_id]
 
     def delta_for(self, num_examples: int) -> float:
         return self.delta or 1.0 / num_examples
@@ -113,6 +126,7 @@ class PrivateSteps:
     settings: DPSettings
     batch_size: int
     extra: dict[str, torch.Tensor]  # the client's state (its generator's state lives here)
+    client_id: int = 0  # whose sigma (DPSettings.sigma)
     gen: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -126,7 +140,7 @@ class PrivateSteps:
 
     def scalar(self, differences: np.ndarray) -> float:
         """(sum of the clipped per-example differences + secret noise) / expected batch."""
-        c, sigma = self.settings.clip, self.settings.noise_multiplier
+        c, sigma = self.settings.clip, self.settings.sigma(self.client_id)
         noise = float(torch.randn((), generator=self.gen, dtype=torch.float64)) * sigma * c
         total = float(np.clip(np.asarray(differences, dtype=np.float64), -c, c).sum())
         return (total + noise) / self.batch_size
@@ -152,7 +166,7 @@ class PrivacyLedger:
 
     def epsilon(self, k: int, steps: int | None = None) -> float:
         n = self.client_sizes[k]
-        return epsilon_spent(sampling_rate(self.batch_size, n), self.settings.noise_multiplier,
+        return epsilon_spent(sampling_rate(self.batch_size, n), self.settings.sigma(k),
                              self.steps.get(k, 0) if steps is None else steps,
                              self.settings.delta_for(n))
 

@@ -138,6 +138,16 @@ class SentPlan:
         return self.lrs[: len(self.update_seeds)]
 
 
+def sampled_clients(settings: FedSettings, round_idx: int, num_clients: int) -> list[int]:
+    """The clients taking part in round `round_idx`: all of them, or clients_per_round drawn
+    from the run seed, so the whole schedule is known before the run starts."""
+    m = settings.clients_per_round
+    if not m or m >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng(mix(settings.seed, PARTICIPANTS, round_idx))
+    return sorted(int(k) for k in rng.choice(num_clients, size=m, replace=False))
+
+
 class BaseServer(ABC):
     """Planning, screening, the bookkeeping of synced and applied rounds, the round's outcome
     and checkpoints, for every method; the method's update is `aggregate`."""
@@ -198,11 +208,21 @@ class BaseServer(ABC):
 
     # ---- planning ----------------------------------------------------------------------
     def participants(self, round_idx: int) -> list[int]:
-        m = self.settings.clients_per_round
-        if not m or m >= self.num_clients:
-            return list(range(self.num_clients))
-        rng = np.random.default_rng(mix(self.settings.seed, PARTICIPANTS, round_idx))
-        return sorted(int(k) for k in rng.choice(self.num_clients, size=m, replace=False))
+        return sampled_clients(self.settings, round_idx, self.num_clients)
+
+    @classmethod
+    def planned_steps(cls, settings: FedSettings, num_clients: int, **options: Any
+                      ) -> dict[int, int]:
+        """client -> the most seeds it can be planned to run over the whole run, known before
+        the run starts (its seeded participation, `sampled_clients`, times the most seeds a
+        round can give it); `options` are the method's server options. Differential privacy
+        solves sigma for this (runners/prepare.with_solved_noise). A method that plans more
+        seeds in some rounds (Meerkat-VP's calibration round) overrides it."""
+        steps = dict.fromkeys(range(num_clients), 0)
+        for r in range(1, settings.rounds + 1):
+            for k in sampled_clients(settings, r, num_clients):
+                steps[k] += settings.seeds_per_round
+        return steps
 
     def steps_for(self, round_idx: int, client_id: int) -> int:
         """Seeds (scalars) client_id runs in the round: T, or T * P with P directions a step."""

@@ -73,8 +73,11 @@ def run_report(run_dir: Path) -> str:
     dp = s.get("dp")
     if dp:  # differentially private scalars (federated/dp.py)
         spent = ", ".join(f"{k}: {v:.3f}" for k, v in dp["epsilon_spent"].items())
+        sigmas = list(dp.get("noise_multiplier_per_client", {}).values())
+        sigma = (f"{min(sigmas):.4f}-{max(sigmas):.4f} (per client)"
+                 if sigmas and min(sigmas) != max(sigmas) else f"{dp['noise_multiplier']:.4f}")
         lines.append(f"differential privacy: clip {dp['clip']:g}, noise multiplier "
-                     f"{dp['noise_multiplier']:.4f}, delta {dp['delta']}, budget "
+                     f"{sigma}, delta {dp['delta']}, budget "
                      f"{dp['budget'] if dp['budget'] else 'none'}; epsilon spent per client: "
                      f"{spent}")
     return "\n".join(lines)

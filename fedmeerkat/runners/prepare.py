@@ -24,6 +24,7 @@ from fedmeerkat.federated.dp import (
     sampling_rate,
     solve_noise_multiplier,
 )
+from fedmeerkat.federated.methods import get_method
 from fedmeerkat.models.loading import load_model
 from fedmeerkat.models.scoring import LabelScorer, encode_prompts
 from fedmeerkat.options import InputError
@@ -208,23 +209,39 @@ def dp_of(cfg: RunConfig) -> DPSettings | None:
     """The run's differential privacy (federated/dp.py), None when dp_clip = 0."""
     if cfg.dp_clip <= 0:
         return None
-    return DPSettings(cfg.dp_clip, cfg.dp_noise_multiplier, cfg.dp_delta, cfg.dp_epsilon)
+    return DPSettings(cfg.dp_clip, cfg.dp_noise_multiplier, cfg.dp_delta, cfg.dp_epsilon,
+                      tuple(float(s) for s in cfg.dp_noise_multipliers))
 
 
 def with_solved_noise(cfg: RunConfig, client_sizes: list[int]) -> RunConfig:
-    """dp_epsilon without dp_noise_multiplier: the sigma that keeps every client within the
-    budget even if it takes part in every round (the largest over the clients' sizes: each
-    has its sampling rate and, with dp_delta = 0, its delta 1/n), solved by dp-accounting. The
-    caller writes it to config.toml, so a resumed run (or one resumed with a larger budget)
-    keeps it."""
-    if cfg.dp_clip <= 0 or cfg.dp_noise_multiplier > 0:
+    """dp_epsilon without a sigma: each client's smallest sigma that keeps it within the
+    budget over the steps it is planned to run (BaseServer.planned_steps: its seeded
+    participation, known before the run; with clients_per_round < clients, far fewer than
+    rounds * local_steps), at its own sampling rate and (dp_delta = 0) delta 1/n, solved by
+    dp-accounting. Per client, not the largest for all: one small client (q near 1, little
+    amplification) would otherwise set the noise of every client. The caller writes them to
+    config.toml (dp_noise_multipliers), so a resumed run, or one resumed with a larger budget,
+    keeps them. A client planned no step gets the sigma of one round. The ledger still counts
+    the plans actually sent (a retried round costs again) and stops the run before any client
+    would exceed the budget."""
+    if cfg.dp_clip <= 0 or cfg.dp_noise_multiplier > 0 or cfg.dp_noise_multipliers:
         return cfg
-    steps = cfg.rounds * cfg.local_steps
-    sigma = max(solve_noise_multiplier(sampling_rate(cfg.batch_size, n), steps, cfg.dp_epsilon,
-                                       cfg.dp_delta or 1.0 / n) for n in set(client_sizes))
-    log(f"dp: noise multiplier {sigma:.4f} keeps every client's epsilon <= {cfg.dp_epsilon:g} "
-        f"for {steps} steps")
-    return dataclasses.replace(cfg, dp_noise_multiplier=sigma)
+    method = get_method(cfg.method)
+    settings = settings_of(cfg)
+    planned = method.server.planned_steps(settings, len(client_sizes),
+                                          **method.server_options(cfg.method_settings))
+    solved: dict[tuple[int, int], float] = {}
+    sigmas = []
+    for k, n in enumerate(client_sizes):
+        key = (n, planned[k] or settings.seeds_per_round)
+        if key not in solved:
+            solved[key] = solve_noise_multiplier(sampling_rate(cfg.batch_size, n), key[1],
+                                                 cfg.dp_epsilon, cfg.dp_delta or 1.0 / n)
+        sigmas.append(round(solved[key], 6) + 1e-6)  # rounded up: never above the budget
+    log(f"dp: noise multipliers {min(sigmas):.4f}-{max(sigmas):.4f} keep each client's epsilon "
+        f"<= {cfg.dp_epsilon:g} over the steps it is planned to run (at most "
+        f"{max(planned.values())} of {cfg.rounds * cfg.local_steps * cfg.perturbations})")
+    return dataclasses.replace(cfg, dp_noise_multipliers=sigmas)
 
 
 def ledger_of(cfg: RunConfig, client_sizes: list[int]) -> PrivacyLedger | None:

@@ -189,7 +189,9 @@ class Session:
         if self.ledger is None:
             return {}
         spent, dp = self.ledger.spent(), self.ledger.settings
-        return {"dp": {"clip": dp.clip, "noise_multiplier": dp.noise_multiplier,
+        sigmas = {str(k): dp.sigma(k) for k in range(len(self.ledger.client_sizes))}
+        return {"dp": {"clip": dp.clip, "noise_multiplier": max(sigmas.values()),
+                       "noise_multiplier_per_client": sigmas,
                        "delta": dp.delta or "1/n per client", "budget": dp.epsilon or None,
                        "sampling": "Poisson, q = batch_size / n per client",
                        "accountant": "dp-accounting RDP (add or remove one example)",

@@ -70,9 +70,9 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
     theta0 = space.view.gather()
     if cfg.lr_auto and not resume:
         cfg = pick_lr(cfg, prep, space.view, theta0, folder)
-    if not resume and cfg.dp_clip > 0 and cfg.dp_noise_multiplier == 0:
-        cfg = with_solved_noise(cfg, [len(p) for p in parts])
-        folder.write_config(cfg)  # the sigma dp_epsilon asks for, kept for resumes
+    if not resume and (solved := with_solved_noise(cfg, [len(p) for p in parts])) is not cfg:
+        cfg = solved
+        folder.write_config(cfg)  # the sigmas dp_epsilon asks for, kept for resumes
     _warn_eps(prep, theta0, cfg.eps)
     shared0 = theta0.clone() if cfg.downlink == "scalars" else None  # one copy for all
     states = [client_state(cfg, k, p, shared0) for k, p in enumerate(parts)]

@@ -74,7 +74,13 @@ from fedmeerkat.federated.client import ClientState, check_steps, run_client, sy
 from fedmeerkat.federated.gradip import GRADIP_UNITS, GradIPRecorder, VPRatios, vp_ratios
 from fedmeerkat.federated.messages import ClientReply, RoundPlan
 from fedmeerkat.federated.registry import Method, register
-from fedmeerkat.federated.server import FedSettings, MeerkatServer, RoundOutcome, SentPlan
+from fedmeerkat.federated.server import (
+    FedSettings,
+    MeerkatServer,
+    RoundOutcome,
+    SentPlan,
+    sampled_clients,
+)
 from fedmeerkat.federated.validate import Screened
 from fedmeerkat.options import setting
 from fedmeerkat.zo import draw_z, round_seeds
@@ -114,6 +120,14 @@ class VPSettings:
                              f"({self.calibration_steps})")
 
 
+def calibration_len(vp: VPSettings, local_steps: int) -> int:
+    """Seeds of a client's calibration round: T + T_cali with a calibration phase, else
+    max(T, T_cali)."""
+    if vp.calibration == "phase":
+        return local_steps + vp.calibration_steps
+    return max(local_steps, vp.calibration_steps)
+
+
 class VPServer(MeerkatServer):
     directions_ok = False
     method = "meerkat-vp"
@@ -138,9 +152,23 @@ class VPServer(MeerkatServer):
     @property
     def calibration_len(self) -> int:
         """Steps a calibrating client runs in its round (and seeds of that round)."""
-        if self.phase:
-            return self.settings.local_steps + self.vp.calibration_steps
-        return max(self.settings.local_steps, self.vp.calibration_steps)
+        return calibration_len(self.vp, self.settings.local_steps)
+
+    @classmethod
+    def planned_steps(cls, settings: FedSettings, num_clients: int, **options: Any
+                      ) -> dict[int, int]:
+        """As BaseServer's, with a client's first round its calibration round (more seeds);
+        early stopping only lowers the count (one step a round)."""
+        vp = options.get("vp") or VPSettings()
+        first = calibration_len(vp, settings.local_steps)
+        steps = super().planned_steps(settings, num_clients)
+        seen: set[int] = set()
+        for r in range(1, settings.rounds + 1):
+            for k in sampled_clients(settings, r, num_clients):
+                if k not in seen:
+                    seen.add(k)
+                    steps[k] += first - settings.seeds_per_round
+        return steps
 
     def _calibrating(self, round_idx: int) -> bool:
         return any(k not in self.calibrated for k in self.participants(round_idx))

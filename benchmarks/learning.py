@@ -8,7 +8,9 @@ runs/learning/<group>/<name>; a finished run (summary.json) is read back, an int
 resumed from its checkpoint (`run(..., resume=True)`), and benchmarks/results/learning.json is
 rewritten after every run, so the benchmark can be stopped at any time and continued with the
 same command. A finished run whose config.toml differs from the planned one is an error, not
-silently reused.
+silently reused. runs/ is not committed: on a checkout without a run's folder, its record in
+learning.json is reused when it agrees with the planned config (`Previous`), and a group not
+asked for is kept as the result file holds it; the result file lists both.
 
 Setting shared by every run (BASE below): SmolLM2-135M (packaged), mask from the packaged news
 text (32 sequences of 128 tokens, cached), max_length 48, 1,000 test examples, a validation set
@@ -414,7 +416,7 @@ def main() -> None:
     if args.plot_only:
         plot(json.loads((RESULTS / "learning.json").read_text()))
         return
-    bench, plan = Bench(args.threads), PLANS[args.plan]
+    bench, plan, previous = Bench(args.threads), PLANS[args.plan], Previous()
     groups: dict[str, Any] = {}
     started = time.time()
     for group, spec in plan.items():
@@ -438,10 +440,14 @@ def main() -> None:
             homes = spec[2] if len(spec) > 2 else {}
         selected = args.only is None or group in args.only
         if not selected:
-            # not asked for: kept in the result file if every run of it has finished
+            # not asked for: kept in the result file if every run of it has finished, or as
+            # the last invocation wrote it on a checkout without its run folders
             if all((RUNS / homes.get(n, group) / n / "summary.json").exists() for n, _ in runs):
                 groups[group] = summarize(group, kind, runs, [
                     bench.read(RUNS / homes.get(n, group) / n) for n, _ in runs])
+            elif group in previous.groups:
+                groups[group] = previous.groups[group]
+                previous.carried.append(group)
             continue
         if group == "auto" and not LONG_REVIEWS.exists():
             from long_reviews import corpus_rows, long_reviews
@@ -453,10 +459,54 @@ def main() -> None:
                 w.writerows(long_reviews(corpus_rows(), 100))
         recs = []
         for name, settings in runs:
-            recs.append(bench.read(bench.ensure(homes.get(name, group), name, settings)))
+            out = RUNS / homes.get(name, group) / name
+            old = previous.record(out, settings)
+            recs.append(old if old is not None else
+                        bench.read(bench.ensure(homes.get(name, group), name, settings)))
             groups[group] = summarize(group, kind, runs, recs)
-            save(args, plan, groups, started)
-    save(args, plan, groups, started)
+            save(args, plan, groups, started, previous)
+    save(args, plan, groups, started, previous)
+
+
+# what a record holds of its run's config (Bench.read), checked before a record is reused
+RECORD_KEYS = ("task", "seed", "max_length", "method", "lr", "eps", "dtype", "perturbations",
+               "zo_estimator", "density", "lr_schedule", "batch_size", "clients")
+
+
+class Previous:
+    """benchmarks/results/learning.json as the last invocation wrote it. runs/ is not
+    committed, so a fresh checkout has the records but not the run folders: a run whose folder
+    is missing is read from its record when the record agrees with the planned config on every
+    key it holds (and the number of steps), instead of being run again; a group not asked for
+    is kept as it was. Both are listed in the result file."""
+
+    def __init__(self) -> None:
+        path = RESULTS / "learning.json"
+        self.groups: dict[str, Any] = (json.loads(path.read_text())["groups"]
+                                       if path.exists() else {})
+        self.carried: list[str] = []  # groups kept as they were
+        self.reused: list[str] = []  # runs read from their records
+        self.runs: dict[str, dict[str, Any]] = {}
+        for g in self.groups.values():
+            for r in g.get("runs", []):
+                have = self.runs.get(r["run"])
+                # the same run in a grid (validation only) and a seeds group (with test)
+                if have is None or len(r["curve"][-1]) > len(have["curve"][-1]):
+                    self.runs[r["run"]] = r
+
+    def record(self, out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+        if (out / "summary.json").exists():
+            return None
+        rec = self.runs.get(str(out.relative_to(ROOT)))
+        if rec is None:
+            return None
+        want = planned_config(settings, out)
+        keys = [k for k in RECORD_KEYS if not (k == "lr" and want.lr_auto)]
+        if any(rec.get(k) != getattr(want, k) for k in keys) or (
+                rec["curve"][-1]["steps"] != want.rounds * want.local_steps):
+            return None
+        self.reused.append(rec["run"])
+        return rec
 
 
 def val_gain(rec: dict[str, Any]) -> float:
@@ -499,7 +549,8 @@ def summarize(group: str, kind: str, runs: list, recs: list[dict[str, Any]]) -> 
     return out
 
 
-def save(args, plan, groups: dict[str, Any], started: float) -> None:
+def save(args, plan, groups: dict[str, Any], started: float,
+         previous: Previous | None = None) -> None:
     import transformers
 
     import fedmeerkat
@@ -531,6 +582,8 @@ def save(args, plan, groups: dict[str, Any], started: float) -> None:
                         if not (RUNS / (s[2] if len(s) > 2 else {}).get(n, g) / n
                                 / "summary.json").exists()]},
         "wall_seconds_this_invocation": round(time.time() - started, 1),
+        "groups_carried_from_the_previous_result": previous.carried if previous else [],
+        "runs_read_from_the_previous_result": previous.reused if previous else [],
     }
     # run settings name files under the checkout (the grid's mask): relative in the result
     data = json.loads(json.dumps(data).replace(str(ROOT) + "/", ""))

@@ -229,6 +229,32 @@ def test_learning_benchmark_resumes_and_does_not_rerun(
         bench.ensure("g", "r", {"lr": 1e-2})
 
 
+def test_a_run_without_its_folder_is_read_from_its_record_only_if_it_matches(
+        tmp_path, monkeypatch):
+    """runs/ is not committed: on a fresh checkout a finished run is read back from
+    learning.json when the record agrees with the planned config, and run again otherwise."""
+    lb = _learning_module()
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    monkeypatch.setattr(lb, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(lb, "RESULTS", tmp_path / "results")
+    settings = {**lb.CENTRAL, **lb.ZO_300, "lr": 1e-4, "seed": 0}
+    cfg = lb.planned_config(settings, lb.RUNS / "g" / "r")
+    rec = {"run": "runs/g/r", **{k: getattr(cfg, k) for k in lb.RECORD_KEYS},
+           "curve": [{"steps": 0}, {"steps": 300}]}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "learning.json").write_text(json.dumps(
+        {"groups": {"g": {"kind": "grid", "runs": [rec]}}}))
+    prev = lb.Previous()
+    assert prev.record(lb.RUNS / "g" / "r", settings) == rec and prev.reused == ["runs/g/r"]
+    assert prev.record(lb.RUNS / "g" / "r", {**settings, "lr": 3e-4}) is None
+    assert prev.record(lb.RUNS / "g" / "r", {**settings, "rounds": 7}) is None
+    assert prev.record(lb.RUNS / "g" / "other", settings) is None
+    (lb.RUNS / "g" / "r").mkdir(parents=True)
+    (lb.RUNS / "g" / "r" / "summary.json").write_text("{}")  # its folder is here: read that
+    assert prev.record(lb.RUNS / "g" / "r", settings) is None
+    assert lb.Previous().groups == {"g": {"kind": "grid", "runs": [rec]}}
+
+
 def test_lr_auto_is_refused_for_deployment(tmp_path):
     from fedmeerkat.deploy.meerkat import prepare_run
 

@@ -16,7 +16,11 @@ suite file (default experiments/cpu.toml: its comments say why each value). Stag
   5. claim3: meerkat-vp and meerkat-random-select at Meerkat's lr on every task and seed.
 Each run's folder is RUNS/<name>; a run with a summary.json is not run again, so an interrupted
 suite continues where it stopped (an unfinished run restarts: each takes a minute or two). A
-finished run keeps its metrics, summary and final state; its checkpoints are deleted.
+finished run keeps its metrics, summary and final state; its checkpoints are deleted. The
+result file is rewritten after every run ("complete": false until the end), and a run whose
+folder is missing (runs/ is not committed) but whose record is in the result file of the same
+suite (same suite file contents and --set) is read from there, so a suite can span sessions;
+the file lists those runs.
 The untrained model's test evaluation is taken once per (task, seed) and shared.
 
 Output: experiments/results/claims.json (every run's metrics, the picks, command, versions,
@@ -109,6 +113,23 @@ class Suite:
             raise SystemExit(f"suite file: [grids] lacks {sorted(missing)}")
         self.initial: dict[tuple[str, int], Any] = {}
         self.records: list[dict[str, Any]] = []
+        # the last result file's records of this same suite (`reuse_previous`): a run whose
+        # folder is missing is read from there; runs/ is not committed, so a suite that spans
+        # sessions keeps what earlier sessions ran
+        self.previous: dict[str, dict[str, Any]] = {}
+        self.previous_gradip: dict[tuple[str, int, float], dict[str, Any]] = {}
+        self.reused: list[str] = []
+        self.on_record: Any = lambda: None  # called after each run (main writes the result)
+
+    def reuse_previous(self, data: dict[str, Any], overrides: dict[str, Any]) -> bool:
+        """Take the runs of an earlier result file of the same suite file contents and
+        overrides; False (nothing taken) for another suite."""
+        if data.get("suite") != self.spec or data.get("overrides", {}) != overrides:
+            return False
+        self.previous = {r["run"]: r for r in data.get("runs", [])}
+        self.previous_gradip = {(g["task"], g["seed"], g["lr"]): g
+                                for g in data.get("gradip", [])}
+        return True
 
     def config(self, task: str, seed: int, extra: dict[str, Any], out: Path):
         raw = {k: v for k, v in self.base.items()}
@@ -125,6 +146,13 @@ class Suite:
         name = f"{task}/{arm}/lr{lr_name(lr)}-seed{seed}"
         out = self.runs / name
         done = out / "summary.json"
+        if not done.exists() and name in self.previous:
+            rec = {**self.previous[name], "stage": stage}
+            if name not in self.reused:
+                self.reused.append(name)
+            self.records = [r for r in self.records if r["run"] != name or r["stage"] != stage]
+            self.records.append(rec)
+            return rec
         if not done.exists():
             if out.exists():
                 log(f"{name}: unfinished, restarting it")
@@ -156,6 +184,7 @@ class Suite:
                "vp_early_stopped": summary.get("vp_early_stopped")}
         self.records = [r for r in self.records if r["run"] != name or r["stage"] != stage]
         self.records.append(rec)
+        self.on_record()
         return rec
 
     def pick(self, arm: str) -> dict[str, Any]:
@@ -214,6 +243,10 @@ class Suite:
             for seed in self.suite["seeds"]:
                 out = self.runs / task / "gradip" / f"lr{lr_name(lr)}-seed{seed}"
                 path = out / "gradip.json"
+                if not path.exists() and (task, seed, lr) in self.previous_gradip:
+                    results.append(self.previous_gradip[(task, seed, lr)])
+                    self.reused.append(f"{task}/gradip/lr{lr_name(lr)}-seed{seed}")
+                    continue
                 if not path.exists():
                     cfg = self.config(task, seed, {"method": "meerkat-vp", "lr": lr}, out)
                     t = time.time()
@@ -264,42 +297,53 @@ def main(argv: list[str] | None = None) -> int:
     spec = tomllib.loads(spec_path.read_text())
     runs = Path(args.runs) if args.runs else ROOT / "runs" / "experiments" / spec_path.stem
     suite = Suite(spec, runs, parse_sets(args.set))
+    out = Path(args.out)
+    if out.exists() and suite.reuse_previous(json.loads(out.read_text()), parse_sets(args.set)):
+        log(f"{out}: runs of this suite whose folders are missing are read from it")
     start = time.time()
     log(f"suite {spec_path.name}: run folders under {runs}")
     n_runs, forwards = suite.planned(args.stages)
     log(f"plan: {n_runs} runs, at most {forwards:,} forwards of batch_size "
         f"{suite.base.get('batch_size')} (finished runs are read, not re-run)")
+    picks: dict[str, dict[str, Any]] = {}
+    gradip: list[dict[str, Any]] = []
 
+    def write(complete: bool) -> None:
+        """The result file: after every run (complete = false) and at the end."""
+        result = {
+            "command": "python " + " ".join(shlex.quote(a) for a in [
+                str(Path(sys.argv[0]).resolve().relative_to(ROOT))
+                if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else sys.argv[0],
+                *sys.argv[1:]]),
+            "suite_file": spec_path.name, "suite": spec, "overrides": parse_sets(args.set),
+            "stages": args.stages, "complete": complete, "versions": versions(),
+            "machine": machine(), "picks": picks, "runs": suite.records, "gradip": gradip,
+            "runs_read_from_the_previous_result": suite.reused,
+            "wall_seconds": round(time.time() - start, 1),
+            "note": "wall_seconds is this invocation's; runs finished by an earlier invocation "
+                    "were read, not re-run (each run's own wall_seconds is in its record)",
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(out)
+
+    # a partial result keeps every run that finished; it replaces an older file of another
+    # suite only once this suite has a run of its own to keep
+    suite.on_record = lambda: write(False)
     suite.grid()  # always: the picks need it (finished runs are read, not re-run)
-    picks = {arm: suite.pick(arm) for arm in ARMS}
+    picks.update({arm: suite.pick(arm) for arm in ARMS})
     for arm, p in picks.items():
         log(f"pick {arm}: lr {p['lr']:g} ({p['rule']}; by lr: "
             f"{p.get('val_metrics', p['losses'])})")
     meerkat_lr = picks["meerkat"]["lr"]
-    gradip: list[dict[str, Any]] = []
     if "claim1" in args.stages:
         suite.claim1(picks)
     if "claim2" in args.stages:
-        gradip = suite.claim2(meerkat_lr)
+        gradip.extend(suite.claim2(meerkat_lr))
     if "claim3" in args.stages:
         suite.claim3(meerkat_lr)
-
-    result = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [
-            str(Path(sys.argv[0]).resolve().relative_to(ROOT))
-            if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else sys.argv[0], *sys.argv[1:]]),
-        "suite_file": spec_path.name, "suite": spec, "overrides": parse_sets(args.set),
-        "stages": args.stages, "versions": versions(), "machine": machine(),
-        "picks": picks, "runs": suite.records, "gradip": gradip,
-        "wall_seconds": round(time.time() - start, 1),
-        "note": "wall_seconds is this invocation's; runs finished by an earlier invocation "
-                "were read, not re-run (each run's own wall_seconds is in its record)",
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
+    write(True)
     log(f"wrote {out} ({len(suite.records)} runs, {time.time() - start:.0f} s)")
     return 0
 

@@ -100,6 +100,25 @@ def test_suite_runs_every_claim_and_resumes_without_rerunning(
     assert claims.main(argv) == 0  # everything done: read back, nothing run again
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
     assert json.loads(out.read_text())["runs"] == recs
+    assert data["complete"] and data["runs_read_from_the_previous_result"] == []
+
+    # a checkout without the run folders (runs/ is not committed) reads the result file's
+    # records instead of running again; another suite's file is not read
+    import shutil
+
+    shutil.rmtree(runs)
+    real_run, real_gradip = claims.run, claims.run_gradip
+    claims.run = claims.run_gradip = lambda *a, **k: pytest.fail("ran again")
+    try:
+        assert claims.main(argv) == 0
+        again = json.loads(out.read_text())
+        assert again["runs"] == recs and again["gradip"] == data["gradip"]
+        assert len(again["runs_read_from_the_previous_result"]) == len(
+            {r["run"] for r in recs}) + len(data["gradip"])
+        with pytest.raises(pytest.fail.Exception, match="ran again"):
+            claims.main([*argv, "--set", "rounds=3"])
+    finally:
+        claims.run, claims.run_gradip = real_run, real_gradip
 
     page = tmp_path / "docs" / "results.md"
     page.parent.mkdir()

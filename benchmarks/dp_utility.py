@@ -164,6 +164,11 @@ def main() -> None:
             else:
                 runs = here
         for name, settings in runs:
+            old = _non_private_record(previous, group, name, settings)
+            if old is not None:
+                carried.append(old["run"])
+                groups.setdefault(group, []).append(old)
+                continue
             rec = bench.read(bench.ensure(group, name, settings))
             summary = json.loads((RUNS / group / name / "summary.json").read_text())
             groups.setdefault(group, []).append({**rec, "dp": summary.get("dp")})
@@ -177,6 +182,21 @@ def main() -> None:
 def _previous() -> dict[str, Any]:
     path = learning.RESULTS / "dp_utility.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _non_private_record(previous: dict[str, Any], group: str, name: str,
+                        settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A non-private run without its folder, from the last result file when its record agrees
+    with the planned config (as learning.py reads back its runs; a non-private run is
+    reproducible from its seed). A private run is always run: its sigma comes from the
+    solver, and its noise from an OS-seeded generator."""
+    out = RUNS / group / name
+    if "dp_clip" in settings or (out / "summary.json").exists():
+        return None
+    rel = str(out.relative_to(learning.ROOT))
+    rec = next((r for r in previous.get("groups", {}).get(group, []) if r["run"] == rel), None)
+    ok = rec is not None and learning.record_matches(rec, learning.planned_config(settings, out))
+    return rec if ok else None
 
 
 def _reference(bench: learning.Bench, seed: int) -> dict[str, Any]:
@@ -196,7 +216,9 @@ def _reference(bench: learning.Bench, seed: int) -> dict[str, Any]:
 
 def save(groups, reference, clip, started, carried=()) -> None:
     data = {"recipe": PICK, "k10": K10, "clips": CLIPS, "picked_clip": clip,
-            "groups_carried_from_the_previous_result": list(carried),
+            # groups and non-private runs read from the last result file (their folders were
+            # not on this checkout)
+            "carried_from_the_previous_result": list(carried),
             "groups": {g: [r if g != "clip" else learning.without_test(r) for r in rs]
                        for g, rs in groups.items()},
             "reference_non_private_central": [r["run"] for r in reference],

@@ -500,13 +500,18 @@ class Previous:
         rec = self.runs.get(str(out.relative_to(ROOT)))
         if rec is None:
             return None
-        want = planned_config(settings, out)
-        keys = [k for k in RECORD_KEYS if not (k == "lr" and want.lr_auto)]
-        if any(rec.get(k) != getattr(want, k) for k in keys) or (
-                rec["curve"][-1]["steps"] != want.rounds * want.local_steps):
+        if not record_matches(rec, planned_config(settings, out)):
             return None
         self.reused.append(rec["run"])
         return rec
+
+
+def record_matches(rec: dict[str, Any], want) -> bool:
+    """A run's record (Bench.read) agrees with the planned config on every key it holds and
+    on the number of steps."""
+    keys = [k for k in RECORD_KEYS if not (k == "lr" and want.lr_auto)]
+    return all(rec.get(k) == getattr(want, k) for k in keys) and (
+        rec["curve"][-1]["steps"] == want.rounds * want.local_steps)
 
 
 def val_gain(rec: dict[str, Any]) -> float:

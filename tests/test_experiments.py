@@ -192,7 +192,7 @@ def test_pick_reads_validation_when_the_suite_has_it(tmp_path):
     assert suite.pick("meerkat")["lr"] == 1e-3
 
 
-@pytest.mark.parametrize("name", ["cpu.toml", "gpu.toml"])
+@pytest.mark.parametrize("name", ["cpu.toml", "gpu.toml", "cpu_learning.toml"])
 def test_shipped_suites_resolve_and_state_their_budget(name, tmp_path):
     """Every run a shipped suite file plans builds a valid config (no model loaded), and the
     planned budget is the runs it will make: gpu.toml at the paper's scale of steps."""
@@ -212,5 +212,7 @@ def test_shipped_suites_resolve_and_state_their_budget(name, tmp_path):
         assert b["clients"] == 10 and b["rounds"] * b["local_steps"] >= 500
         assert b["batch_size"] == 16 and b["val_fraction"] > 0
         assert (n_runs, forwards) == (8, 8 * 10 * 500 * 2)
+    elif name == "cpu_learning.toml":  # the learning benchmark's federated budget
+        assert spec["base"]["val_fraction"] > 0 and (n_runs, forwards) == (26, 26 * 600)
     else:
         assert n_runs == 57  # the committed claims.json's run count

@@ -24,6 +24,11 @@ None if not reached within the budget. Test ROC-AUC at the same budget is report
 Wall time per step is measured apart (`step_timing`: steps of each variant on one batch of 16
 on the packaged SmolLM2), so evaluations and start-up do not blur it.
 
+Groups: `central` (one IID client) and, in the full plan, `k10` (K = 10 Dirichlet clients,
+one per round: the plain runs are dp_utility.py's non-private K = 10 runs). runs/ is not
+committed: on a checkout without a run's folder its record in the result file is read back
+when it agrees with the planned config, and a group not asked for is kept as it was.
+
 Output: benchmarks/results/zo_efficiency.json (command, versions, machine, every run's curve,
 the per-seed comparison, what of the plan has not run) and docs/zo_efficiency.md from it.
 """
@@ -53,8 +58,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "two-point-p4": {"perturbations": 4, "zo_estimator": "two-point",
                      "rounds": 3, "local_steps": 25, "eval_every": 1},   # 25 x 8 = 200 forwards
 }
+# K = 10 Dirichlet clients, one per round (the learning benchmark's federated setting): the
+# plain runs are the privacy benchmark's non-private K = 10 runs (dp_utility.py, k10-epsinf:
+# 30 rounds of 10 steps, evaluated every 10 rounds = 200 forwards); the variant at the same 30
+# rounds, evaluated at the same points: 4 steps of 5 forwards a round
+K10_VARIANTS: dict[str, dict[str, Any]] = {
+    "one-sided-p4": {**VARIANTS["one-sided-p4"], "rounds": 30, "local_steps": 4,
+                     "eval_every": 10},
+}
 PLANS = {"session": {"central": (["one-sided-p4"], learning.SEEDS)},
-         "full": {"central": (list(VARIANTS), learning.SEEDS)}}
+         "full": {"central": (list(VARIANTS), learning.SEEDS),
+                  "k10": (list(K10_VARIANTS), learning.SEEDS)}}
 
 
 def plain_pick() -> dict[str, Any]:
@@ -64,12 +78,18 @@ def plain_pick() -> dict[str, Any]:
     return grid["pick_settings"]
 
 
-def variant_runs(pick: dict[str, Any], names: list[str], seeds) -> list[tuple[str, dict]]:
+def variant_runs(pick: dict[str, Any], names: list[str], seeds,
+                 group: str = "central") -> list[tuple[str, dict]]:
     base = {k: v for k, v in pick["settings"].items() if k not in ("rounds", "local_steps",
                                                                     "eval_every", "seed")}
+    if group == "k10":
+        from dp_utility import K10
+
+        base = {**base, **{k: v for k, v in K10.items()
+                           if k not in ("rounds", "local_steps", "eval_every")}}
     out = []
     for name in names:
-        v = VARIANTS[name]
+        v = (K10_VARIANTS if group == "k10" else VARIANTS)[name]
         for s in seeds:
             out.append((f"{name}-seed{s}", {**base, **v, **learning.BF16,
                                             "lr": base["lr"] * v["perturbations"], "seed": s}))
@@ -149,6 +169,7 @@ def main() -> None:
     ap.add_argument("--plan", default="session", choices=list(PLANS))
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--timing-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run")
     args = ap.parse_args()
     started = time.time()
     previous = (json.loads((RESULTS / "zo_efficiency.json").read_text())
@@ -161,26 +182,55 @@ def main() -> None:
             (learning.ROOT / "docs" / "zo_efficiency.md").write_text(markdown(data))
         return
     pick = plain_pick()
-    bench = learning.Bench(threads=0, runs=RUNS)
+    bench = learning.Bench(threads=args.threads, runs=RUNS)
     groups: dict[str, Any] = {}
+    old_runs = {r["run"]: r for g in previous.get("groups", {}).values()
+                for rs in g.get("variants", {}).values() for r in rs}
     for group, (names, seeds) in PLANS[args.plan].items():
         if args.only is not None and group not in args.only:
+            if group in previous.get("groups", {}):  # kept as the last invocation wrote it
+                groups[group] = previous["groups"][group]
             continue
-        plain = []
-        for s in seeds:  # the learning benchmark's own bf16 runs of the pick
-            out = (learning.RUNS / "rt-central-bf16"
-                   / f"{pick['name'].removesuffix('-seed0')}-bf16-seed{s}")
-            if not (out / "summary.json").exists():
-                raise SystemExit(f"{out} has not finished: run benchmarks/learning.py first")
-            plain.append(bench.read(out))
+        plain = [plain_run(bench, group, pick, s) for s in seeds]
         variants: dict[str, list[dict]] = {}
-        for name, settings in variant_runs(pick, names, seeds):
-            rec = bench.read(bench.ensure(group, name, settings))
+        for name, settings in variant_runs(pick, names, seeds, group):
+            out = RUNS / group / name
+            old = old_runs.get(str(out.relative_to(learning.ROOT)))
+            # runs/ is not committed: a finished run without its folder is read from the
+            # last result file when its record agrees with the planned config
+            rec = (old if old is not None and not (out / "summary.json").exists()
+                   and learning.record_matches(old, learning.planned_config(settings, out))
+                   else bench.read(bench.ensure(group, name, settings)))
             variants.setdefault(name.rsplit("-seed", 1)[0], []).append(rec)
             groups[group] = {"plain": plain, "variants": variants,
                              "comparison": compare(plain, variants)}
             save(args, pick, groups, previous, started)
     save(args, pick, groups, previous, started)
+
+
+def plain_run(bench: learning.Bench, group: str, pick: dict[str, Any], seed: int
+              ) -> dict[str, Any]:
+    """Plain sparse ZO-SGD at `seed`: the learning benchmark's bf16 run of the pick
+    (centralized) or the privacy benchmark's non-private K = 10 run; from its folder, or from
+    the record its benchmark wrote on a checkout without the folder."""
+    if group == "k10":
+        import dp_utility
+
+        out, file = dp_utility.RUNS / "k10" / f"k10-epsinf-seed{seed}", "dp_utility.json"
+    else:
+        out, file = (learning.RUNS / "rt-central-bf16"
+                     / f"{pick['name'].removesuffix('-seed0')}-bf16-seed{seed}", "learning.json")
+    if (out / "summary.json").exists():
+        return bench.read(out)
+    groups = json.loads((RESULTS / file).read_text())["groups"] if (RESULTS / file).exists() else {}
+    recs = groups.get("k10", []) if group == "k10" else groups.get("rt-central-bf16", {}).get(
+        "runs", [])
+    rel = str(out.relative_to(learning.ROOT))
+    found = [r for r in recs if r["run"] == rel]
+    if not found:
+        raise SystemExit(f"{rel} has not finished: run its benchmark first "
+                         f"({'dp_utility.py --only k10' if group == 'k10' else 'learning.py'})")
+    return found[0]
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:
@@ -230,7 +280,8 @@ def save(args, pick, groups, previous, started) -> None:
 
     import fedmeerkat
 
-    planned = {g: [n for n, _ in variant_runs(pick, names, seeds)]
+    done = {r["run"] for g in groups.values() for rs in g["variants"].values() for r in rs}
+    planned = {g: [n for n, _ in variant_runs(pick, names, seeds, g)]
                for g, (names, seeds) in PLANS["full"].items()}
     data = {
         "plan": args.plan, "budget_forwards": BUDGET, "plain": pick,
@@ -241,7 +292,7 @@ def save(args, pick, groups, previous, started) -> None:
                      "platform": platform.platform()},
         "groups": groups,
         "not_run": [f"{g}/{n}" for g, names in planned.items() for n in names
-                    if not (RUNS / g / n / "summary.json").exists()],
+                    if f"{RUNS.relative_to(learning.ROOT)}/{g}/{n}" not in done],
         "step_timing": previous.get("step_timing"),
         "wall_seconds_this_invocation": round(time.time() - started, 1),
     }

@@ -7,7 +7,10 @@ lr 1e-4, 600 forwards of 16, its mask and validation split); its rt-central-bf16
 non-private centralized reference and are read back, not re-run. Every run is an ordinary
 simulation under the learning benchmark's resumable runner (runs/dp_utility/<group>/<name>):
 stop it at any time and run the same command again. delta = 1/n per client (dp_delta = 0);
-sigma is solved by dp-accounting for each run's budget (config.toml keeps it).
+each client's sigma is solved by dp-accounting for the run's budget over the steps its seeded
+participation plans (config.toml keeps them: dp_noise_multipliers). On a checkout without the
+run folders (runs/ is not committed), a group not asked for and a non-private run are read
+from the last result file (listed there); a private run always runs.
 
 Groups, in the order they run:
   clip      C in {1, 10, 100} at epsilon 8, centralized, seed 0: C is picked on validation
@@ -215,7 +218,9 @@ def _reference(bench: learning.Bench, seed: int) -> dict[str, Any]:
 
 
 def save(groups, reference, clip, started, carried=()) -> None:
-    data = {"recipe": PICK, "k10": K10, "clips": CLIPS, "picked_clip": clip,
+    # the grid's mask is a file under the checkout: relative in the result
+    recipe = {**PICK, "mask": str(Path(PICK["mask"]).relative_to(learning.ROOT))}
+    data = {"recipe": recipe, "k10": K10, "clips": CLIPS, "picked_clip": clip,
             # groups and non-private runs read from the last result file (their folders were
             # not on this checkout)
             "carried_from_the_previous_result": list(carried),
@@ -231,7 +236,11 @@ def save(groups, reference, clip, started, carried=()) -> None:
              "Written from `benchmarks/results/dp_utility.json` by the benchmark; do not edit "
              "by hand. Recipe: rotten_tomatoes, batch 16, lr 1e-4, 300 steps (600 forwards "
              "of 16), bf16 forward, the calibration mask at density 1e-3, 1,000 test reviews, "
-             "delta = 1/n per client; sigma solved by dp-accounting (RDP) for each budget.", "",
+             "delta = 1/n per client; each client's sigma solved by dp-accounting (RDP) for "
+             "its budget over the steps its seeded participation plans.",
+             *([f"Read from the previous result file (their run folders were not on this "
+                f"checkout): {', '.join(data['carried_from_the_previous_result'])}."]
+               if data["carried_from_the_previous_result"] else []), "",
              "## The clip, picked on validation (epsilon 8, seed 0)", "",
              "| run | validation ROC-AUC gain (best round) |", "|---|---|", *clip_rows, "",
              f"Picked: C = {clip}", "", "## Test ROC-AUC at each epsilon", "",

@@ -34,6 +34,12 @@ Flags:
   --set K=V ...     override [base] keys for every run, e.g. --set rounds=20 local_steps=10
   --stages S ...    only these stages (grid claim1 claim2 claim3; select always runs)
   --threads N       torch threads (default: torch's)
+  --seeds S ...     claim1/claim2/claim3 at these of the suite's seeds only (the grid always
+                    runs at seeds[0]); for a suite that spans sessions, or fewer seeds on CPU
+  --arms A ...      claim1 with these arms only (the grid and the picks keep every arm)
+An invocation keeps the records of earlier invocations of the same suite that it did not
+touch, so restricted invocations add up to the whole suite; "complete" is true only when the
+result holds every run and GradIP experiment the suite plans.
 """
 
 from __future__ import annotations
@@ -117,9 +123,12 @@ class Suite:
         # folder is missing is read from there; runs/ is not committed, so a suite that spans
         # sessions keeps what earlier sessions ran
         self.previous: dict[str, dict[str, Any]] = {}
+        self.previous_records: list[dict[str, Any]] = []
         self.previous_gradip: dict[tuple[str, int, float], dict[str, Any]] = {}
         self.reused: list[str] = []
         self.on_record: Any = lambda: None  # called after each run (main writes the result)
+        self.seeds: list[int] = list(self.suite["seeds"])  # claim stages' seeds (--seeds)
+        self.arms: list[str] = list(ARMS)  # claim1's arms (--arms)
 
     def reuse_previous(self, data: dict[str, Any], overrides: dict[str, Any]) -> bool:
         """Take the runs of an earlier result file of the same suite file contents and
@@ -127,9 +136,30 @@ class Suite:
         if data.get("suite") != self.spec or data.get("overrides", {}) != overrides:
             return False
         self.previous = {r["run"]: r for r in data.get("runs", [])}
+        self.previous_records = data.get("runs", [])
         self.previous_gradip = {(g["task"], g["seed"], g["lr"]): g
                                 for g in data.get("gradip", [])}
         return True
+
+    def all_records(self) -> list[dict[str, Any]]:
+        """This invocation's records, then the earlier invocations' that it did not touch."""
+        mine = {(r["run"], r["stage"]) for r in self.records}
+        return self.records + [r for r in self.previous_records
+                               if (r["run"], r["stage"]) not in mine]
+
+    def all_gradip(self, gradip: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        mine = {(g["task"], g["seed"], g["lr"]) for g in gradip}
+        return gradip + [g for k, g in self.previous_gradip.items() if k not in mine]
+
+    def is_complete(self, records: list[dict[str, Any]], gradip: list[dict[str, Any]],
+                    meerkat_lr: float) -> bool:
+        """Every run and GradIP experiment the whole suite plans is in the result."""
+        have = {(r["stage"], r["arm"], r["task"], r["seed"]) for r in records}
+        seeds = self.suite["seeds"]
+        want = {("claim1", a, t, s) for t in self.tasks for s in seeds for a in ARMS}
+        want |= {("claim3", a, t, s) for t in self.tasks for s in seeds for a in VP_ARMS}
+        got_gradip = {(g["task"], g["seed"]) for g in gradip if g["lr"] == meerkat_lr}
+        return want <= have and got_gradip >= {(t, s) for t in self.tasks for s in seeds}
 
     def config(self, task: str, seed: int, extra: dict[str, Any], out: Path):
         raw = {k: v for k, v in self.base.items()}
@@ -217,10 +247,12 @@ class Suite:
             cfg = {**self.base, **self.tasks[task]}
             per_round = int(cfg.get("clients_per_round") or cfg.get("clients", 1))
             per_run[task] = per_round * int(cfg["rounds"]) * int(cfg["local_steps"]) * 2
-        select, n_seeds = self.suite["select_task"], len(self.suite["seeds"])
+        select, n_seeds = self.suite["select_task"], len(self.seeds)
+        first_seed = self.suite["seeds"][0] in self.seeds
         runs = [(select, sum(len(self.grids[a]) for a in ARMS))]
-        if "claim1" in stages:  # the select task's seed-0 runs are the grid's own
-            runs += [(t, len(ARMS) * (n_seeds - (t == select))) for t in self.tasks]
+        if "claim1" in stages:  # the select task's seeds[0] runs are the grid's own
+            runs += [(t, len(self.arms) * (n_seeds - (t == select and first_seed)))
+                     for t in self.tasks]
         if "claim3" in stages:
             runs += [(t, len(VP_ARMS) * n_seeds) for t in self.tasks]
         return sum(n for _, n in runs), sum(per_run[t] * n for t, n in runs)
@@ -233,14 +265,14 @@ class Suite:
 
     def claim1(self, picks: dict[str, dict[str, Any]]) -> None:
         for task in self.tasks:
-            for seed in self.suite["seeds"]:
-                for arm, extra in ARMS.items():
-                    self.run("claim1", arm, extra, task, seed, picks[arm]["lr"])
+            for seed in self.seeds:
+                for arm in self.arms:
+                    self.run("claim1", arm, ARMS[arm], task, seed, picks[arm]["lr"])
 
     def claim2(self, lr: float) -> list[dict[str, Any]]:
         results = []
         for task in self.tasks:
-            for seed in self.suite["seeds"]:
+            for seed in self.seeds:
                 out = self.runs / task / "gradip" / f"lr{lr_name(lr)}-seed{seed}"
                 path = out / "gradip.json"
                 if not path.exists() and (task, seed, lr) in self.previous_gradip:
@@ -266,7 +298,7 @@ class Suite:
 
     def claim3(self, lr: float) -> None:
         for task in self.tasks:
-            for seed in self.suite["seeds"]:
+            for seed in self.seeds:
                 for arm, extra in VP_ARMS.items():
                     self.run("claim3", arm, extra, task, seed, lr)
 
@@ -290,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seeds", nargs="*", type=int, default=None)
+    ap.add_argument("--arms", nargs="*", default=None, choices=list(ARMS))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -297,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     spec = tomllib.loads(spec_path.read_text())
     runs = Path(args.runs) if args.runs else ROOT / "runs" / "experiments" / spec_path.stem
     suite = Suite(spec, runs, parse_sets(args.set))
+    if args.seeds is not None:
+        if not args.seeds or not set(args.seeds) <= set(suite.suite["seeds"]):
+            raise SystemExit(f"--seeds {args.seeds}: pick from the suite's seeds "
+                             f"{suite.suite['seeds']}")
+        suite.seeds = [s for s in suite.suite["seeds"] if s in args.seeds]
+    if args.arms is not None:
+        if not args.arms:
+            raise SystemExit(f"--arms: name at least one of {list(ARMS)}")
+        suite.arms = [a for a in ARMS if a in args.arms]
     out = Path(args.out)
     if out.exists() and suite.reuse_previous(json.loads(out.read_text()), parse_sets(args.set)):
         log(f"{out}: runs of this suite whose folders are missing are read from it")
@@ -308,16 +351,21 @@ def main(argv: list[str] | None = None) -> int:
     picks: dict[str, dict[str, Any]] = {}
     gradip: list[dict[str, Any]] = []
 
-    def write(complete: bool) -> None:
-        """The result file: after every run (complete = false) and at the end."""
+    def write(finished: bool) -> None:
+        """The result file: after every run and at the end; complete once it holds the whole
+        suite (restricted invocations add up to it)."""
+        records, all_gradip = suite.all_records(), suite.all_gradip(gradip)
+        complete = finished and "meerkat" in picks and suite.is_complete(
+            records, all_gradip, picks["meerkat"]["lr"])
         result = {
             "command": "python " + " ".join(shlex.quote(a) for a in [
                 str(Path(sys.argv[0]).resolve().relative_to(ROOT))
                 if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else sys.argv[0],
                 *sys.argv[1:]]),
             "suite_file": spec_path.name, "suite": spec, "overrides": parse_sets(args.set),
-            "stages": args.stages, "complete": complete, "versions": versions(),
-            "machine": machine(), "picks": picks, "runs": suite.records, "gradip": gradip,
+            "stages": args.stages, "seeds": suite.seeds, "arms": suite.arms,
+            "complete": complete, "versions": versions(),
+            "machine": machine(), "picks": picks, "runs": records, "gradip": all_gradip,
             "runs_read_from_the_previous_result": suite.reused,
             "wall_seconds": round(time.time() - start, 1),
             "note": "wall_seconds is this invocation's; runs finished by an earlier invocation "

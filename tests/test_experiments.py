@@ -129,6 +129,33 @@ def test_suite_runs_every_claim_and_resumes_without_rerunning(
     assert (page.parent / "results_claim2.png").stat().st_size > 0
 
 
+def test_restricted_invocations_add_up_to_the_suite(
+        tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path):
+    """--seeds and --arms run part of the claim stages; each invocation keeps what the
+    earlier ones recorded, and the result is complete only once it holds the whole suite."""
+    spec = _suite(tmp_path, tiny_model_dir, sentiment_csv, calib_txt)
+    runs, out = tmp_path / "runs", tmp_path / "claims.json"
+    argv = ["--config", str(spec), "--runs", str(runs), "--out", str(out)]
+    suite = claims.Suite(claims.tomllib.loads(spec.read_text()), runs, {})
+    suite.seeds, suite.arms = [1], ["meerkat"]
+    assert suite.planned(["grid", "claim1"]) == (6 + 1, 7 * 2 * 3 * 2 * 2)
+    assert claims.main([*argv, "--stages", "grid", "claim3", "--seeds", "0"]) == 0
+    first = json.loads(out.read_text())
+    assert {(r["stage"], r["seed"]) for r in first["runs"]} == {("grid", 0), ("claim3", 0)}
+    assert not first["complete"] and first["seeds"] == [0]
+    assert claims.main([*argv, "--stages", "claim1", "--seeds", "1", "--arms", "meerkat"]) == 0
+    second = json.loads(out.read_text())
+    have = {(r["stage"], r["arm"], r["seed"]) for r in second["runs"]}
+    assert ("claim1", "meerkat", 1) in have and ("claim3", "meerkat-vp", 0) in have
+    assert ("claim1", "random-mask", 1) not in have and not second["complete"]
+    assert [r for r in second["runs"] if r["stage"] == "claim3"] == [
+        r for r in first["runs"] if r["stage"] == "claim3"]
+    assert claims.main(argv) == 0  # the rest: now the whole suite
+    assert json.loads(out.read_text())["complete"]
+    with pytest.raises(SystemExit, match="suite's seeds"):
+        claims.main([*argv, "--seeds", "7"])
+
+
 def _run(arm, stage, seed, initial, final):
     return {"arm": arm, "stage": stage, "seed": seed, "task": "t", "lr": 1e-3, "forwards": 8,
             "wall_seconds": 1.0, "vp_early_stopped": [],

@@ -36,15 +36,19 @@ Flags:
   --threads N       torch threads (default: torch's)
   --seeds S ...     claim1/claim2/claim3 at these of the suite's seeds only (the grid always
                     runs at seeds[0]); for a suite that spans sessions, or fewer seeds on CPU
-  --arms A ...      claim1 with these arms only (the grid and the picks keep every arm)
+  --arms A ...      the grid, the picks and claim1 with these arms only (claim2 and claim3
+                    use Meerkat's pick, so they need meerkat among them)
 An invocation keeps the records of earlier invocations of the same suite that it did not
 touch, so restricted invocations add up to the whole suite; "complete" is true only when the
-result holds every run and GradIP experiment the suite plans.
+result holds every run and GradIP experiment the suite plans. Each write re-reads the result
+file under a lock and merges, so invocations on disjoint runs can share the cores (and the
+file) at the same time.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -249,7 +253,7 @@ class Suite:
             per_run[task] = per_round * int(cfg["rounds"]) * int(cfg["local_steps"]) * 2
         select, n_seeds = self.suite["select_task"], len(self.seeds)
         first_seed = self.suite["seeds"][0] in self.seeds
-        runs = [(select, sum(len(self.grids[a]) for a in ARMS))]
+        runs = [(select, sum(len(self.grids[a]) for a in self.arms))]
         if "claim1" in stages:  # the select task's seeds[0] runs are the grid's own
             runs += [(t, len(self.arms) * (n_seeds - (t == select and first_seed)))
                      for t in self.tasks]
@@ -259,9 +263,9 @@ class Suite:
 
     def grid(self) -> None:
         task, seed = self.suite["select_task"], self.suite["seeds"][0]
-        for arm, extra in ARMS.items():
+        for arm in self.arms:
             for lr in self.grids[arm]:
-                self.run("grid", arm, extra, task, seed, lr)
+                self.run("grid", arm, ARMS[arm], task, seed, lr)
 
     def claim1(self, picks: dict[str, dict[str, Any]]) -> None:
         for task in self.tasks:
@@ -340,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.arms:
             raise SystemExit(f"--arms: name at least one of {list(ARMS)}")
         suite.arms = [a for a in ARMS if a in args.arms]
+        if "meerkat" not in suite.arms and {"claim2", "claim3"} & set(args.stages):
+            raise SystemExit("--arms: claim2 and claim3 use Meerkat's pick; name meerkat too")
     out = Path(args.out)
     if out.exists() and suite.reuse_previous(json.loads(out.read_text()), parse_sets(args.set)):
         log(f"{out}: runs of this suite whose folders are missing are read from it")
@@ -354,9 +360,20 @@ def main(argv: list[str] | None = None) -> int:
     def write(finished: bool) -> None:
         """The result file: after every run and at the end; complete once it holds the whole
         suite (restricted invocations add up to it)."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f".{out.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            # what other invocations of this suite wrote since this one started
+            now = json.loads(out.read_text()) if out.exists() else {}
+            suite.reuse_previous(now, parse_sets(args.set))
+            if now.get("suite") != spec or now.get("overrides", {}) != parse_sets(args.set):
+                now = {}
+            write_locked(finished, {**now.get("picks", {}), **picks})
+
+    def write_locked(finished: bool, all_picks: dict[str, Any]) -> None:
         records, all_gradip = suite.all_records(), suite.all_gradip(gradip)
-        complete = finished and "meerkat" in picks and suite.is_complete(
-            records, all_gradip, picks["meerkat"]["lr"])
+        complete = finished and "meerkat" in all_picks and suite.is_complete(
+            records, all_gradip, all_picks["meerkat"]["lr"])
         result = {
             "command": "python " + " ".join(shlex.quote(a) for a in [
                 str(Path(sys.argv[0]).resolve().relative_to(ROOT))
@@ -365,13 +382,12 @@ def main(argv: list[str] | None = None) -> int:
             "suite_file": spec_path.name, "suite": spec, "overrides": parse_sets(args.set),
             "stages": args.stages, "seeds": suite.seeds, "arms": suite.arms,
             "complete": complete, "versions": versions(),
-            "machine": machine(), "picks": picks, "runs": records, "gradip": all_gradip,
+            "machine": machine(), "picks": all_picks, "runs": records, "gradip": all_gradip,
             "runs_read_from_the_previous_result": suite.reused,
             "wall_seconds": round(time.time() - start, 1),
             "note": "wall_seconds is this invocation's; runs finished by an earlier invocation "
                     "were read, not re-run (each run's own wall_seconds is in its record)",
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(out)
@@ -380,17 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     # suite only once this suite has a run of its own to keep
     suite.on_record = lambda: write(False)
     suite.grid()  # always: the picks need it (finished runs are read, not re-run)
-    picks.update({arm: suite.pick(arm) for arm in ARMS})
+    picks.update({arm: suite.pick(arm) for arm in suite.arms})
     for arm, p in picks.items():
         log(f"pick {arm}: lr {p['lr']:g} ({p['rule']}; by lr: "
             f"{p.get('val_metrics', p['losses'])})")
-    meerkat_lr = picks["meerkat"]["lr"]
     if "claim1" in args.stages:
         suite.claim1(picks)
     if "claim2" in args.stages:
-        gradip.extend(suite.claim2(meerkat_lr))
+        gradip.extend(suite.claim2(picks["meerkat"]["lr"]))
     if "claim3" in args.stages:
-        suite.claim3(meerkat_lr)
+        suite.claim3(picks["meerkat"]["lr"])
     write(True)
     log(f"wrote {out} ({len(suite.records)} runs, {time.time() - start:.0f} s)")
     return 0

@@ -138,7 +138,8 @@ def test_restricted_invocations_add_up_to_the_suite(
     argv = ["--config", str(spec), "--runs", str(runs), "--out", str(out)]
     suite = claims.Suite(claims.tomllib.loads(spec.read_text()), runs, {})
     suite.seeds, suite.arms = [1], ["meerkat"]
-    assert suite.planned(["grid", "claim1"]) == (6 + 1, 7 * 2 * 3 * 2 * 2)
+    # the grid of meerkat alone (2 lrs), then one claim1 run; 24 forwards a run
+    assert suite.planned(["grid", "claim1"]) == (2 + 1, 3 * 2 * 3 * 2 * 2)
     assert claims.main([*argv, "--stages", "grid", "claim3", "--seeds", "0"]) == 0
     first = json.loads(out.read_text())
     assert {(r["stage"], r["seed"]) for r in first["runs"]} == {("grid", 0), ("claim3", 0)}
@@ -154,6 +155,34 @@ def test_restricted_invocations_add_up_to_the_suite(
     assert json.loads(out.read_text())["complete"]
     with pytest.raises(SystemExit, match="suite's seeds"):
         claims.main([*argv, "--seeds", "7"])
+    with pytest.raises(SystemExit, match="name meerkat too"):
+        claims.main([*argv, "--arms", "lora-fedzo", "--stages", "claim3"])
+
+
+def test_invocations_at_the_same_time_merge_their_records(
+        tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path):
+    """Two invocations on disjoint runs of one suite share the result file: while the first
+    is inside a run, the second runs and writes; the first's later writes keep its records."""
+    spec = _suite(tmp_path, tiny_model_dir, sentiment_csv, calib_txt)
+    runs, out = tmp_path / "runs", tmp_path / "claims.json"
+    argv = ["--config", str(spec), "--runs", str(runs), "--out", str(out)]
+    real, meanwhile = claims.run, []
+
+    def run_while_another_invocation_writes(cfg, **kw):
+        real(cfg, **kw)
+        if not meanwhile:
+            meanwhile.append(1)
+            assert claims.main([*argv, "--stages", "grid", "--arms", "lora-fedzo"]) == 0
+
+    claims.run = run_while_another_invocation_writes
+    try:
+        assert claims.main([*argv, "--stages", "claim1", "--seeds", "1", "--arms", "meerkat"]) == 0
+    finally:
+        claims.run = real
+    data = json.loads(out.read_text())
+    have = {(r["stage"], r["arm"], r["seed"]) for r in data["runs"]}
+    assert {("grid", "lora-fedzo", 0), ("grid", "meerkat", 0), ("claim1", "meerkat", 1)} <= have
+    assert set(data["picks"]) == {"meerkat", "lora-fedzo"} and not data["complete"]
 
 
 def _run(arm, stage, seed, initial, final):

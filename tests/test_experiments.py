@@ -230,6 +230,17 @@ def test_verdicts_follow_the_stated_rules(holds, tmp_path):
         assert claim1.endswith("t: not held.")
 
 
+def test_a_suite_cut_to_fewer_seeds_says_at_which_seeds_it_judged(tmp_path):
+    data = _data(0.05, 0.08, True)
+    data["runs"] = [r for r in data["runs"] if r["arm"] == "meerkat" or r["seed"] == 0]
+    text = results_md.render(data, tmp_path, ".")
+    assert "**Seeds run** (cut to fit this CPU" in text
+    assert "| t | yes | yes (seed 0) |" in text  # Meerkat learns at all 3, beats at seed 0
+    summary = text.split("## Which claims held")[1]
+    assert "- Claim 1 (" in summary and "t: held at seed 0 only." in summary
+    assert "t: held." in summary  # Claim 2 ran at every seed
+
+
 def test_gradip_drop_is_first_third_over_last_third():
     assert results_md.gradip_drop([6, 6, 3, 3, 1, -1]) == 6.0
     assert results_md.gradip_drop([1, 1, 1]) == 1.0

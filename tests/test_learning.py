@@ -246,6 +246,8 @@ def test_a_run_without_its_folder_is_read_from_its_record_only_if_it_matches(
         {"groups": {"g": {"kind": "grid", "runs": [rec]}}}))
     prev = lb.Previous()
     assert prev.record(lb.RUNS / "g" / "r", settings) == rec and prev.reused == ["runs/g/r"]
+    # a grid record holds validation only: a group reporting test runs it again
+    assert prev.record(lb.RUNS / "g" / "r", settings, need_test=True) is None
     assert prev.record(lb.RUNS / "g" / "r", {**settings, "lr": 3e-4}) is None
     assert prev.record(lb.RUNS / "g" / "r", {**settings, "rounds": 7}) is None
     assert prev.record(lb.RUNS / "g" / "other", settings) is None
@@ -274,3 +276,14 @@ def test_long_reviews_are_long_and_share_no_snippet():
     snippets = [" ".join(r["text"].split()) for r in rows if r["category"] != "plot"]
     for s in snippets[:200]:
         assert sum(s in t for t, _ in reviews) <= 1
+
+
+def test_not_run_lists_only_grid_points_with_neither_folder_nor_record(tmp_path, monkeypatch):
+    lb = _learning_module()
+    monkeypatch.setattr(lb, "RUNS", tmp_path / "runs")
+    groups = {"rt-central-grid": {"runs": [{"run": "runs/learning/rt-central-grid/zo-lr1e-4-seed0"}]}}
+    missing = lb.not_run_points(groups)
+    assert "zo-lr1e-4-seed0" not in missing and "zo-lr3e-4-seed0" in missing
+    (tmp_path / "runs" / "rt-central-grid" / "zo-lr3e-4-seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "rt-central-grid" / "zo-lr3e-4-seed0" / "summary.json").write_text("{}")
+    assert "zo-lr3e-4-seed0" not in lb.not_run_points(groups)

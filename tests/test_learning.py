@@ -287,3 +287,14 @@ def test_not_run_lists_only_grid_points_with_neither_folder_nor_record(tmp_path,
     (tmp_path / "runs" / "rt-central-grid" / "zo-lr3e-4-seed0").mkdir(parents=True)
     (tmp_path / "runs" / "rt-central-grid" / "zo-lr3e-4-seed0" / "summary.json").write_text("{}")
     assert "zo-lr3e-4-seed0" not in lb.not_run_points(groups)
+
+
+def test_a_result_written_mid_plan_keeps_the_groups_not_reached_yet():
+    lb = _learning_module()
+    last = {"rt-central-grid": {"v": 1}, "rt-central-lora-fedzo": {"v": 2}, "custom": {"v": 3}}
+    now = {"rt-central-grid": {"v": 9}, "rt-central-eps": {"v": 4}}
+    merged = lb.with_unreached(now, last)
+    assert merged == {"rt-central-grid": {"v": 9}, "rt-central-eps": {"v": 4},
+                      "rt-central-lora-fedzo": {"v": 2}, "custom": {"v": 3}}
+    order = list(lb.PLANS["full"])
+    assert list(merged)[:3] == sorted(list(merged)[:3], key=order.index)

@@ -625,6 +625,10 @@ def save(args, plan, groups: dict[str, Any], started: float,
         "not_run": {"groups_of_the_full_plan": [g for g in PLANS["full"] if g not in groups],
                     "grid_points_of_the_full_plan": not_run_points(groups)},
         "wall_seconds_this_invocation": round(time.time() - started, 1),
+        # what the plan as run has cost: each run once, its own wall time (runs shared the
+        # two cores with other work at times; the per-run figures say so where noted)
+        "run_wall_seconds_total": round(sum({r["run"]: r["wall_seconds"] for g in groups.values()
+                                             for r in g.get("runs", [])}.values()), 1),
         "groups_carried_from_the_previous_result": previous.carried if previous else [],
         "runs_read_from_the_previous_result": previous.reused if previous else [],
     }

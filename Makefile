@@ -22,8 +22,11 @@ demo: install
 test: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 
-# The paper's three claims at CPU scale (about an hour on 2 cores), then docs/results.md from the
-# result file. Resumable: finished runs are kept in runs/experiments/ and not run again.
+# The paper's three claims at the learning budget on the CPU (experiments/cpu_learning.toml: 26
+# runs of 600 forwards, Full-FedZO's an hour each: several sessions on 2 cores), then
+# docs/results.md from the result file. Resumable: finished runs are kept in runs/experiments/,
+# and runs whose folders are gone are read from the result file. The 4-step run of
+# docs/results_4steps.md: claims.py --config experiments/cpu.toml --out experiments/results/claims.json
 experiments: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python experiments/claims.py
 	$(BIN)/python experiments/results_md.py

@@ -28,9 +28,10 @@ machine, wall time); then `python experiments/results_md.py` writes docs/results
 plots from that file alone.
 
 Flags:
-  --config FILE     suite file (default experiments/cpu.toml)
+  --config FILE     suite file (default experiments/cpu_learning.toml: the learning budget;
+                    experiments/cpu.toml is the 4-step run of docs/results_4steps.md)
   --runs DIR        run folders (default runs/experiments/<suite file stem>)
-  --out FILE        result file (default experiments/results/claims.json)
+  --out FILE        result file (default experiments/results/claims_learning.json)
   --set K=V ...     override [base] keys for every run, e.g. --set rounds=20 local_steps=10
   --stages S ...    only these stages (grid claim1 claim2 claim3; select always runs)
   --threads N       torch threads (default: torch's)
@@ -320,9 +321,10 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "experiments" / "cpu.toml"))
+    ap.add_argument("--config", default=str(ROOT / "experiments" / "cpu_learning.toml"))
     ap.add_argument("--runs", default="")
-    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "claims.json"))
+    ap.add_argument("--out",
+                    default=str(ROOT / "experiments" / "results" / "claims_learning.json"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
     ap.add_argument("--threads", type=int, default=0)
@@ -368,17 +370,19 @@ def main(argv: list[str] | None = None) -> int:
             suite.reuse_previous(now, parse_sets(args.set))
             if now.get("suite") != spec or now.get("overrides", {}) != parse_sets(args.set):
                 now = {}
-            write_locked(finished, {**now.get("picks", {}), **picks})
+            write_locked(finished, {**now.get("picks", {}), **picks},
+                         now.get("commands", [now["command"]] if "command" in now else []))
 
-    def write_locked(finished: bool, all_picks: dict[str, Any]) -> None:
+    def write_locked(finished: bool, all_picks: dict[str, Any], commands: list[str]) -> None:
+        command = shlex.join(["python", "experiments/claims.py",
+                              *(sys.argv[1:] if argv is None else argv)])
         records, all_gradip = suite.all_records(), suite.all_gradip(gradip)
         complete = finished and "meerkat" in all_picks and suite.is_complete(
             records, all_gradip, all_picks["meerkat"]["lr"])
         result = {
-            "command": "python " + " ".join(shlex.quote(a) for a in [
-                str(Path(sys.argv[0]).resolve().relative_to(ROOT))
-                if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else sys.argv[0],
-                *sys.argv[1:]]),
+            "command": command,
+            # every invocation whose records the file holds, oldest first
+            "commands": [c for c in commands if c != command] + [command],
             "suite_file": spec_path.name, "suite": spec, "overrides": parse_sets(args.set),
             "stages": args.stages, "seeds": suite.seeds, "arms": suite.arms,
             "complete": complete, "versions": versions(),

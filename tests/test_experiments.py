@@ -152,7 +152,9 @@ def test_restricted_invocations_add_up_to_the_suite(
     assert [r for r in second["runs"] if r["stage"] == "claim3"] == [
         r for r in first["runs"] if r["stage"] == "claim3"]
     assert claims.main(argv) == 0  # the rest: now the whole suite
-    assert json.loads(out.read_text())["complete"]
+    whole = json.loads(out.read_text())
+    assert whole["complete"] and len(whole["commands"]) == 3  # each invocation named
+    assert "--arms meerkat" in whole["commands"][1] and whole["command"] == whole["commands"][-1]
     with pytest.raises(SystemExit, match="suite's seeds"):
         claims.main([*argv, "--seeds", "7"])
     with pytest.raises(SystemExit, match="name meerkat too"):

@@ -748,6 +748,11 @@ def generic_section(title: str, group: dict[str, Any]) -> list[str]:
                 row += (f" {_f(p['test_accuracy'])} | {_f(primary_metric(p, 'test'))} | "
                         f"{_f(p['test_best_shift_accuracy'])} |")
             lines.append(row)
+    if any(sc["seeds"] > 1 for sc in group.get("scores", [])):
+        lines += ["", "| setting | validation gain by seed | worst seed |", "|---|---|---|"]
+        lines += [f"| `{sc['setting']}` | "
+                  + ", ".join(f"{k}: {_f(v)}" for k, v in sc["val_gains"].items())
+                  + f" | {_f(sc['worst'])} |" for sc in group["scores"]]
     if "pick" in group:
         lines += ["", f"Pick (validation): `{group['pick'].split('/')[-1]}`."]
     return [*lines, ""]

@@ -206,15 +206,11 @@ def _reference(bench: learning.Bench, seed: int) -> dict[str, Any]:
     """The non-private centralized run of `seed`: its folder, or (a checkout without it) its
     record in learning.json, which the learning benchmark wrote from that folder."""
     out = learning.RUNS / "rt-central-bf16" / f"zo-lr1e-4-bf16-seed{seed}"
-    if (out / "summary.json").exists():
-        return bench.read(out)
-    recs = json.loads((learning.RESULTS / "learning.json").read_text())["groups"]
-    want = str(out.relative_to(learning.ROOT))
-    found = [r for r in recs["rt-central-bf16"]["runs"] if r["run"] == want]
-    if not found:
-        raise SystemExit(f"{want}: neither its run folder nor its record in learning.json; "
-                         "run `python benchmarks/learning.py --only rt-central-bf16` first")
-    return found[0]
+    file = learning.RESULTS / "learning.json"
+    recs = (json.loads(file.read_text())["groups"].get("rt-central-bf16", {}).get("runs", [])
+            if file.exists() else [])
+    return learning.run_or_record(bench, out, recs, "run `python benchmarks/learning.py "
+                                                    "--only rt-central-bf16` first")
 
 
 def save(groups, reference, clip, started, carried=()) -> None:

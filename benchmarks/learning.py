@@ -290,6 +290,20 @@ class Bench:
                 "wall_seconds": summary["wall_seconds"], "curve": curve}
 
 
+def run_or_record(bench: Bench, out: Path, records: list[dict[str, Any]],
+                  hint: str) -> dict[str, Any]:
+    """A finished run from its folder, or, on a checkout without it (runs/ is not committed),
+    from the record that its benchmark's result file holds (`records`); `hint` says how to
+    make it when neither is there."""
+    if (out / "summary.json").exists():
+        return bench.read(out)
+    rel = str(out.relative_to(ROOT))
+    found = [r for r in records if r["run"] == rel]
+    if not found:
+        raise SystemExit(f"{rel}: neither its run folder nor its record; {hint}")
+    return found[0]
+
+
 def best_val(rec: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """The best evaluated round of a run by the validation primary metric (earliest on ties)."""
     scored = [(primary_metric(p), -p["steps"], p) for p in rec["curve"][1:]]

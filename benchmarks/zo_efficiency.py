@@ -220,17 +220,12 @@ def plain_run(bench: learning.Bench, group: str, pick: dict[str, Any], seed: int
     else:
         out, file = (learning.RUNS / "rt-central-bf16"
                      / f"{pick['name'].removesuffix('-seed0')}-bf16-seed{seed}", "learning.json")
-    if (out / "summary.json").exists():
-        return bench.read(out)
     groups = json.loads((RESULTS / file).read_text())["groups"] if (RESULTS / file).exists() else {}
     recs = groups.get("k10", []) if group == "k10" else groups.get("rt-central-bf16", {}).get(
         "runs", [])
-    rel = str(out.relative_to(learning.ROOT))
-    found = [r for r in recs if r["run"] == rel]
-    if not found:
-        raise SystemExit(f"{rel} has not finished: run its benchmark first "
-                         f"({'dp_utility.py --only k10' if group == 'k10' else 'learning.py'})")
-    return found[0]
+    return learning.run_or_record(bench, out, recs, "run its benchmark first ("
+                                  + ("dp_utility.py --only k10" if group == "k10" else "learning.py")
+                                  + ")")
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:

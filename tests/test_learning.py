@@ -298,3 +298,22 @@ def test_a_result_written_mid_plan_keeps_the_groups_not_reached_yet():
                       "rt-central-lora-fedzo": {"v": 2}, "custom": {"v": 3}}
     order = list(lb.PLANS["full"])
     assert list(merged)[:3] == sorted(list(merged)[:3], key=order.index)
+
+
+def test_run_or_record_reads_the_folder_then_the_record_then_says_how_to_make_it(
+        tmp_path, monkeypatch):
+    lb = _learning_module()
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    out = tmp_path / "runs" / "g" / "r"
+    rec = {"run": "runs/g/r", "curve": []}
+    assert lb.run_or_record(None, out, [rec], "hint") is rec
+    with pytest.raises(SystemExit, match="runs/g/r: neither .*; run it"):
+        lb.run_or_record(None, out, [], "run it")
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+
+    class Bench:
+        def read(self, path):
+            return {"read": path}
+
+    assert lb.run_or_record(Bench(), out, [rec], "hint") == {"read": out}

@@ -252,14 +252,30 @@ def render(data: dict[str, Any], img_dir: Path, img_rel: str,
     head = "| method |" + "".join(f" {t} accuracy | {t} {metric_of[t].replace('_', '-')} |"
                                   for t in tasks)
     out += [head, "|---|" + "---|---|" * len(tasks)]
-    row = "| untrained (zero-shot) |"
+    def ran_at(arm: str, stage: str = "claim1") -> str:
+        """' (seeds ...)' where an arm ran at other seeds than the suite plans."""
+        have = sorted({r["seed"] for r in runs if r["arm"] == arm and r["stage"] == stage})
+        return "" if not have or have == seeds else (
+            f" (seed{'s' if len(have) > 1 else ''} {', '.join(map(str, have))})")
+
+    row = f"| untrained (zero-shot){ran_at('meerkat')} |"
     for t in tasks:
         rs = list(by_seed(runs, "meerkat", t, "claim1").values())
         row += f" {ms([r['initial_accuracy'] for r in rs])} | " \
                f"{ms([r['initial_' + metric_of[t]] for r in rs])} |"
     out.append(row)
+    shared = sorted(set.intersection(*[{r["seed"] for r in runs if r["arm"] == a
+                                        and r["stage"] == "claim1"} for a in CLAIM1]))
+    if shared and shared != seeds:  # the untrained model at the seeds every arm ran
+        row = f"| untrained (zero-shot) (seed{'s' if len(shared) > 1 else ''} " \
+              f"{', '.join(map(str, shared))}) |"
+        for t in tasks:
+            rs = [r for s, r in by_seed(runs, "meerkat", t, "claim1").items() if s in shared]
+            row += f" {ms([r['initial_accuracy'] for r in rs])} | " \
+                   f"{ms([r['initial_' + metric_of[t]] for r in rs])} |"
+        out.append(row)
     for arm in CLAIM1:
-        row = f"| {ARM_LABELS[arm]} |"
+        row = f"| {ARM_LABELS[arm]}{ran_at(arm)} |"
         for t in tasks:
             rs = list(by_seed(runs, arm, t, "claim1").values())
             row += f" {ms([r['final_accuracy'] for r in rs])} | " \

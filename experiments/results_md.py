@@ -82,7 +82,7 @@ def word(v: bool | None, seeds: list[int] | None = None, all_seeds: list[int] | 
 def word_held(held: bool | None, seeds: list[int], all_seeds: list[int]) -> str:
     w = "held" if held else "not held" if held is False else "not run"
     if held is not None and seeds != all_seeds:
-        w += f" at seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} only"
+        w += f" (judged at seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
     return w
 
 
@@ -364,7 +364,7 @@ def render(data: dict[str, Any], img_dir: Path, img_rel: str,
             "|---|" + "---|---|---|" * len(tasks)]
     for arm in CLAIM3:
         stage = "claim1" if arm == "meerkat" else "claim3"
-        row = f"| {ARM_LABELS[arm]} |"
+        row = f"| {ARM_LABELS[arm]}{ran_at(arm, stage)} |"
         for t in tasks:
             rs = list(by_seed(runs, arm, t, stage).values())
             stopped = [len(r.get("vp_early_stopped") or []) for r in rs]

@@ -239,7 +239,7 @@ def test_a_suite_cut_to_fewer_seeds_says_at_which_seeds_it_judged(tmp_path):
     assert "**Seeds run** (cut to fit this CPU" in text
     assert "| t | yes | yes (seed 0) |" in text  # Meerkat learns at all 3, beats at seed 0
     summary = text.split("## Which claims held")[1]
-    assert "- Claim 1 (" in summary and "t: held at seed 0 only." in summary
+    assert "- Claim 1 (" in summary and "t: held (judged at seed 0)." in summary
     assert "t: held." in summary  # Claim 2 ran at every seed
 
 

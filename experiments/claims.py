@@ -133,7 +133,7 @@ class Suite:
         self.reused: list[str] = []
         self.on_record: Any = lambda: None  # called after each run (main writes the result)
         self.seeds: list[int] = list(self.suite["seeds"])  # claim stages' seeds (--seeds)
-        self.arms: list[str] = list(ARMS)  # claim1's arms (--arms)
+        self.arms: list[str] = list(ARMS)  # the grid's, the picks' and claim1's arms (--arms)
 
     def reuse_previous(self, data: dict[str, Any], overrides: dict[str, Any]) -> bool:
         """Take the runs of an earlier result file of the same suite file contents and

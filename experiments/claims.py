@@ -367,9 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             # what other invocations of this suite wrote since this one started
             now = json.loads(out.read_text()) if out.exists() else {}
-            suite.reuse_previous(now, parse_sets(args.set))
-            if now.get("suite") != spec or now.get("overrides", {}) != parse_sets(args.set):
-                now = {}
+            if not suite.reuse_previous(now, parse_sets(args.set)):
+                now = {}  # another suite's file: replaced
             write_locked(finished, {**now.get("picks", {}), **picks},
                          now.get("commands", [now["command"]] if "command" in now else []))
 

@@ -70,19 +70,24 @@ def learns(a: dict[int, dict], metric: str) -> bool | None:
     return all(r[f"final_{metric}"] > r[f"initial_{metric}"] for r in a.values())
 
 
+def at_seeds(seeds: list[int]) -> str:
+    """'seed 0' / 'seeds 0, 1'."""
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
 def word(v: bool | None, seeds: list[int] | None = None, all_seeds: list[int] | None = None) -> str:
     """yes / no / not run; with the seeds it was judged at when those are fewer than the
     suite's (a suite cut to fit names what it compared)."""
     w = {True: "yes", False: "no", None: "not run"}[v]
     if v is not None and seeds is not None and all_seeds is not None and seeds != all_seeds:
-        w += f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+        w += f" ({at_seeds(seeds)})"
     return w
 
 
 def word_held(held: bool | None, seeds: list[int], all_seeds: list[int]) -> str:
     w = "held" if held else "not held" if held is False else "not run"
     if held is not None and seeds != all_seeds:
-        w += f" (judged at seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+        w += f" (judged at {at_seeds(seeds)})"
     return w
 
 
@@ -255,8 +260,7 @@ def render(data: dict[str, Any], img_dir: Path, img_rel: str,
     def ran_at(arm: str, stage: str = "claim1") -> str:
         """' (seeds ...)' where an arm ran at other seeds than the suite plans."""
         have = sorted({r["seed"] for r in runs if r["arm"] == arm and r["stage"] == stage})
-        return "" if not have or have == seeds else (
-            f" (seed{'s' if len(have) > 1 else ''} {', '.join(map(str, have))})")
+        return "" if not have or have == seeds else f" ({at_seeds(have)})"
 
     row = f"| untrained (zero-shot){ran_at('meerkat')} |"
     for t in tasks:
@@ -267,8 +271,7 @@ def render(data: dict[str, Any], img_dir: Path, img_rel: str,
     shared = sorted(set.intersection(*[{r["seed"] for r in runs if r["arm"] == a
                                         and r["stage"] == "claim1"} for a in CLAIM1]))
     if shared and shared != seeds:  # the untrained model at the seeds every arm ran
-        row = f"| untrained (zero-shot) (seed{'s' if len(shared) > 1 else ''} " \
-              f"{', '.join(map(str, shared))}) |"
+        row = f"| untrained (zero-shot) ({at_seeds(shared)}) |"
         for t in tasks:
             rs = [r for s, r in by_seed(runs, "meerkat", t, "claim1").items() if s in shared]
             row += f" {ms([r['initial_accuracy'] for r in rs])} | " \

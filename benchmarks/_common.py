@@ -43,6 +43,9 @@ def write_result(name: str, data: dict) -> Path:
     data = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
             "machine": machine(), **data}
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    # whole or not at all: two invocations of a benchmark may write the same file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
     print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
     return path

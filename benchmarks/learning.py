@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import math
 import platform
@@ -188,10 +189,42 @@ PLANS["full"] = {
     "rt-central-lora-fedzo": ("grid", [zo_run(lr, dtype="bfloat16", method="lora-fedzo")
                                        for lr in (1e-4, 1e-3)]),
     "rt-central-lora-fedzo-pick": ("seeds", "rt-central-lora-fedzo", (0,)),
+    # the issue's budget counts forwards of 16 "or the same number of examples in smaller
+    # batches": batch 4 at the same 9,600 examples (1,200 steps) against the
+    # pick's batch 16, at every seed, by the same worst-seed rule. Why smaller batches may win
+    # per example: a ZO step's noise is mostly its random direction (106,168 coordinates), not
+    # the batch, so four steps of 4 examples move about four times as far as one of 16 for
+    # the same examples; on this CPU an example costs about the same at batch 4 and 16
+    # (0.063 and 0.056 s in bf16 on one thread). Evaluated every 3,200 examples as the pick.
+    # (Batch 8 and 2 were cut to fit a session: about 15 minutes a run on one core.)
+    "rt-central-batch": ("grid", [
+        *[zo_run(1e-4, s, **BF16) for s in SEEDS],
+        *[zo_run(1e-4, s, **BF16, batch_size=4, rounds=6, local_steps=200) for s in SEEDS]],
+        {f"zo-lr1e-4-bf16-seed{s}": "rt-central-bf16" for s in SEEDS}),
+    "rt-central-batch-seeds": ("seeds", "rt-central-batch", SEEDS),
+    # the batch pick for the examples of 3,000 forwards of 16 (48,000), evaluated every
+    # 16,000 (the `examples` key sets local_steps from the pick's batch)
+    "rt-central-batch-long": ("from-pick", "rt-central-batch", [
+        ("48000ex-seed0", {"rounds": 15, "examples": 48000, "eval_every": 5})]),
     "rt-central-full-fedzo": ("grid", [zo_run(lr, dtype="bfloat16", method="full-fedzo")
                                        for lr in (1e-6, 1e-5)]),
     "rt-central-full-fedzo-pick": ("seeds", "rt-central-full-fedzo", (0,)),
 }
+
+def with_examples(settings: dict[str, Any]) -> dict[str, Any]:
+    """A from-pick run given in examples forwarded: local_steps from the pick's batch, so that
+    the budget holds whatever batch the pick has (rounds x local_steps x forwards per step x
+    batch = examples)."""
+    if "examples" not in settings:
+        return settings
+    s = {k: v for k, v in settings.items() if k != "examples"}
+    p = s.get("perturbations", 1)
+    per_step = p * forwards_per_direction(s.get("zo_estimator", "two-point"), p) * s["batch_size"]
+    steps = settings["examples"] / per_step
+    if steps != int(steps) or int(steps) % s["rounds"]:
+        raise ValueError(f"{settings['examples']} examples are not whole rounds of this pick")
+    return {**s, "local_steps": int(steps) // s["rounds"]}
+
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -231,7 +264,21 @@ class Bench:
         self.runs = runs or RUNS  # run folders: runs/<group>/<name>
         self.initial: dict[tuple, dict[str, Any]] = {}  # zero_shot_key -> round 0
 
-    def ensure(self, group: str, name: str, settings: dict[str, Any]) -> Path:
+    def ensure(self, group: str, name: str, settings: dict[str, Any],
+               wait: bool = True) -> Path | None:
+        """The run's folder once it has finished, running it (or resuming it) first. Each run
+        is locked while it runs, so that two invocations share a plan's runs between them;
+        with wait=False a run that another invocation holds answers None at once."""
+        lock = self.runs / group / f".{name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return None
+            return self._ensure(group, name, settings)
+
+    def _ensure(self, group: str, name: str, settings: dict[str, Any]) -> Path:
         out = self.runs / group / name
         cfg = planned_config({**settings, **({"threads": self.threads} if self.threads else {})},
                              out)
@@ -322,13 +369,15 @@ def without_test(rec: dict[str, Any]) -> dict[str, Any]:
 def judge(seeds: list[dict[str, Any]], fo: list[dict[str, Any]],
           long: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """The learning issue's centralized targets, read off the picked setting's seeds (and its
-    3,000-forward runs)."""
+    3,000-forward runs). Budgets count examples forwarded: 600 forwards of 16 "or the same
+    number of examples in smaller batches" (9,600), 3,000 of 16 (48,000)."""
     out: dict[str, Any] = {}
     gains = []
     for rec in seeds:
         c = rec["curve"]
-        within = [p for p in c if p["forwards"] <= 600]
+        within = [p for p in c if p["examples"] <= 600 * 16]
         gains.append({"seed": rec["seed"], "forwards": within[-1]["forwards"],
+                      "examples": within[-1]["examples"],
                       "test_auc_gain": within[-1]["test_auc"] - c[0]["test_auc"],
                       "test_best_shift_gain": (within[-1]["test_best_shift_accuracy"]
                                                - c[0]["test_best_shift_accuracy"])})
@@ -337,9 +386,9 @@ def judge(seeds: list[dict[str, Any]], fo: list[dict[str, Any]],
         len(gains) == 3 and all(g["test_auc_gain"] >= 0.05 for g in gains))
     out["best_shift_rises_every_seed"] = bool(gains) and all(
         g["test_best_shift_gain"] > 0 for g in gains)
-    long_runs = [r for r in long if r["curve"][-1]["forwards"] >= 3000]
+    long_runs = [r for r in long if r["curve"][-1]["examples"] >= 3000 * 16]
     out["within_3000_forwards"] = [
-        {"seed": r["seed"], "run": r["run"],
+        {"seed": r["seed"], "run": r["run"], "examples": r["curve"][-1]["examples"],
          "test_auc_gain": r["curve"][-1]["test_auc"] - r["curve"][0]["test_auc"],
          "test_best_shift_gain": (r["curve"][-1]["test_best_shift_accuracy"]
                                   - r["curve"][0]["test_best_shift_accuracy"])}
@@ -471,8 +520,8 @@ def main() -> None:
                 grid_homes = plan[spec[1]][2] if len(plan[spec[1]]) > 2 else {}
                 homes = {n: grid_homes.get(n, spec[1]) for n, _ in plan[spec[1]][1]}
             else:
-                runs = [(f"{pick['name'].removesuffix('-seed0')}-{n}", {**pick["settings"], **o})
-                        for n, o in spec[2]]
+                runs = [(f"{pick['name'].removesuffix('-seed0')}-{n}",
+                         with_examples({**pick["settings"], **o})) for n, o in spec[2]]
                 homes = spec[3] if len(spec) > 3 else {}
         else:
             runs = spec[1]
@@ -496,16 +545,27 @@ def main() -> None:
                 w = csv.writer(f)
                 w.writerow(["text", "label"])
                 w.writerows(long_reviews(corpus_rows(), 100))
-        recs = []
-        for name, settings in runs:
-            out = RUNS / homes.get(name, group) / name
-            # a grid keeps validation only: a grid point read from its record cannot serve a
-            # group that reports test, so it runs again (the same machine gives the same run)
-            old = previous.record(out, settings, need_test=kind != "grid")
-            recs.append(old if old is not None else
-                        bench.read(bench.ensure(homes.get(name, group), name, settings)))
-            groups[group] = summarize(group, kind, runs, recs)
-            save(args, plan, groups, started, previous)
+        done: dict[str, dict[str, Any]] = {}
+        # a run that another invocation is running is left for last (and then waited for)
+        for wait in (False, True):
+            for name, settings in runs:
+                if name in done:
+                    continue
+                out = RUNS / homes.get(name, group) / name
+                # a grid keeps validation only: a grid point read from its record cannot serve
+                # a group that reports test, so it runs again (the same machine gives the
+                # same run)
+                old = previous.record(out, settings, need_test=kind != "grid")
+                if old is None:
+                    made = bench.ensure(homes.get(name, group), name, settings, wait=wait)
+                    if made is None:
+                        log(f"{group}/{name}: another invocation is running it; later")
+                        continue
+                    old = bench.read(made)
+                done[name] = old
+                groups[group] = summarize(group, kind, runs,
+                                          [done[n] for n, _ in runs if n in done])
+                save(args, plan, groups, started, previous)
     save(args, plan, groups, started, previous)
 
 
@@ -631,6 +691,12 @@ def save(args, plan, groups: dict[str, Any], started: float,
             groups["rt-central-eps-seeds"]["runs"], fo,
             groups.get("rt-central-eps-long", {}).get("runs", []))
         if groups.get("rt-central-eps-seeds", {}).get("runs") else None,
+        # and for the batch pick (rt-central-batch: batch 4 or 16 at the same examples) at
+        # every seed and its run at the examples of 3,000 forwards of 16
+        "targets_centralized_bf16_batch_pick": judge(
+            groups["rt-central-batch-seeds"]["runs"], fo,
+            groups.get("rt-central-batch-long", {}).get("runs", []))
+        if groups.get("rt-central-batch-seeds", {}).get("runs") else None,
         "bf16_against_fp32": dtype_twins(seeds, bf16),
         # K = 10 runs are bf16: judged against the bf16 centralized seeds
         "targets_federated": judge_federated(groups.get("rt-federated", {}).get("runs", []),
@@ -722,6 +788,11 @@ def markdown(data: dict[str, Any]) -> str:
                                            "(validation only)"),
                         ("rt-central-eps-seeds", "The eps pick at three seeds (test)"),
                         ("rt-central-eps-long", "The eps pick for 3,000 forwards (test)"),
+                        ("rt-central-batch", "Batch 4 and 16 at the same examples in bf16 "
+                                             "at every seed (validation only)"),
+                        ("rt-central-batch-seeds", "The batch pick at three seeds (test)"),
+                        ("rt-central-batch-long", "The batch pick for the examples of 3,000 "
+                                                  "forwards of 16 (test)"),
                         ("rt-central-lora-fedzo", "LoRA-FedZO over lr (validation only)"),
                         ("rt-central-lora-fedzo-pick", "LoRA-FedZO at its best validation lr"),
                         ("rt-central-full-fedzo", "Full-FedZO over lr (validation only)"),
@@ -733,6 +804,8 @@ def markdown(data: dict[str, Any]) -> str:
                           "centralized_bf16": data.get("targets_centralized_bf16"),
                           "centralized_bf16_eps_pick": data.get(
                               "targets_centralized_bf16_eps_pick"),
+                          "centralized_bf16_batch_pick": data.get(
+                              "targets_centralized_bf16_batch_pick"),
                           "bf16_against_fp32": data.get("bf16_against_fp32"),
                           "federated": data["targets_federated"],
                           **{k: data[k] for k in ("targets_bbc_news", "targets_lr_auto",
@@ -750,13 +823,14 @@ def generic_section(title: str, group: dict[str, Any]) -> list[str]:
     """A group's runs by evaluation: the primary metric (ROC-AUC with two classes, macro-F1
     otherwise) on validation and, where the group reports it, on test."""
     test = group["kind"] != "grid"
-    lines = [f"## {title}", "", "| run | task | lr | forwards | validation primary | "
+    lines = [f"## {title}", "", "| run | task | lr | forwards (examples) | validation primary | "
              + ("test accuracy | test primary | test best-shift accuracy |" if test else "")
              + " ", "|---|---|---|---|---|" + ("---|---|---|" if test else "")]
     for r in group["runs"]:
         lr = r.get("lr_search", {}).get("lr", r["lr"])
         for p in r["curve"]:
-            row = (f"| `{r['run'].split('/')[-1]}` | {r['task']} | {lr:g} | {p['forwards']} | "
+            row = (f"| `{r['run'].split('/')[-1]}` | {r['task']} | {lr:g} | {p['forwards']} "
+                   f"({p['examples']:,}) | "
                    f"{_f(primary_metric(p))} |")
             if test:
                 row += (f" {_f(p['test_accuracy'])} | {_f(primary_metric(p, 'test'))} | "
@@ -790,12 +864,15 @@ def plot(data: dict[str, Any]) -> None:
                 label = (f"{'FO-SGD' if r['method'] == 'fedavg-backprop' else 'ZO'} lr {r['lr']:g}"
                          f" seed {r['seed']}" + (f" K={r['clients']}" if r.get("clients", 1) > 1
                                                   else "")
-                         + (" bf16" if r.get("dtype") == "bfloat16" else ""))
-                ax.plot([p["forwards"] for p in pts], [p[f"{split}_auc"] for p in pts],
+                         + (" bf16" if r.get("dtype") == "bfloat16" else "")
+                         + (f" batch {r['batch_size']}" if r.get("batch_size", 16) != 16 else ""))
+                ax.plot([p["examples"] / 16 for p in pts], [p[f"{split}_auc"] for p in pts],
                         marker="o", label=label, linestyle="--" if group.endswith("fo") else "-")
         ax.set_title(f"rotten_tomatoes: {'validation' if split == 'val' else 'test'}"
                      " ROC-AUC")
-        ax.set_xlabel("forward passes of 16 examples (first order: forward+backward)")
+        # smaller batches are drawn at their examples: 4 forwards of 4 count as 1 of 16
+        ax.set_xlabel("forward passes of 16 examples, or the same examples in smaller batches"
+                      " (first order: forward+backward)", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("ROC-AUC")
     axes[1].legend(fontsize=7)

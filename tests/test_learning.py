@@ -317,3 +317,46 @@ def test_run_or_record_reads_the_folder_then_the_record_then_says_how_to_make_it
             return {"read": path}
 
     assert lb.run_or_record(Bench(), out, [rec], "hint") == {"read": out}
+
+
+def test_a_run_another_invocation_holds_is_left_for_later(tmp_path, monkeypatch):
+    """Two invocations share a plan: a run locked by one answers None to the other's
+    non-waiting ensure (and is not touched), and runs once the lock is free."""
+    import fcntl
+
+    lb = _learning_module()
+    bench = lb.Bench(threads=0, runs=tmp_path)
+    ran = []
+    monkeypatch.setattr(bench, "_ensure", lambda g, n, s: ran.append(n) or tmp_path / g / n)
+    (tmp_path / "g").mkdir()
+    with open(tmp_path / "g" / ".r.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as another process would (flock is per open file)
+        assert bench.ensure("g", "r", {}, wait=False) is None
+        assert ran == []
+    assert bench.ensure("g", "r", {}, wait=False) == tmp_path / "g" / "r" and ran == ["r"]
+
+
+def test_a_budget_in_examples_sets_the_steps_from_the_picks_batch():
+    lb = _learning_module()
+    b4 = lb.with_examples({"rounds": 15, "examples": 48000, "batch_size": 4})
+    b16 = lb.with_examples({"rounds": 15, "examples": 48000, "batch_size": 16})
+    assert (b4["local_steps"], b16["local_steps"]) == (400, 100) and "examples" not in b4
+    with pytest.raises(ValueError, match="whole rounds"):
+        lb.with_examples({"rounds": 7, "examples": 48000, "batch_size": 16})
+    assert lb.with_examples({"rounds": 2}) == {"rounds": 2}
+
+
+def test_the_targets_count_examples_so_smaller_batches_meet_the_same_budget():
+    """600 forwards of 16 are 9,600 examples: a batch-4 run is judged at its 2,400th
+    forward, not its 600th."""
+    lb = _learning_module()
+
+    def rec(batch, pts):
+        return {"run": f"r{batch}", "seed": 0, "curve": [
+            {"forwards": f, "examples": f * batch, "test_auc": a, "test_best_shift_accuracy": a}
+            for f, a in pts]}
+
+    out = lb.judge([rec(4, [(0, 0.70), (600, 0.72), (2400, 0.76), (3200, 0.80)])], [])
+    assert out["per_seed_within_600_forwards"][0]["examples"] == 9600
+    assert abs(out["per_seed_within_600_forwards"][0]["test_auc_gain"] - 0.06) < 1e-9
+    assert lb.judge([], [], [rec(4, [(0, 0.7), (3000, 0.8)])])["within_3000_forwards"] == []

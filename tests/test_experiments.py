@@ -285,3 +285,23 @@ def test_shipped_suites_resolve_and_state_their_budget(name, tmp_path):
         assert spec["base"]["val_fraction"] > 0 and (n_runs, forwards) == (26, 26 * 600)
     else:
         assert n_runs == 57  # the committed claims.json's run count
+
+
+def test_vp_detection_is_read_off_claim2s_trajectories_at_both_calibrations():
+    """A single-label trajectory that decays over 100 steps (and not over the suite's first
+    10) is flagged at the paper's calibration only; the IID one at neither."""
+    decay = [20.0] * 20 + [10.0] * 60 + [2.0] * 20
+    data = {"gradip": [{"task": "t", "seed": 0, "calib_grad_norm": 1.0, "clients": [
+        {"name": "iid", "gradip": [3.0, -3.0] * 50},
+        {"name": "single-label", "gradip": decay}]}]}
+    base = {"vp_calibration_steps": 10, "vp_init_steps": 5, "vp_later_steps": 5,
+            "vp_threshold": 1.0, "vp_gradip_units": "raw", "clients": 10, "rounds": 30,
+            "local_steps": 10, "clients_per_round": 1}
+    rows = [r for r in results_md.vp_on_claim2(data, base) if r.startswith("| this") or
+            r.startswith("| the paper")]
+    flagged = {(r.split(" | ")[0], r.split(" | ")[4]): r.endswith("yes |") for r in rows}
+    assert flagged == {("| this suite (seed 0)", "iid"): False,
+                       ("| this suite (seed 0)", "single-label"): False,
+                       ("| the paper (seed 0)", "iid"): False,
+                       ("| the paper (seed 0)", "single-label"): True}
+    assert "2,000 forwards before training" in results_md.vp_on_claim2(data, base)[-1]

@@ -465,28 +465,10 @@ def targets_full_plan(groups: dict[str, Any]) -> dict[str, Any]:
              "search_wall_seconds": r.get("lr_search", {}).get("wall_seconds"),
              "test_primary_gain": primary_gain(r), "val_primary_gain": primary_gain(r, "val"),
              "rises": primary_gain(r) > 0} for r in auto]
-    budget = groups.get("rt-central-budget", {}).get("runs", [])
-    if budget:
-        rows = []
-        for r in budget:
-            pts = [{"forwards": p["forwards"],
-                    "test_auc_gain": p["test_auc"] - r["curve"][0]["test_auc"]}
-                   for p in r["curve"][1:]]
-            reach = [p["forwards"] for p in pts if p["test_auc_gain"] >= 0.05]
-            rows.append({"run": r["run"], "seed": r["seed"], "curve": pts,
-                         "first_forwards_at_least_0.05": reach[0] if reach else None})
-        out["budget_for_0.05_at_the_weaker_seeds"] = rows
-    longer = groups.get("rt-central-long-budget", {}).get("runs", [])
-    if longer:
-        rows = []
-        for r in longer:
-            pts = [{"forwards": p["forwards"], "examples": p["examples"],
-                    "test_auc_gain": p["test_auc"] - r["curve"][0]["test_auc"]}
-                   for p in r["curve"][1:]]
-            reach = [p["forwards"] for p in pts if p["test_auc_gain"] >= 0.10]
-            rows.append({"run": r["run"], "seed": r["seed"], "curve": pts,
-                         "first_forwards_at_least_0.10": reach[0] if reach else None})
-        out["budget_for_0.10"] = rows
+    for group, target, key in (("rt-central-budget", 0.05, "budget_for_0.05_at_the_weaker_seeds"),
+                               ("rt-central-long-budget", 0.10, "budget_for_0.10")):
+        if groups.get(group, {}).get("runs"):
+            out[key] = [budget_row(r, target) for r in groups[group]["runs"]]
     base = {}
     for name in ("rt-central-lora-fedzo-pick", "rt-central-full-fedzo-pick"):
         for r in groups.get(name, {}).get("runs", []):
@@ -495,6 +477,17 @@ def targets_full_plan(groups: dict[str, Any]) -> dict[str, Any]:
     if base:
         out["baselines_at_best_validation_lr"] = base
     return out
+
+
+def budget_row(rec: dict[str, Any], target: float) -> dict[str, Any]:
+    """A run's test ROC-AUC gain at each evaluation and the first forwards that reach
+    `target`."""
+    pts = [{"forwards": p["forwards"], "examples": p["examples"],
+            "test_auc_gain": p["test_auc"] - rec["curve"][0]["test_auc"]}
+           for p in rec["curve"][1:]]
+    reach = [p["forwards"] for p in pts if p["test_auc_gain"] >= target]
+    return {"run": rec["run"], "seed": rec["seed"], "curve": pts,
+            f"first_forwards_at_least_{target:g}": reach[0] if reach else None}
 
 
 def gain_at(rec: dict[str, Any], examples: int) -> float:

@@ -157,6 +157,9 @@ def test_submit_refuses_set_without_resume_and_keys_a_resume_cannot_change(runs,
     assert main(["deploy", "submit", ws, str(run_dir), "--site", "a=0,1,2", "--resume",
                  "--set", "rounds=5"]) == 2  # a prepared run never started has no checkpoint
     assert "nothing to resume" in capsys.readouterr().err
+    (run_dir / "metrics.jsonl").write_text('{"round": 0}\n')  # as a job that ran there
+    assert main(["deploy", "submit", ws, str(run_dir), "--site", "a=0,1,2"]) == 2
+    assert "has run a job already" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_site_that_lost_its_state_folder(runs, tmp_path):

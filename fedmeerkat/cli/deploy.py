@@ -107,7 +107,7 @@ def cmd_submit(ns: argparse.Namespace) -> int:
     from fedmeerkat.deploy import admin
     from fedmeerkat.deploy.meerkat import deploy_job
     from fedmeerkat.deploy.provision import load_kits
-    from fedmeerkat.runners.run_folder import CHECKPOINT, FLARE_JOB, RunFolder
+    from fedmeerkat.runners.run_folder import CHECKPOINT, FLARE_JOB, METRICS, RunFolder
 
     run_dir = Path(ns.run_dir).resolve()
     site_clients = _clients(ns.site)
@@ -117,6 +117,11 @@ def cmd_submit(ns: argparse.Namespace) -> int:
         RunFolder(run_dir).check_resume(ns.set)
         if not RunFolder(run_dir).has_checkpoint():
             raise ConfigError(f"{run_dir} holds no {CHECKPOINT}: nothing to resume")
+    elif (run_dir / METRICS).exists():
+        # a second fresh job would start again from round 0 and append its rounds to the first
+        # job's records
+        raise ConfigError(f"{run_dir} has run a job already ({METRICS}): continue it with "
+                          "--resume, or prepare a new run folder for a fresh run")
     # every check of the sites against the run folder, before anything is submitted
     job = deploy_job(run_dir, site_clients, _site_settings(ns.site_set), interval=ns.interval,
                      resume=ns.resume, overrides=ns.set, evaluation=ns.evaluate)

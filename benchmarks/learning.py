@@ -918,11 +918,10 @@ def plot(data: dict[str, Any]) -> None:
         ax.set_title(f"rotten_tomatoes: {'validation' if split == 'val' else 'test'}"
                      " ROC-AUC")
         # smaller batches are drawn at their examples: 4 forwards of 4 count as 1 of 16
-        ax.set_xlabel("forward passes of 16 examples, or the same examples in smaller batches"
-                      " (first order: forward+backward)", fontsize=8)
+        ax.set_xlabel("forwards of 16 examples (smaller batches: examples / 16)", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("ROC-AUC")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     path = ROOT / "docs" / "learning.png"
     fig.savefig(path, dpi=110)

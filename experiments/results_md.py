@@ -411,9 +411,10 @@ def render(data: dict[str, Any], img_dir: Path, img_rel: str,
 
 def vp_on_claim2(data: dict[str, Any], base: dict[str, Any]) -> list[str]:
     """Algorithm 1's detection (federated/gradip.vp_ratios, the code VP runs) applied to Claim
-    2's recorded trajectories, at the suite's VP settings and at the paper's (T_cali = 100,
-    T_init = T_later = 20, sigma = 1 in calibration units): whether the suite's VP could flag a
-    single-label client at all, and what calibration it would need."""
+    2's recorded trajectories, at the suite's VP settings and at our defaults, which are the
+    paper's step counts and limits (T_cali = 100, T_init = T_later = 20) with sigma = 1 in our
+    calibration units: whether the suite's VP could flag a single-label client at all, and
+    what calibration it would need."""
     from fedmeerkat.federated.gradip import vp_ratios
     from fedmeerkat.federated.methods.vp import VPSettings
 
@@ -425,7 +426,7 @@ def vp_on_claim2(data: dict[str, Any], base: dict[str, Any]) -> list[str]:
            "later_ratio": "vp_later_ratio", "quiescent_ratio": "vp_quiescent_ratio",
            "units": "vp_gradip_units"}
     suite = {f: base.get(k, getattr(d, f)) for f, k in key.items()}
-    paper = {f: getattr(d, f) for f in key}  # our defaults are the paper's Tables 3 and 5
+    paper = {f: getattr(d, f) for f in key}  # the paper's Tables 3 and 5; units ours
     out = ["", "VP's detection on Claim 2's trajectories: Algorithm 1 (the code VP runs) applied "
            "to the recorded |GradIP| of the IID and the single-label client, at this suite's VP "
            "settings and, where the trajectories are long enough, at the paper's. A client is "
@@ -433,6 +434,7 @@ def vp_on_claim2(data: dict[str, Any], base: dict[str, Any]) -> list[str]:
            "| settings | task | T_cali / T_init / T_later | sigma (units) | client | rho_later | "
            "rho_quie | flagged |", "|---|---|---|---|---|---|---|---|"]
     seen: dict[tuple[str, str], Any] = {}  # (settings, client) -> VPRatios (the last seed's)
+    seed = None
     for name, v in (("this suite", suite), ("the paper", paper)):
         for g in data["gradip"]:
             if len(g["clients"][0]["gradip"]) < v["calibration_steps"]:
@@ -443,18 +445,18 @@ def vp_on_claim2(data: dict[str, Any], base: dict[str, Any]) -> list[str]:
                               later_steps=v["later_steps"], threshold=v["threshold"],
                               later_ratio=v["later_ratio"], quiescent_ratio=v["quiescent_ratio"],
                               scale=scale)
-                seen[(name, c["name"])] = r
+                seen[(name, c["name"])], seed = r, g["seed"]
                 out.append(f"| {name} (seed {g['seed']}) | {g['task']} | "
                            f"{v['calibration_steps']} / "
                            f"{v['init_steps']} / {v['later_steps']} | {v['threshold']:g} "
                            f"({v['units']}) | {c['name']} | {r.rho_later:.2f} (limit "
                            f"{v['later_ratio']:g}) | {r.rho_quie:.2f} (limit "
                            f"{v['quiescent_ratio']:g}) | {word(r.flagged)} |")
-    budget = 2 * base["rounds"] * base["local_steps"] * base.get("clients_per_round", 1)
     if len(seen) < 4:
         return out
+    budget = 2 * base["rounds"] * base["local_steps"] * base.get("clients_per_round", 1)
     rho = {k: r.rho_later for k, r in seen.items()}
-    out += ["", f"Within this suite's {suite['calibration_steps']} calibration steps the "
+    out += ["", f"At seed {seed}, within this suite's {suite['calibration_steps']} calibration steps the "
             f"single-label client's rho_later (first / last mean |GradIP|) is "
             f"{rho[('this suite', 'single-label')]:.2f} (the IID client's "
             f"{rho[('this suite', 'iid')]:.2f}); a decay, what Algorithm 1 detects, reads as a "

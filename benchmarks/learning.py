@@ -27,7 +27,7 @@ Groups (GROUPS), in the order they run:
   rt-central-bf16   the pick with the forward in bf16 at seeds 0, 1, 2;
   rt-central-long   the same for 3,000 forwards at seeds 0 and 1;
   rt-federated      the pick with K = 10 Dirichlet clients (alpha 0.5, both conventions) at the
-                    same 600 forwards;
+                    same 600 forwards, at seeds 0, 1, 2;
   ...               the full plan adds: eps and density at one seed, a cosine schedule,
                     the screen's best eps against the pick's at every seed (rt-central-eps),
                     batch 4 against 16 at the same examples at every seed (rt-central-batch),
@@ -137,11 +137,11 @@ PLANS: dict[str, dict[str, Any]] = {
         # clients per round at the same forwards means fewer global steps (10 per round of
         # 10 clients at T = 3 is the same 600 forwards but only 10 aggregated moves).
         "rt-federated": ("from-pick", "rt-central-grid", [
-            (f"bf16-k10-{part}-1perround-seed0", {**BF16, "clients": 10,
-                                                 "partition": part, "alpha": 0.5,
-                                                 "clients_per_round": 1, "rounds": 30,
-                                                 "local_steps": 10, "eval_every": 10})
-            for part in ("dirichlet", "dirichlet-client")]),
+            (f"bf16-k10-{part}-1perround-seed{s}", {**BF16, "seed": s, "clients": 10,
+                                                   "partition": part, "alpha": 0.5,
+                                                   "clients_per_round": 1, "rounds": 30,
+                                                   "local_steps": 10, "eval_every": 10})
+            for s in SEEDS for part in ("dirichlet", "dirichlet-client")]),
     },
 }
 # the full plan: the session's groups and the rest of the learning issue's grid. Everything

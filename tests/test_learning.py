@@ -360,3 +360,22 @@ def test_the_targets_count_examples_so_smaller_batches_meet_the_same_budget():
     assert out["per_seed_within_600_forwards"][0]["examples"] == 9600
     assert abs(out["per_seed_within_600_forwards"][0]["test_auc_gain"] - 0.06) < 1e-9
     assert lb.judge([], [], [rec(4, [(0, 0.7), (3000, 0.8)])])["within_3000_forwards"] == []
+
+
+def test_federated_runs_are_judged_by_each_conventions_median_over_seeds():
+    lb = _learning_module()
+
+    def rec(name, gain):
+        return {"run": f"runs/{name}", "curve": [
+            {"forwards": 0, "examples": 0, "test_auc": 0.7},
+            {"forwards": 600, "examples": 9600, "test_auc": 0.7 + gain}]}
+
+    central = [rec(f"c{s}", g) for s, g in enumerate((0.06, 0.04, 0.02))]  # median 0.04
+    fed = [rec(f"k10-dirichlet-1perround-seed{s}", g) for s, g in enumerate((0.05, 0.01, 0.04))]
+    fed += [rec(f"k10-dirichlet-client-1perround-seed{s}", g)
+            for s, g in enumerate((0.03, 0.02, 0.035))]
+    out = lb.judge_federated(fed, central)
+    assert abs(out["by_partition"]["dirichlet"]["share_of_centralized"] - 1.0) < 1e-9
+    assert abs(out["by_partition"]["dirichlet-client"]["share_of_centralized"] - 0.75) < 1e-9
+    # dirichlet's weak seed 1 (25%) does not sink it; dirichlet-client's median (75%) does
+    assert out["at_least_80_percent"] is False

@@ -417,16 +417,13 @@ def vp_on_claim2(data: dict[str, Any], base: dict[str, Any]) -> list[str]:
     what calibration it would need."""
     from fedmeerkat.federated.gradip import vp_ratios
     from fedmeerkat.federated.methods.vp import VPSettings
+    from fedmeerkat.options import keys_of
 
     if not data.get("gradip"):
         return []
-    d = VPSettings()
-    key = {"calibration_steps": "vp_calibration_steps", "init_steps": "vp_init_steps",
-           "later_steps": "vp_later_steps", "threshold": "vp_threshold",
-           "later_ratio": "vp_later_ratio", "quiescent_ratio": "vp_quiescent_ratio",
-           "units": "vp_gradip_units"}
-    suite = {f: base.get(k, getattr(d, f)) for f, k in key.items()}
-    paper = {f: getattr(d, f) for f in key}  # the paper's Tables 3 and 5; units ours
+    paper = VPSettings()  # the paper's Tables 3 and 5; units ours
+    suite = VPSettings(**{f.name: base.get(k, getattr(paper, f.name))
+                          for k, f in keys_of(VPSettings).items()})
     out = ["", "VP's detection on Claim 2's trajectories: Algorithm 1 (the code VP runs) applied "
            "to the recorded |GradIP| of the IID and the single-label client, at this suite's VP "
            "settings and, where the trajectories are long enough, at the paper's. A client is "
@@ -437,36 +434,35 @@ def vp_on_claim2(data: dict[str, Any], base: dict[str, Any]) -> list[str]:
     seed = None
     for name, v in (("this suite", suite), ("the paper", paper)):
         for g in data["gradip"]:
-            if len(g["clients"][0]["gradip"]) < v["calibration_steps"]:
+            if len(g["clients"][0]["gradip"]) < v.calibration_steps:
                 continue
-            scale = g["calib_grad_norm"] if v["units"] == "calib-unit" else 1.0
+            scale = g["calib_grad_norm"] if v.units == "calib-unit" else 1.0
             for c in g["clients"]:
-                r = vp_ratios(c["gradip"][:v["calibration_steps"]], init_steps=v["init_steps"],
-                              later_steps=v["later_steps"], threshold=v["threshold"],
-                              later_ratio=v["later_ratio"], quiescent_ratio=v["quiescent_ratio"],
+                r = vp_ratios(c["gradip"][:v.calibration_steps], init_steps=v.init_steps,
+                              later_steps=v.later_steps, threshold=v.threshold,
+                              later_ratio=v.later_ratio, quiescent_ratio=v.quiescent_ratio,
                               scale=scale)
                 seen[(name, c["name"])], seed = r, g["seed"]
                 out.append(f"| {name} (seed {g['seed']}) | {g['task']} | "
-                           f"{v['calibration_steps']} / "
-                           f"{v['init_steps']} / {v['later_steps']} | {v['threshold']:g} "
-                           f"({v['units']}) | {c['name']} | {r.rho_later:.2f} (limit "
-                           f"{v['later_ratio']:g}) | {r.rho_quie:.2f} (limit "
-                           f"{v['quiescent_ratio']:g}) | {word(r.flagged)} |")
+                           f"{v.calibration_steps} / {v.init_steps} / {v.later_steps} | "
+                           f"{v.threshold:g} ({v.units}) | {c['name']} | {r.rho_later:.2f} "
+                           f"(limit {v.later_ratio:g}) | {r.rho_quie:.2f} (limit "
+                           f"{v.quiescent_ratio:g}) | {word(r.flagged)} |")
     if len(seen) < 4:
         return out
     budget = 2 * base["rounds"] * base["local_steps"] * base.get("clients_per_round", 1)
     rho = {k: r.rho_later for k, r in seen.items()}
-    out += ["", f"At seed {seed}, within this suite's {suite['calibration_steps']} calibration steps the "
+    out += ["", f"At seed {seed}, within this suite's {suite.calibration_steps} calibration steps the "
             f"single-label client's rho_later (first / last mean |GradIP|) is "
             f"{rho[('this suite', 'single-label')]:.2f} (the IID client's "
             f"{rho[('this suite', 'iid')]:.2f}); a decay, what Algorithm 1 detects, reads as a "
             "rho_later well above 1. Over the paper's "
-            f"{paper['calibration_steps']} steps it falls {rho[('the paper', 'single-label')]:.2f}-fold "
+            f"{paper.calibration_steps} steps it falls {rho[('the paper', 'single-label')]:.2f}-fold "
             f"against the IID client's {rho[('the paper', 'iid')]:.2f}. "
             "At the paper's calibration every client first runs "
-            f"{paper['calibration_steps']} steps: {base['clients']} clients x "
-            f"{paper['calibration_steps']} steps x 2 = "
-            f"{2 * base['clients'] * paper['calibration_steps']:,} forwards before training, "
+            f"{paper.calibration_steps} steps: {base['clients']} clients x "
+            f"{paper.calibration_steps} steps x 2 = "
+            f"{2 * base['clients'] * paper.calibration_steps:,} forwards before training, "
             f"against this suite's whole budget of {budget:,}. That is the budget Claim 3 "
             "needs on this model, not a threshold."]
     return out

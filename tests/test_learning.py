@@ -320,19 +320,31 @@ def test_run_or_record_reads_the_folder_then_the_record_then_says_how_to_make_it
 
 
 def test_a_run_another_invocation_holds_is_left_for_later(tmp_path, monkeypatch):
-    """Two invocations share a plan: a run locked by one answers None to the other's
-    non-waiting ensure (and is not touched), and runs once the lock is free."""
-    import fcntl
+    """Two invocations share a plan: a run locked by another process answers None to a
+    non-waiting ensure (and is not touched), and runs once that process lets go."""
+    import subprocess
 
     lb = _learning_module()
     bench = lb.Bench(threads=0, runs=tmp_path)
     ran = []
     monkeypatch.setattr(bench, "_ensure", lambda g, n, s: ran.append(n) or tmp_path / g / n)
     (tmp_path / "g").mkdir()
-    with open(tmp_path / "g" / ".r.lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # as another process would (flock is per open file)
+    holder = subprocess.Popen(  # another invocation, holding the run's lock until stdin closes
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(tmp_path / "g" / ".r.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         assert bench.ensure("g", "r", {}, wait=False) is None
         assert ran == []
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait(timeout=10)
     assert bench.ensure("g", "r", {}, wait=False) == tmp_path / "g" / "r" and ran == ["r"]
 
 

@@ -391,3 +391,32 @@ def test_federated_runs_are_judged_by_each_conventions_median_over_seeds():
     assert abs(out["by_partition"]["dirichlet-client"]["share_of_centralized"] - 0.75) < 1e-9
     # dirichlet's weak seed 1 (25%) does not sink it; dirichlet-client's median (75%) does
     assert out["at_least_80_percent"] is False
+
+
+def test_federated_t_is_picked_on_the_worse_conventions_validation_never_on_test():
+    lb = _learning_module()
+
+    def rec(part, seed, val_gain, test_gain):
+        return {"run": f"runs/k10-{part}-seed{seed}", "partition": part, "seed": seed, "curve": [
+            {"forwards": 0, "val_auc": 0.7, "test_auc": 0.7},
+            {"forwards": 600, "val_auc": 0.7 + val_gain, "test_auc": 0.7 + test_gain}]}
+
+    def runs(gains):  # gains: {partition: [validation gain per seed]}; test says the opposite
+        return [rec(p, s, g, -g) for p, gs in gains.items() for s, g in enumerate(gs)]
+
+    t10 = runs({"dirichlet": [0.04, 0.00, 0.03], "dirichlet-client": [0.04, 0.04, 0.03]})
+    t1 = runs({"dirichlet": [0.03, 0.03, 0.03], "dirichlet-client": [0.02, 0.035, 0.03]})
+    out = lb.pick_federated_t({"rt-federated": {"runs": t10}, "rt-federated-t1": {"runs": t1}})
+    # T = 10's worse convention (dirichlet, median 0.03) against T = 1's (0.03): a tie -> T = 10
+    assert out["pick"] == "T=10" and out["group"] == "rt-federated"
+    t1[0]["curve"][1]["val_auc"] += 0.01  # dirichlet at T = 1: median still 0.03
+    t1[3]["curve"][1]["val_auc"] += 0.02  # dirichlet-client at T = 1: median 0.03 -> 0.035
+    out = lb.pick_federated_t({"rt-federated": {"runs": t10}, "rt-federated-t1": {"runs": t1}})
+    assert out["pick"] == "T=10"  # its worse convention is still 0.03
+    for r in t1:
+        r["curve"][1]["val_auc"] += 0.005
+    out = lb.pick_federated_t({"rt-federated": {"runs": t10}, "rt-federated-t1": {"runs": t1}})
+    assert out["pick"] == "T=1" and out["group"] == "rt-federated-t1"
+    # different seeds: no pick
+    assert lb.pick_federated_t({"rt-federated": {"runs": t10},
+                                "rt-federated-t1": {"runs": t1[:2]}}) is None

@@ -178,7 +178,10 @@ def test_interrupted_run_resumes_bit_identical(tiny_model_dir, sentiment_csv, ca
     # 4 clients, 3 per round: their copies are stored once per round they hold, not per client
     with safe_open(str(cut / "checkpoint.safetensors"), framework="pt") as f:
         keys = list(f.keys())
-        synced = {c["synced"] for c in json.loads(f.metadata()["state"])["clients"]}
+        state = json.loads(f.metadata()["state"])
+        synced = {c["synced"] for c in state["clients"]}
+    before = state["wall_seconds"]  # the cut process's wall time up to its last checkpoint
+    assert before > 0
     copies = [k for k in keys if k.startswith("clients.theta.round")]
     assert sorted(copies) == sorted(f"clients.theta.round{r}" for r in synced) and len(copies) < 4
     assert not any(k.startswith("client.") and k.endswith(".theta") for k in keys)
@@ -191,6 +194,9 @@ def test_interrupted_run_resumes_bit_identical(tiny_model_dir, sentiment_csv, ca
     rb = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rb] == [0, 1, 2, 3, 4, 5]
     assert ra == rb
+    # the resumed run's total wall time counts the cut process's up to its checkpoint
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["wall_seconds_total"] >= before + summary["wall_seconds"] - 0.2
     capsys.readouterr()
     assert main(["run", "--resume", str(cut), "lr=1"]) == 2
     assert "cannot change on --resume" in capsys.readouterr().err

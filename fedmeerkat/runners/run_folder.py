@@ -237,10 +237,12 @@ def checksum(tensors: dict[str, torch.Tensor], *header: str) -> str:
 
 
 def save_checkpoint(out: Path, server: BaseServer, states: list[ClientState],
-                    space: str = "") -> None:
+                    space: str = "", wall_seconds: float | None = None) -> None:
     """Everything needed to continue bit-identically, with its checksum. The new file is
     written beside the old one and fsynced, the old one becomes checkpoint.prev.safetensors,
-    and the new one takes its name: at every moment a whole checkpoint is on disk."""
+    and the new one takes its name: at every moment a whole checkpoint is on disk.
+    `wall_seconds`: the run's wall time so far over every process that ran it (a resumed run
+    goes on counting from it); not part of the model state."""
     tensors, server_meta = server.state_dict()
     for s in states:
         # clients at the same round share one copy (share_copies): stored once per round
@@ -250,6 +252,8 @@ def save_checkpoint(out: Path, server: BaseServer, states: list[ClientState],
             tensors[f"client.{s.client_id}.extra.{name}"] = t.cpu().contiguous()
     meta = {"server": server_meta,
             "clients": [{"pointer": s.pointer.state_dict(), "synced": s.synced} for s in states]}
+    if wall_seconds is not None:
+        meta["wall_seconds"] = round(wall_seconds, 1)
     state = json.dumps(meta)
     tmp = out / (CHECKPOINT + ".tmp")
     try:
@@ -312,9 +316,10 @@ def read_checkpoint(path: Path, space: str = "") -> tuple[dict[str, torch.Tensor
 
 
 def load_checkpoint(out: Path, server: BaseServer, states: list[ClientState],
-                    space: str = "", log: Callable[[str], None] | None = None) -> None:
+                    space: str = "", log: Callable[[str], None] | None = None) -> float:
     """Restore the last sound checkpoint: checkpoint.safetensors, or, when that is missing,
-    truncated or corrupt (one line to `log` says so), checkpoint.prev.safetensors."""
+    truncated or corrupt (one line to `log` says so), checkpoint.prev.safetensors. Returns
+    the run's wall seconds up to that checkpoint (0 for a checkpoint that does not say)."""
     candidates = [p for p in (out / CHECKPOINT, out / PREVIOUS_CHECKPOINT) if p.is_file()]
     if not candidates:
         raise FileNotFoundError(f"{out} holds no {CHECKPOINT}: nothing to resume")
@@ -333,6 +338,8 @@ def load_checkpoint(out: Path, server: BaseServer, states: list[ClientState],
         raise CheckpointError(f"{out}: no sound checkpoint to resume from: "
                               + "; ".join(problems))
     _apply_checkpoint(path, tensors, meta, server, states)
+    wall = meta.get("wall_seconds")
+    return float(wall) if isinstance(wall, int | float) and not isinstance(wall, bool) else 0.0
 
 
 def _apply_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -514,12 +521,12 @@ class RunFolder:
         return json.loads((self.path / name).read_text())
 
     def save_checkpoint(self, server: BaseServer, states: list[ClientState],
-                        space: str = "") -> None:
-        save_checkpoint(self.path, server, states, space)
+                        space: str = "", wall_seconds: float | None = None) -> None:
+        save_checkpoint(self.path, server, states, space, wall_seconds)
 
     def load_checkpoint(self, server: BaseServer, states: list[ClientState],
-                        space: str = "", log: Callable[[str], None] | None = None) -> None:
-        load_checkpoint(self.path, server, states, space, log=log)
+                        space: str = "", log: Callable[[str], None] | None = None) -> float:
+        return load_checkpoint(self.path, server, states, space, log=log)
 
     def save_trajectories(self, round_idx: int, arrays: dict[str, torch.Tensor]) -> None:
         save_trajectories(self.path, round_idx, arrays)

@@ -58,6 +58,8 @@ class Session:
     resume_hint: str = ""  # how to continue after a failed round, added to its error
     ledger: PrivacyLedger | None = None  # DP runs: the steps each client ran (federated/dp.py)
     started: float = field(default_factory=time.time)
+    # wall seconds of the processes that ran this run before this one (from the checkpoint)
+    wall_before: float = 0.0
     initial: dict[str, Any] = field(default_factory=dict)  # round 0's evaluation
     last: dict[str, Any] = field(default_factory=dict)  # the latest evaluation
 
@@ -79,7 +81,7 @@ class Session:
         self.log(f"round 0: {format_evaluation(self.initial)}")
         self.folder.metrics.append({"round": 0, "train_loss": None, **self.initial,
                                     "bytes_up": 0, "bytes_down": 0})
-        self.folder.save_checkpoint(self.server, self.states, self.digest)
+        self.folder.save_checkpoint(self.server, self.states, self.digest, self._wall())
 
     def train(self) -> None:
         """Rounds server.round + 1 .. cfg.rounds; a round that cannot get enough replies
@@ -90,7 +92,7 @@ class Session:
                                  {**rec, **self.record_extra(), **self._privacy()}),
                              save_arrays=self.folder.save_trajectories,
                              checkpoint=lambda: self.folder.save_checkpoint(
-                                 self.server, self.states, self.digest),
+                                 self.server, self.states, self.digest, self._wall()),
                              evaluate=self._evaluate_due, log=self.log,
                              round_timeout=cfg.round_timeout, min_clients=cfg.min_clients,
                              loss_withheld=self.ledger is not None,
@@ -146,7 +148,10 @@ class Session:
                           "messages",
             **(extra or {}),
             **self._privacy_summary(),
+            # this process's; the total counts every process that ran it, up to the
+            # checkpoint each resumed from (time after a crash's last checkpoint is lost)
             "wall_seconds": round(time.time() - self.started, 1),
+            "wall_seconds_total": round(self._wall(), 1),
             "out": str(self.folder),
             **server.summary_extra(),
         }
@@ -164,6 +169,9 @@ class Session:
             return self.finish(extra)
 
     # ---- helpers -----------------------------------------------------------------------
+    def _wall(self) -> float:
+        return self.wall_before + time.time() - self.started
+
     def _evaluate_due(self, r: int) -> dict[str, Any] | None:
         cfg = self.cfg
         if not (r == cfg.rounds or (cfg.eval_every and r % cfg.eval_every == 0)):
@@ -199,7 +207,8 @@ class Session:
                        "epsilon_spent_max": max(spent.values(), default=0.0)}}
 
     def _restore(self) -> None:
-        self.folder.load_checkpoint(self.server, self.states, self.digest, log=self.log)
+        self.wall_before = self.folder.load_checkpoint(self.server, self.states, self.digest,
+                                                       log=self.log)
         self.folder.drop_trajectories_after(self.server.round)
         # drop lines written after the checkpoint and a half-written last line, if any
         records = [r for r in self.folder.metrics.read() if r["round"] <= self.server.round]

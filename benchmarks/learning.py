@@ -213,9 +213,15 @@ PLANS["full"] = {
     # four steps of 4 examples would move about four times as far as one of 16. It did not
     # hold at lr 1e-4 (README). Evaluated every 3,200 examples, as the pick. (Batch 8 and 2
     # were cut to fit a session.)
+    # Batch 4 at about half the lr was added after: batch 4's paths at lr 1e-4 peak and fall
+    # back, the sign of steps too noisy for their lr. The gradient noise scale on the mask
+    # (benchmarks/noise_scale.py -> noise_scale.json) puts batch 4's best lr at 0.52x batch
+    # 16's and its progress per example at about twice batch 16's (a quadratic model, not a
+    # measurement): lr 5e-5, chosen before its runs.
     "rt-central-batch": ("grid", [
         *[zo_run(1e-4, s, **BF16) for s in SEEDS],
-        *[zo_run(1e-4, s, **BF16, batch_size=4, rounds=6, local_steps=200) for s in SEEDS]],
+        *[zo_run(lr, s, **BF16, batch_size=4, rounds=6, local_steps=200)
+          for lr in (1e-4, 5e-5) for s in SEEDS]],
         {f"zo-lr1e-4-bf16-seed{s}": "rt-central-bf16" for s in SEEDS}),
     "rt-central-batch-seeds": ("seeds", "rt-central-batch", SEEDS),
     # Not run (cut, said in README): the worst-seed rule picks batch 4 by a hair on its best

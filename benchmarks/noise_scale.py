@@ -1,0 +1,123 @@
+"""The gradient noise scale on the mask, and what it says about the ZO step's batch size.
+
+    python benchmarks/noise_scale.py [--examples 128] [--seed 0] [--threads 2]
+
+On the learning benchmark's setting (packaged SmolLM2-135M in float32, rotten_tomatoes prompts
+at max_length 48, the calibration mask at density 1e-3 from 32 sequences of 128 tokens of the
+packaged news text, the seed's split with its validation set carved out), one backward per
+training example at the untrained model gives the per-example gradients g_i on the mask's
+106,168 coordinates (a seeded sample of `--examples`). From them:
+
+  B_simple = tr(C) / |G|^2   (McCandlish et al. 2018, "An empirical model of large-batch
+  training"), with C the per-example covariance and G the mean gradient; |G|^2 is estimated
+  without bias as |mean g|^2 - tr(C)/n.
+
+Why it matters for sparse ZO: a two-point step on a batch of b examples estimates (z . g_B) z,
+whose second moment is about tr(H) (|G|^2 + tr(C)/b) where the first-order step's is about
+|G|^2 + tr(C)/b; the direction noise (tr(H), from 106,168 coordinates) multiplies the batch
+term instead of adding to it. At each batch's best lr the expected progress per step then goes
+as 1 / (1 + B_simple / b) and per example as 1 / (b + B_simple), and the best lr itself as
+1 / (1 + B_simple / b) (the quadratic model of the loss, Hessian and batch noise held fixed).
+The script writes those ratios against batch 16 (the learning benchmark's recipe): a model's
+prediction, to be checked by runs (learning.py's rt-central-batch), not a measurement of them.
+
+Output: benchmarks/results/noise_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fedmeerkat.config import load_config  # noqa: E402
+from fedmeerkat.federated.methods.backprop import masked_gradient  # noqa: E402
+from fedmeerkat.runners.prepare import get_mask, prepare, split_clients  # noqa: E402
+
+BATCHES = (1, 2, 4, 8, 16, 32)
+RECIPE_BATCH = 16
+
+
+def per_example_gradients(prep, mask, ids: np.ndarray) -> torch.Tensor:
+    """[len(ids), nnz] float64: each example's gradient of the label-scoring loss on the mask."""
+    params = dict(prep.model.named_parameters())
+    for p in prep.model.parameters():
+        p.requires_grad_(False)
+    for name in mask.names:
+        params[name].requires_grad_(True)
+    rows = []
+    for i in ids:
+        batch = prep.scorer.collate([prep.train_ids[i]], prep.train_labels[[i]])
+        rows.append(masked_gradient(params, mask, prep.scorer.loss_tensor(batch)).double())
+    return torch.stack(rows)
+
+
+def noise_scale(grads: torch.Tensor) -> dict[str, float]:
+    n = grads.shape[0]
+    mean = grads.mean(0)
+    tr_c = float(grads.var(0).sum())  # unbiased per coordinate
+    g2 = float(mean @ mean) - tr_c / n  # unbiased |G|^2
+    return {"examples": n, "trace_C": tr_c, "mean_gradient_sq_norm": g2,
+            "B_simple": tr_c / g2 if g2 > 0 else float("inf")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--examples", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ns = ap.parse_args()
+    if ns.examples < 2:
+        ap.error("--examples must be at least 2 (a covariance needs two)")
+    torch.set_num_threads(ns.threads)
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(None, ["model=smollm2-135m", "dtype=float32", "task=rotten_tomatoes",
+                                 "max_length=48", "val_fraction=0.1", "max_val=500",
+                                 "max_test=16", "calib_sequences=32", "calib_seq_len=128",
+                                 "density=1e-3", f"seed={ns.seed}", f"out={tmp}/run"])
+        prep = prepare(cfg)
+        mask, _ = get_mask(cfg, prep, split_clients(cfg, prep), quiet=True)
+    rng = np.random.default_rng(ns.seed)
+    ids = rng.choice(len(prep.train_labels), ns.examples, replace=False)
+    print(f"{ns.examples} backward passes on the mask ({mask.nnz:,} values)...", file=sys.stderr)
+    stats = noise_scale(per_example_gradients(prep, mask, ids))
+    b_simple = stats["B_simple"]
+
+    def step(b: int) -> float:  # progress per step at the batch's best lr (model)
+        return 1.0 / (1.0 + b_simple / b)
+
+    rows = [{"batch": b,
+             "progress_per_step_vs_16": step(b) / step(RECIPE_BATCH),
+             "progress_per_example_vs_16": (step(b) / b) / (step(RECIPE_BATCH) / RECIPE_BATCH),
+             "best_lr_vs_16": step(b) / step(RECIPE_BATCH)} for b in BATCHES]
+    import transformers
+    write_result("noise_scale", {
+        "setting": {"model": "smollm2-135m", "dtype": "float32", "task": "rotten_tomatoes",
+                    "max_length": 48, "mask": "calibration, density 1e-3, 32 x 128 tokens",
+                    "mask_nnz": mask.nnz, "seed": ns.seed, "point": "the untrained model"},
+        "versions": {"transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        **stats,
+        "model_of_the_zo_step": "second moment of a two-point step on b examples ~ tr(H) "
+                                "(|G|^2 + tr(C)/b); at each batch's best lr, progress per "
+                                "step ~ 1/(1 + B_simple/b), per example ~ 1/(b + B_simple)",
+        "by_batch": rows, "wall_seconds": round(time.time() - started, 1)})
+    print(f"B_simple = {b_simple:.2f}: batch 4 at {rows[2]['best_lr_vs_16']:.2f}x the batch-16 "
+          f"lr would need {1 / rows[2]['progress_per_example_vs_16']:.2f}x its examples "
+          "(model)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

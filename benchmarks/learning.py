@@ -988,38 +988,56 @@ def generic_section(title: str, group: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+# docs/learning.png: one panel a question, a handful of curves each (split: what is drawn;
+# a grid keeps validation only)
+PANELS = (
+    ("The recipe (bf16) at three seeds, and first-order SGD on the mask", "test",
+     ("rt-central-bf16", "rt-central-fo")),
+    ("Longer budgets", "test", ("rt-central-long", "rt-central-long-budget",
+                                "rt-central-long-sched")),
+    ("K = 10 Dirichlet clients, one a round", "test", ("rt-federated", "rt-federated-t1")),
+    ("Batch 4 against 16 at the same examples", "val", ("rt-central-batch",)),
+)
+
+
+def run_label(r: dict[str, Any]) -> str:
+    return (f"{'FO-SGD' if r['method'] == 'fedavg-backprop' else 'ZO'} lr {r['lr']:g}"
+            + (f" {r['lr_schedule']}" if r.get("lr_schedule", "constant") != "constant" else "")
+            + (f" batch {r['batch_size']}" if r.get("batch_size", 16) != 16 else "")
+            + (f" K={r['clients']} {partition_of(r)}" if r.get("clients", 1) > 1 else "")
+            + (f" T={r['local_steps']}" if r.get("clients", 1) > 1 and r.get("local_steps")
+               else "")
+            + f" seed {r['seed']}" + f", {r['curve'][-1].get('forwards', 0):,} fw")
+
+
 def plot(data: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, split in zip(axes, ("val", "test"), strict=True):
-        drawn: set[str] = set()  # a seeds group lists the grid's own runs again
-        for group, g in data["groups"].items():
-            for r in g["runs"]:
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    for ax, (title, split, names) in zip(axes.flat, PANELS, strict=True):
+        drawn: set[str] = set()  # groups share runs (a grid reads another group's)
+        for group in names:
+            for r in data["groups"].get(group, {}).get("runs", []):
                 pts = [p for p in r["curve"] if p.get(f"{split}_auc") is not None]
-                if not pts or r["run"] in drawn or r["task"] != "rotten_tomatoes":
+                if not pts or r["run"] in drawn:
                     continue
                 drawn.add(r["run"])
-                label = (f"{'FO-SGD' if r['method'] == 'fedavg-backprop' else 'ZO'} lr {r['lr']:g}"
-                         f" seed {r['seed']}" + (f" K={r['clients']}" if r.get("clients", 1) > 1
-                                                  else "")
-                         + (" bf16" if r.get("dtype") == "bfloat16" else "")
-                         + (f" batch {r['batch_size']}" if r.get("batch_size", 16) != 16 else ""))
                 ax.plot([p["examples"] / 16 for p in pts], [p[f"{split}_auc"] for p in pts],
-                        marker="o", label=label, linestyle="--" if group.endswith("fo") else "-")
-        ax.set_title(f"rotten_tomatoes: {'validation' if split == 'val' else 'test'}"
-                     " ROC-AUC")
+                        marker="o", markersize=3, label=run_label(r),
+                        linestyle="--" if r["method"] == "fedavg-backprop" else "-")
+        ax.set_title(f"{title}\n({'validation' if split == 'val' else 'test'} ROC-AUC, "
+                     "rotten_tomatoes)", fontsize=9)
         # smaller batches are drawn at their examples: 4 forwards of 4 count as 1 of 16
-        ax.set_xlabel("forwards of 16 examples (smaller batches: examples / 16)", fontsize=9)
+        ax.set_xlabel("forwards of 16 examples (smaller batches: examples / 16)", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("ROC-AUC")
-    axes[1].legend(fontsize=6, loc="lower right")
+        if drawn:
+            ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     path = ROOT / "docs" / "learning.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"wrote {path.relative_to(ROOT)}")
 

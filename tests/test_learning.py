@@ -420,3 +420,17 @@ def test_federated_t_is_picked_on_the_worse_conventions_validation_never_on_test
     # different seeds: no pick
     assert lb.pick_federated_t({"rt-federated": {"runs": t10},
                                 "rt-federated-t1": {"runs": t1[:2]}}) is None
+
+
+def test_the_3000_forward_target_needs_three_seeds_to_hold():
+    lb = _learning_module()
+
+    def rec(seed, gain):
+        return {"run": f"r{seed}", "seed": seed, "curve": [
+            {"forwards": f, "examples": 16 * f, "test_auc": a, "test_best_shift_accuracy": a}
+            for f, a in ((0, 0.7), (3000, 0.7 + gain))]}
+
+    key = "auc_gain_at_least_0.10_within_3000"
+    assert lb.judge([], [], [rec(0, 0.11), rec(1, 0.12)])[key] is None  # 2 of 3 seeds
+    assert lb.judge([], [], [rec(0, 0.11), rec(1, 0.09)])[key] is False
+    assert lb.judge([], [], [rec(s, 0.11) for s in range(3)])[key] is True

@@ -21,6 +21,13 @@ as 1 / (1 + B_simple / b) and per example as 1 / (b + B_simple), and the best lr
 The script writes those ratios against batch 16 (the learning benchmark's recipe): a model's
 prediction, to be checked by runs (learning.py's rt-central-batch), not a measurement of them.
 
+The same model asks whether a fixed diagonal scaling of z would save forwards (z ~ N(0, S),
+S = diag(s^p) with s the calibration's mean squared gradient at the masked coordinates, which
+every party can hold: a "static" HiZOO-style preconditioner that keeps the update linear in
+the scalars). At the best lr a step's progress is (G'SG)^2 / (tr(HS) (G'SG + tr(SC)/b)); with
+H taken as the diagonal empirical Fisher of the task (mean g_i^2, a Gauss-Newton stand-in) the
+script writes that progress for several p against p = 0 (plain z), at b = 16.
+
 Output: benchmarks/results/noise_scale.json.
 """
 
@@ -42,24 +49,58 @@ sys.path.insert(0, str(ROOT))
 
 from fedmeerkat.config import load_config  # noqa: E402
 from fedmeerkat.federated.methods.backprop import masked_gradient  # noqa: E402
+from fedmeerkat.models.scoring import lm_loss  # noqa: E402
+from fedmeerkat.runners.masks import calibration_sequences  # noqa: E402
 from fedmeerkat.runners.prepare import get_mask, prepare, split_clients  # noqa: E402
+from fedmeerkat.tasks.corpora import load_calibration_texts  # noqa: E402
 
 BATCHES = (1, 2, 4, 8, 16, 32)
 RECIPE_BATCH = 16
+POWERS = (-1.0, -0.5, 0.25, 0.5, 1.0)  # S = diag(s^p); p = 0 is plain z
 
 
-def per_example_gradients(prep, mask, ids: np.ndarray) -> torch.Tensor:
-    """[len(ids), nnz] float64: each example's gradient of the label-scoring loss on the mask."""
+def grad_on_mask_only(prep, mask) -> None:
     params = dict(prep.model.named_parameters())
     for p in prep.model.parameters():
         p.requires_grad_(False)
     for name in mask.names:
         params[name].requires_grad_(True)
+
+
+def per_example_gradients(prep, mask, ids: np.ndarray) -> torch.Tensor:
+    """[len(ids), nnz] float64: each example's gradient of the label-scoring loss on the mask."""
+    params = dict(prep.model.named_parameters())
     rows = []
     for i in ids:
         batch = prep.scorer.collate([prep.train_ids[i]], prep.train_labels[[i]])
         rows.append(masked_gradient(params, mask, prep.scorer.loss_tensor(batch)).double())
     return torch.stack(rows)
+
+
+def calibration_second_moment(prep, mask, cfg) -> torch.Tensor:
+    """Mean squared gradient of the calibration corpus's LM loss at the masked coordinates
+    (what chose the mask), float64 [nnz]."""
+    params = dict(prep.model.named_parameters())
+    seqs = calibration_sequences(prep.tokenizer, load_calibration_texts(cfg.calib_corpus),
+                                 cfg.calib_sequences, cfg.calib_seq_len)
+    total = torch.zeros(mask.nnz, dtype=torch.float64)
+    for seq in seqs:
+        g = masked_gradient(params, mask, lm_loss(prep.model, seq)).double()
+        total += g * g
+    return total / len(seqs)
+
+
+def scaled_progress(grads: torch.Tensor, scale: torch.Tensor, batch: int) -> float:
+    """Best-lr progress of a two-point step with z ~ N(0, diag(scale)) on `batch` examples,
+    by the quadratic model with H = diag(mean g_i^2) (docstring); any overall factor cancels
+    in the ratios the script reports."""
+    n = grads.shape[0]
+    mean = grads.mean(0)
+    var = grads.var(0)
+    fisher = (grads * grads).mean(0)
+    signal = float((scale * mean * mean).sum() - (scale * var).sum() / n)  # unbiased G'SG
+    return signal ** 2 / (float((scale * fisher).sum())
+                          * (signal + float((scale * var).sum()) / batch))
 
 
 def noise_scale(grads: torch.Tensor) -> dict[str, float]:
@@ -88,10 +129,19 @@ def main() -> int:
                                  "density=1e-3", f"seed={ns.seed}", f"out={tmp}/run"])
         prep = prepare(cfg)
         mask, _ = get_mask(cfg, prep, split_clients(cfg, prep), quiet=True)
+        grad_on_mask_only(prep, mask)
+        print(f"{cfg.calib_sequences} calibration backward passes...", file=sys.stderr)
+        calib = calibration_second_moment(prep, mask, cfg)
     rng = np.random.default_rng(ns.seed)
     ids = rng.choice(len(prep.train_labels), ns.examples, replace=False)
     print(f"{ns.examples} backward passes on the mask ({mask.nnz:,} values)...", file=sys.stderr)
-    stats = noise_scale(per_example_gradients(prep, mask, ids))
+    grads = per_example_gradients(prep, mask, ids)
+    stats = noise_scale(grads)
+    floor = calib[calib > 0].min()  # a coordinate the corpus never moved keeps the smallest
+    plain = scaled_progress(grads, torch.ones_like(calib), RECIPE_BATCH)
+    scaled = [{"p": p, "progress_per_step_vs_plain_z":
+               scaled_progress(grads, calib.clamp_min(floor) ** p, RECIPE_BATCH) / plain}
+              for p in POWERS]
     b_simple = stats["B_simple"]
 
     def step(b: int) -> float:  # progress per step at the batch's best lr (model)
@@ -112,10 +162,17 @@ def main() -> int:
         "model_of_the_zo_step": "second moment of a two-point step on b examples ~ tr(H) "
                                 "(|G|^2 + tr(C)/b); at each batch's best lr, progress per "
                                 "step ~ 1/(1 + B_simple/b), per example ~ 1/(b + B_simple)",
-        "by_batch": rows, "wall_seconds": round(time.time() - started, 1)})
+        "by_batch": rows,
+        "z_scaled_by_calibration_second_moment": {
+            "batch": RECIPE_BATCH, "hessian_stand_in": "diagonal empirical Fisher of the task",
+            "rows": scaled},
+        "wall_seconds": round(time.time() - started, 1)})
     print(f"B_simple = {b_simple:.2f}: batch 4 at {rows[2]['best_lr_vs_16']:.2f}x the batch-16 "
           f"lr would need {1 / rows[2]['progress_per_example_vs_16']:.2f}x its examples "
           "(model)")
+    best = max(scaled, key=lambda r: r["progress_per_step_vs_plain_z"])
+    print(f"z scaled by the calibration's s^p: best p = {best['p']:g}, "
+          f"{best['progress_per_step_vs_plain_z']:.2f}x plain z's progress per step (model)")
     return 0
 
 

@@ -250,8 +250,9 @@ def save_checkpoint(out: Path, server: BaseServer, states: list[ClientState],
             tensors[f"clients.theta.round{s.synced}"] = s.theta.cpu().contiguous()
         for name, t in s.extra.items():  # method state of the client (FedDyn's h_k)
             tensors[f"client.{s.client_id}.extra.{name}"] = t.cpu().contiguous()
-    meta = {"server": server_meta,
-            "clients": [{"pointer": s.pointer.state_dict(), "synced": s.synced} for s in states]}
+    meta: dict[str, Any] = {
+        "server": server_meta,
+        "clients": [{"pointer": s.pointer.state_dict(), "synced": s.synced} for s in states]}
     if wall_seconds is not None:
         meta["wall_seconds"] = round(wall_seconds, 1)
     state = json.dumps(meta)

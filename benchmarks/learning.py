@@ -115,6 +115,16 @@ def zo_run(lr: float, seed: int = 0, **extra: Any) -> tuple[str, dict[str, Any]]
             {**CENTRAL, **ZO_300, "lr": lr, "seed": seed, **extra})
 
 
+def k10_runs(tag: str, rounds: int, local_steps: int, eval_every: int) -> list:
+    """The pick in bf16 with K = 10 Dirichlet(0.5) clients, one a round, at every seed and in
+    both partition conventions (from-pick entries)."""
+    return [(f"bf16-k10-{part}-1perround{tag}-seed{s}",
+             {**BF16, "seed": s, "clients": 10, "partition": part, "alpha": 0.5,
+              "clients_per_round": 1, "rounds": rounds, "local_steps": local_steps,
+              "eval_every": eval_every})
+            for s in SEEDS for part in ("dirichlet", "dirichlet-client")]
+
+
 # group -> (kind, runs). kind "grid": pick by validation; "reference": report test as is;
 # "seeds": the pick of the grid named, at every seed (test reported).
 BF16 = {"dtype": "bfloat16", "mask": str(GRID_MASK)}
@@ -142,12 +152,7 @@ PLANS: dict[str, dict[str, Any]] = {
         # round (FedAvg client sampling), 30 rounds of 10 steps, batch 16. Trade-off: more
         # clients per round at the same forwards means fewer global steps (10 per round of
         # 10 clients at T = 3 is the same 600 forwards but only 10 aggregated moves).
-        "rt-federated": ("from-pick", "rt-central-grid", [
-            (f"bf16-k10-{part}-1perround-seed{s}", {**BF16, "seed": s, "clients": 10,
-                                                   "partition": part, "alpha": 0.5,
-                                                   "clients_per_round": 1, "rounds": 30,
-                                                   "local_steps": 10, "eval_every": 10})
-            for s in SEEDS for part in ("dirichlet", "dirichlet-client")]),
+        "rt-federated": ("from-pick", "rt-central-grid", k10_runs("", 30, 10, 10)),
     },
 }
 # the full plan: the session's groups and the rest of the learning issue's grid. Everything
@@ -261,12 +266,7 @@ PLANS["full"] = {
     # over. Why it is affordable: with the scalar downlink a round costs 50 bytes down and
     # 31 up (README, Protocol). T (1 or rt-federated's 10) is chosen on validation
     # (federated_t_pick); evaluated after 200, 400 and 600 forwards like every 600-forward run.
-    "rt-federated-t1": ("from-pick", "rt-central-grid", [
-        (f"bf16-k10-{part}-1perround-t1-seed{s}", {**BF16, "seed": s, "clients": 10,
-                                                  "partition": part, "alpha": 0.5,
-                                                  "clients_per_round": 1, "rounds": 300,
-                                                  "local_steps": 1, "eval_every": 100})
-        for s in SEEDS for part in ("dirichlet", "dirichlet-client")]),
+    "rt-federated-t1": ("from-pick", "rt-central-grid", k10_runs("-t1", 300, 1, 100)),
     "rt-central-full-fedzo": ("grid", [zo_run(lr, dtype="bfloat16", method="full-fedzo")
                                        for lr in (1e-6, 1e-5)]),
     "rt-central-full-fedzo-pick": ("seeds", "rt-central-full-fedzo", (0,)),

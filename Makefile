@@ -38,7 +38,8 @@ results: install
 	    "memory.py --model smollm2-135m --seq 64 --out results/memory_smollm2.json" \
 	    "memory_ratio.py --repeats 2" "memory_ratio.py --repeats 2 --dtype bfloat16" \
 	    "clients_memory.py --repeats 5" "server_cost.py" "demo.py --fresh-cache" "fault_suite.py" \
-	    "deploy_overhead.py" "deploy_overhead.py --payload-bytes 424704" "deploy_smollm2.py"; do \
+	    "deploy_overhead.py" "deploy_overhead.py --payload-bytes 424704" "deploy_smollm2.py" \
+	    "noise_scale.py"; do \
 	  echo "== $$cmd"; OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python $$cmd || exit 1; done
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --fresh && \
 	  ATEN_CPU_CAPABILITY=avx2 OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --only demo --tag avx2

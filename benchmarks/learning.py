@@ -602,8 +602,7 @@ def pick_federated_t(groups: dict[str, Any]) -> dict[str, Any] | None:
     for t, runs in by_t.items():
         parts: dict[str, list[float]] = {}
         for r in runs:
-            parts.setdefault(partition_of(r), []).append(
-                primary_metric(r["curve"][-1], "val") - primary_metric(r["curve"][0], "val"))
+            parts.setdefault(partition_of(r), []).append(primary_gain(r, "val"))
         scores[t] = {"median_val_gain": {p: statistics.median(v) for p, v in parts.items()},
                      "worse_convention": min(statistics.median(v) for v in parts.values())}
     pick = 1 if scores[1]["worse_convention"] > scores[10]["worse_convention"] else 10

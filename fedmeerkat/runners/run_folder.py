@@ -339,8 +339,7 @@ def load_checkpoint(out: Path, server: BaseServer, states: list[ClientState],
         raise CheckpointError(f"{out}: no sound checkpoint to resume from: "
                               + "; ".join(problems))
     _apply_checkpoint(path, tensors, meta, server, states)
-    wall = meta.get("wall_seconds")
-    return float(wall) if isinstance(wall, int | float) and not isinstance(wall, bool) else 0.0
+    return float(meta.get("wall_seconds", 0.0))  # checksummed: written by save_checkpoint
 
 
 def _apply_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],

@@ -28,6 +28,13 @@ the scalars). At the best lr a step's progress is (G'SG)^2 / (tr(HS) (G'SG + tr(
 H taken as the diagonal empirical Fisher of the task (mean g_i^2, a Gauss-Newton stand-in) the
 script writes that progress for several p against p = 0 (plain z), at b = 16.
 
+And whether directions drawn in a fixed subspace every party can build from the calibration
+would (z = B u, u ~ N(0, I_k), B orthonormal [nnz, k]; the first step's progress at the best
+lr, G'PG for |G|^2, tr(B'HB) for tr(H)): the top tenth of the mask's coordinates by
+calibration score (about what density 1e-4 trains, which the learning benchmark ran), the span
+of the calibration's per-sequence gradients (k = 32), and their mean alone (k = 1). A subspace
+is used up as the run moves along it, so this says which to try, not how far each goes.
+
 Output: benchmarks/results/noise_scale.json.
 """
 
@@ -77,17 +84,30 @@ def per_example_gradients(prep, mask, ids: np.ndarray) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def calibration_second_moment(prep, mask, cfg) -> torch.Tensor:
-    """Mean squared gradient of the calibration corpus's LM loss at the masked coordinates
-    (what chose the mask), float64 [nnz]."""
+def calibration_gradients(prep, mask, cfg) -> torch.Tensor:
+    """[sequences, nnz] float64: each calibration sequence's LM-loss gradient on the mask; the
+    mean of their squares is what chose the mask."""
     params = dict(prep.model.named_parameters())
     seqs = calibration_sequences(prep.tokenizer, load_calibration_texts(cfg.calib_corpus),
                                  cfg.calib_sequences, cfg.calib_seq_len)
-    total = torch.zeros(mask.nnz, dtype=torch.float64)
-    for seq in seqs:
-        g = masked_gradient(params, mask, lm_loss(prep.model, seq)).double()
-        total += g * g
-    return total / len(seqs)
+    return torch.stack([masked_gradient(params, mask, lm_loss(prep.model, seq)).double()
+                        for seq in seqs])
+
+
+def subspace_progress(grads: torch.Tensor, basis: torch.Tensor, batch: int) -> float:
+    """Best-lr progress of a two-point step with z = B u, u ~ N(0, I_k), B [nnz, k] with
+    orthonormal columns (the same quadratic model as scaled_progress: G'PG for |G|^2, tr(PC)
+    for tr(C), tr(B'HB) for tr(H), P = BB')."""
+    n = grads.shape[0]
+    fisher = (grads * grads).mean(0)
+    if basis.dtype == torch.int64:  # coordinates: the identity basis on them
+        proj, tr_h = grads[:, basis], float(fisher[basis].sum())
+    else:
+        proj, tr_h = grads @ basis, float((fisher[:, None] * basis * basis).sum())
+    mean = proj.mean(0)  # proj [n, k]: each example's gradient in the subspace's coordinates
+    tr_pc = float(proj.var(0).sum())
+    signal = float(mean @ mean) - tr_pc / n
+    return max(signal, 0.0) ** 2 / (tr_h * (max(signal, 0.0) + tr_pc / batch))
 
 
 def scaled_progress(grads: torch.Tensor, scale: torch.Tensor, batch: int) -> float:
@@ -131,7 +151,8 @@ def main() -> int:
         mask, _ = get_mask(cfg, prep, split_clients(cfg, prep), quiet=True)
         grad_on_mask_only(prep, mask)
         print(f"{cfg.calib_sequences} calibration backward passes...", file=sys.stderr)
-        calib = calibration_second_moment(prep, mask, cfg)
+        calib_grads = calibration_gradients(prep, mask, cfg)
+        calib = (calib_grads * calib_grads).mean(0)
     rng = np.random.default_rng(ns.seed)
     ids = rng.choice(len(prep.train_labels), ns.examples, replace=False)
     print(f"{ns.examples} backward passes on the mask ({mask.nnz:,} values)...", file=sys.stderr)
@@ -142,6 +163,25 @@ def main() -> int:
     scaled = [{"p": p, "progress_per_step_vs_plain_z":
                scaled_progress(grads, calib.clamp_min(floor) ** p, RECIPE_BATCH) / plain}
               for p in POWERS]
+    # directions in a fixed subspace every party can build from the calibration (a static
+    # prior-guided ZO): the top 10% of the mask's coordinates by calibration score (what
+    # density 1e-4 trains; checked against the learning benchmark's density screen), the span
+    # of the calibration's per-sequence gradients, and their mean alone
+    span, _ = torch.linalg.qr(calib_grads.T)
+    mean_dir = calib_grads.mean(0)
+    subspaces = {
+        "top_tenth_of_the_mask_by_calibration": calib.argsort(descending=True)[: mask.nnz // 10],
+        "span_of_the_calibration_gradients": span,
+        "mean_calibration_gradient": (mean_dir / mean_dir.norm())[:, None]}
+    sub_rows = []
+    for name, basis in subspaces.items():
+        prog = subspace_progress(grads, basis, RECIPE_BATCH) / plain
+        g = grads.mean(0)
+        inside = g[basis] if basis.dtype == torch.int64 else g @ basis
+        sub_rows.append({"subspace": name, "dimension": len(basis) if basis.dim() == 1
+                         else basis.shape[1],
+                         "share_of_mean_gradient_sq_norm": float(inside @ inside / (g @ g)),
+                         "progress_per_step_vs_plain_z": prog})
     b_simple = stats["B_simple"]
 
     def step(b: int) -> float:  # progress per step at the batch's best lr (model)
@@ -166,6 +206,11 @@ def main() -> int:
         "z_scaled_by_calibration_second_moment": {
             "batch": RECIPE_BATCH, "hessian_stand_in": "diagonal empirical Fisher of the task",
             "rows": scaled},
+        "z_in_a_fixed_subspace": {
+            "batch": RECIPE_BATCH, "hessian_stand_in": "diagonal empirical Fisher of the task",
+            "note": "progress of the first step at the untrained model; a subspace of k "
+                    "dimensions is used up as the run moves along it",
+            "rows": sub_rows},
         "wall_seconds": round(time.time() - started, 1)})
     print(f"B_simple = {b_simple:.2f}: batch 4 at {rows[2]['best_lr_vs_16']:.2f}x the batch-16 "
           f"lr would need {1 / rows[2]['progress_per_example_vs_16']:.2f}x its examples "
@@ -173,6 +218,10 @@ def main() -> int:
     best = max(scaled, key=lambda r: r["progress_per_step_vs_plain_z"])
     print(f"z scaled by the calibration's s^p: best p = {best['p']:g}, "
           f"{best['progress_per_step_vs_plain_z']:.2f}x plain z's progress per step (model)")
+    for r in sub_rows:
+        print(f"z in {r['subspace']} ({r['dimension']} dimensions, "
+              f"{r['share_of_mean_gradient_sq_norm']:.2%} of |G|^2): "
+              f"{r['progress_per_step_vs_plain_z']:.2f}x plain z's progress per step (model)")
     return 0
 
 

@@ -618,6 +618,40 @@ def pick_federated_t(groups: dict[str, Any]) -> dict[str, Any] | None:
                     "the budget; ties: T = 10"}
 
 
+def pick_batch_at_equal_forwards(groups: dict[str, Any], budget: int = 600) -> dict[str, Any] | None:
+    """The defaults' batch and lr, on validation only, at equal forwards: what a run costs
+    (the unit its budget is stated in, and on a GPU a batch-4 forward costs about what a
+    batch-16 one does), where rt-central-batch's own pick compares equal examples (the learning
+    issue's target allows those). Each setting of rt-central-batch scores its worst seed's
+    validation gain at its first evaluation at or past `budget` forwards, which may be more
+    forwards than `budget` for the smaller batch (batch 4 is first evaluated at 800): a rule
+    that favours the smaller batch, so a batch-16 win under it is not an artefact of the
+    cadence. Ties go to the larger batch (fewer steps). Needs every setting at the same seeds."""
+    runs = groups.get("rt-central-batch", {}).get("runs", [])
+    by_setting: dict[tuple[float, int], dict[int, float]] = {}
+    reached_at: dict[tuple[float, int], int] = {}
+    for r in runs:
+        past = [p for p in r["curve"] if p["forwards"] >= budget]
+        if not past:
+            return None
+        key = (r["lr"], r["batch_size"])
+        by_setting.setdefault(key, {})[r["seed"]] = primary_gain(r, "val", past[0]["forwards"])
+        reached_at[key] = max(reached_at.get(key, 0), past[0]["forwards"])
+    seeds = {tuple(sorted(v)) for v in by_setting.values()}
+    if len(seeds) != 1 or len(next(iter(seeds))) < 2:
+        return None
+    scores = {f"batch {b}, lr {lr:g}": {"worst_seed_val_gain": min(v.values()),
+                                        "median_val_gain": statistics.median(v.values()),
+                                        "at_forwards": reached_at[(lr, b)],
+                                        "per_seed": v}
+              for (lr, b), v in sorted(by_setting.items(), key=lambda kv: -kv[0][1])}
+    pick = max(scores, key=lambda k: scores[k]["worst_seed_val_gain"])  # first max: larger batch
+    return {"budget_forwards": budget, "seeds": list(next(iter(seeds))), "scores": scores,
+            "pick": pick, "rule": "the highest worst-seed validation ROC-AUC gain at the first "
+                                  "evaluation at or past the budget in forwards; ties: the "
+                                  "larger batch"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--plan", default="session", choices=list(PLANS))
@@ -840,6 +874,7 @@ def save(args, plan, groups: dict[str, Any], started: float,
         "targets_federated_t1": judge_federated(
             groups.get("rt-federated-t1", {}).get("runs", []), bf16),
         "federated_t_pick": pick_federated_t(groups),
+        "batch_pick_at_equal_forwards": pick_batch_at_equal_forwards(groups),
         "bf16_against_fp32": dtype_twins(seeds, bf16),
         # K = 10 runs are bf16: judged against the bf16 centralized seeds
         "targets_federated": judge_federated(groups.get("rt-federated", {}).get("runs", []),
@@ -966,6 +1001,8 @@ def markdown(data: dict[str, Any]) -> str:
                           "federated": data["targets_federated"],
                           "federated_t1": data.get("targets_federated_t1"),
                           "federated_t_pick": data.get("federated_t_pick"),
+                          "batch_pick_at_equal_forwards":
+                              data.get("batch_pick_at_equal_forwards"),
                           **{k: data[k] for k in ("targets_bbc_news", "targets_lr_auto",
                                                   "budget_for_0.05_at_the_weaker_seeds",
                                                   "budget_for_0.10",

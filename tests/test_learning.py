@@ -422,6 +422,37 @@ def test_federated_t_is_picked_on_the_worse_conventions_validation_never_on_test
                                 "rt-federated-t1": {"runs": t1[:2]}}) is None
 
 
+def test_batch_at_equal_forwards_reads_validation_at_the_first_evaluation_past_the_budget():
+    lb = _learning_module()
+
+    def rec(batch, lr, seed, gains):  # gains: validation gain at each evaluation; test opposite
+        every = 200 if batch == 16 else 800
+        return {"run": f"b{batch}-lr{lr}-s{seed}", "batch_size": batch, "lr": lr, "seed": seed,
+                "curve": [{"forwards": i * every, "val_auc": 0.7 + g, "test_auc": 0.7 - g}
+                          for i, g in enumerate((0.0, *gains))]}
+
+    b16 = [rec(16, 1e-4, s, g) for s, g in enumerate(((0.01, 0.02, 0.03, 0.09),
+                                                     (0.01, 0.02, 0.04, 0.09)))]
+    # batch 4 is first evaluated at 800 forwards (past the 600 of the budget): that point
+    # counts, its later ones do not
+    b4 = [rec(4, 5e-5, s, g) for s, g in enumerate(((0.03, 0.2), (0.05, 0.2)))]
+    out = lb.pick_batch_at_equal_forwards({"rt-central-batch": {"runs": b16 + b4}})
+    scores = out["scores"]
+    assert abs(scores["batch 16, lr 0.0001"]["worst_seed_val_gain"] - 0.03) < 1e-9
+    assert scores["batch 16, lr 0.0001"]["at_forwards"] == 600
+    assert abs(scores["batch 4, lr 5e-05"]["worst_seed_val_gain"] - 0.03) < 1e-9
+    assert scores["batch 4, lr 5e-05"]["at_forwards"] == 800
+    assert out["pick"] == "batch 16, lr 0.0001"  # a tie goes to the larger batch
+    b4[0]["curve"][1]["val_auc"] += 0.001
+    out = lb.pick_batch_at_equal_forwards({"rt-central-batch": {"runs": b16 + b4}})
+    assert out["pick"] == "batch 4, lr 5e-05"
+    # settings at different seeds, or a run that never reaches the budget: no pick
+    assert lb.pick_batch_at_equal_forwards({"rt-central-batch": {"runs": b16 + b4[:1]}}) is None
+    short = {**b4[0], "curve": b4[0]["curve"][:1]}
+    assert lb.pick_batch_at_equal_forwards(
+        {"rt-central-batch": {"runs": b16 + [short, b4[1]]}}) is None
+
+
 def test_the_3000_forward_target_needs_three_seeds_to_hold():
     lb = _learning_module()
 

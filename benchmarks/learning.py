@@ -235,9 +235,10 @@ PLANS["full"] = {
           for lr in (1e-4, 5e-5) for s in SEEDS]],
         {f"zo-lr1e-4-bf16-seed{s}": "rt-central-bf16" for s in SEEDS}),
     "rt-central-batch-seeds": ("seeds", "rt-central-batch", SEEDS),
-    # Not run (cut, said in README): the worst-seed rule picks batch 4 by a hair on its best
-    # rounds, but its paths wander (seed 0 ends below the untrained model on test) and it
-    # misses +0.05 at the budget, so its two follow-ups below were not worth their hour and more.
+    # Not run (cut, said in README): at equal examples the grid picks batch 4 at lr 5e-5, but
+    # at equal forwards, the rule for the defaults, batch 16 wins on validation
+    # (pick_batch_at_equal_forwards), so batch 4 is not the recipe the long and federated runs
+    # test, and its two follow-ups below were not worth their hour and more.
     # the batch pick for the examples of 3,000 forwards of 16 (48,000), evaluated every
     # 16,000 (the `examples` key sets local_steps from the pick's batch; "3000fw" names the
     # budget in forwards of 16). With batch 16 the pick's runs are the groups above: read there

@@ -620,9 +620,8 @@ def pick_federated_t(groups: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def pick_batch_at_equal_forwards(groups: dict[str, Any], budget: int = 600) -> dict[str, Any] | None:
-    """The defaults' batch and lr, on validation only, at equal forwards: what a run costs
-    (the unit its budget is stated in, and on a GPU a batch-4 forward costs about what a
-    batch-16 one does), where rt-central-batch's own pick compares equal examples (the learning
+    """The defaults' batch and lr, on validation only, at equal forwards (the unit every budget
+    here is stated in), where rt-central-batch's own pick compares equal examples (the learning
     issue's target allows those). Each setting of rt-central-batch scores its worst seed's
     validation gain at its first evaluation at or past `budget` forwards, which may be more
     forwards than `budget` for the smaller batch (batch 4 is first evaluated at 800): a rule

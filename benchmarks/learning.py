@@ -25,7 +25,7 @@ Groups (GROUPS), in the order they run:
                     bound, 50 steps;
   rt-central-seeds  the grid's pick at seeds 0, 1, 2 (read from the grid's own runs: test);
   rt-central-bf16   the pick with the forward in bf16 at seeds 0, 1, 2;
-  rt-central-long   the same for 3,000 forwards at seeds 0 and 1;
+  rt-central-long   the same for 3,000 forwards at seeds 0, 1, 2;
   rt-federated      the pick with K = 10 Dirichlet clients (alpha 0.5, both conventions) at the
                     same 600 forwards, at seeds 0, 1, 2;
   ...               the full plan adds: eps and density at one seed, a cosine schedule,
@@ -143,11 +143,11 @@ PLANS: dict[str, dict[str, Any]] = {
         # of the fp32 grid run of its seed; the runs below are bf16 too
         "rt-central-bf16": ("from-pick", "rt-central-grid", [
             (f"bf16-seed{s}", {**BF16, "seed": s}) for s in SEEDS]),
-        # 3,000 forwards of 16 (1,500 steps), evaluated every 1,000, at seeds 0 and 1 (seed 2
-        # cut to fit a session: seed 1's run took 3,095 s on one core)
+        # 3,000 forwards of 16 (1,500 steps), evaluated every 1,000, at seeds 0, 1 and 2 (seed
+        # 2 ran a session later: seed 1's run took 3,095 s on one core)
         "rt-central-long": ("from-pick", "rt-central-grid", [
             (f"bf16-3000fw-seed{s}", {**BF16, "seed": s, "rounds": 15, "local_steps": 100,
-                                      "eval_every": 5}) for s in (0, 1)]),
+                                      "eval_every": 5}) for s in SEEDS]),
         # the pick with K = 10 Dirichlet clients at the same 600 forwards: one client per
         # round (FedAvg client sampling), 30 rounds of 10 steps, batch 16. Trade-off: more
         # clients per round at the same forwards means fewer global steps (10 per round of

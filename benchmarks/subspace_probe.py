@@ -1,0 +1,159 @@
+"""A probe, outside the protocol: ZO-SGD on the mask with directions in the span of the
+calibration's per-sequence gradients, against plain directions, in one loop.
+
+    python benchmarks/subspace_probe.py [--arms ARM ...] [--seed 0] [--steps 300]
+
+Why: benchmarks/noise_scale.py's quadratic model puts the first step's progress with
+z = sqrt(nnz/k) B u (B an orthonormal basis of the k = 32 calibration gradients on the mask,
+u ~ N(0, I_k)) at 10.3x plain z's: those 32 directions hold 9.2% of the task's mean gradient's
+squared norm (a random 32-dimensional subspace would hold 0.03%). A subspace is used up as the
+run moves along it, and its directions are more curved than the average coordinate, so the
+model says what to try, not how far it goes; this loop measures it before any of it is built
+into the seeds-and-scalars protocol (where B would travel with the mask and z = B u is linear
+in u, so replay and the scalar downlink would stay exact).
+
+Setting: the learning benchmark's (SmolLM2-135M in bf16 with the fp32 master vector, its
+calibration mask at density 1e-3, rotten_tomatoes at max_length 48, the seed's split with 500
+validation reviews, batch 16, eps 1e-3); its own loop with torch.randn directions and a
+seeded data order (the same batches in every arm), so it is not the project's run path and its
+figures are not the learning benchmark's. Validation ROC-AUC every `--eval-every` steps, test
+ROC-AUC at the end only. Arms (lr chosen before the runs: 1e-5 in the span diverged in a first
+try, 3e-6 learned):
+  plain        z ~ N(0, I), lr 1e-4 (the learning benchmark's recipe);
+  span         z in the span, lr 3e-6;
+  span-linear  the same, lr decaying linearly to 0 over the steps;
+  alternate    odd steps in the span at lr 3e-6, even steps plain at lr 1e-4 (both kinds of
+               direction, each at its own lr, no extra forward).
+
+Each arm is written into benchmarks/results/subspace_probe.json as it finishes (merged under a
+file lock, so two invocations with different --arms can share the two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import RESULTS, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from noise_scale import calibration_gradients, grad_on_mask_only  # noqa: E402
+
+from fedmeerkat.config import load_config  # noqa: E402
+from fedmeerkat.models.scoring import evaluate  # noqa: E402
+from fedmeerkat.runners.prepare import get_mask, prepare, split_clients  # noqa: E402
+from fedmeerkat.zo.sparse import SparseView  # noqa: E402
+
+ARMS = {"plain": (1e-4, None), "span": (None, 3e-6), "span-linear": (None, 3e-6),
+        "alternate": (1e-4, 3e-6)}  # arm -> (lr of plain steps, lr of span steps)
+EPS, BATCH = 1e-3, 16
+
+
+def settings(seed: int, dtype: str, out: str) -> list[str]:
+    return ["model=smollm2-135m", f"dtype={dtype}", "task=rotten_tomatoes", "max_length=48",
+            "val_fraction=0.1", "max_val=500", "max_test=1000", "calib_sequences=32",
+            "calib_seq_len=128", "density=1e-3", f"seed={seed}", f"out={out}"]
+
+
+def span_basis(seed: int, tmp: str) -> torch.Tensor:
+    """[nnz, 32] float32 orthonormal basis of the calibration gradients (float32 model)."""
+    cfg = load_config(None, settings(seed, "float32", f"{tmp}/basis"))
+    prep = prepare(cfg)
+    mask, _ = get_mask(cfg, prep, split_clients(cfg, prep), quiet=True)
+    grad_on_mask_only(prep, mask)
+    q, _ = torch.linalg.qr(calibration_gradients(prep, mask, cfg).T)
+    return q.float().contiguous()
+
+
+def run_arm(arm: str, prep, view: SparseView, theta0: torch.Tensor, basis: torch.Tensor,
+            seed: int, steps: int, eval_every: int) -> dict:
+    """One arm from the untrained values `theta0` (every arm of an invocation shares the
+    model, so each starts by writing them back)."""
+    lr_plain, lr_span = ARMS[arm]
+    theta = theta0.clone()
+    d, k = basis.shape
+    scale = (d / k) ** 0.5  # E|z|^2 = nnz in both kinds of direction
+    gen = torch.Generator().manual_seed(1000 + seed)
+    order = np.random.default_rng(seed)  # the same batches in every arm
+    n = len(prep.train_labels)
+
+    def val() -> float | None:
+        view.write(theta)
+        return evaluate(prep.scorer, prep.val_ids, prep.val_labels, 32).auc
+
+    view.write(theta)
+    first_test = evaluate(prep.scorer, prep.test_ids, prep.test_labels, 32).auc
+    curve = [{"steps": 0, "val_auc": val()}]
+    started = time.time()
+    for t in range(1, steps + 1):
+        ids = order.choice(n, BATCH, replace=False)
+        batch = prep.scorer.collate([prep.train_ids[i] for i in ids], prep.train_labels[ids])
+        in_span = lr_plain is None or (lr_span is not None and t % 2 == 1)
+        if in_span:
+            z = scale * (basis @ torch.randn(k, generator=gen))
+            lr = lr_span * ((steps - t + 1) / steps if arm == "span-linear" else 1.0)
+        else:
+            z = torch.randn(d, generator=gen)
+            lr = lr_plain
+        view.write(theta + EPS * z)
+        plus = prep.scorer.loss(batch)
+        view.write(theta - EPS * z)
+        minus = prep.scorer.loss(batch)
+        theta -= lr * ((plus - minus) / (2 * EPS)) * z
+        if t % eval_every == 0 or t == steps:
+            curve.append({"steps": t, "val_auc": val()})
+            print(f"{arm} step {t}: validation ROC-AUC {curve[-1]['val_auc']:.4f} "
+                  f"({time.time() - started:.0f} s)", flush=True)
+    return {"lr_plain_steps": lr_plain, "lr_span_steps": lr_span, "steps": steps,
+            "forwards": 2 * steps, "curve": curve, "test_auc_start": first_test,
+            "test_auc_end": evaluate(prep.scorer, prep.test_ids, prep.test_labels, 32).auc,
+            "wall_seconds": round(time.time() - started, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=sorted(ARMS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1)
+    ns = ap.parse_args()
+    torch.set_num_threads(ns.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        basis = span_basis(ns.seed, tmp)
+        cfg = load_config(None, settings(ns.seed, "bfloat16", f"{tmp}/run"))
+        prep = prepare(cfg)
+        mask, _ = get_mask(cfg, prep, split_clients(cfg, prep), quiet=True)
+    view = SparseView(dict(prep.model.named_parameters()), mask)
+    theta0 = view.gather().clone()
+    import transformers
+    for arm in ns.arms:
+        res = run_arm(arm, prep, view, theta0, basis, ns.seed, ns.steps, ns.eval_every)
+        with open(RESULTS / ".subspace_probe.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = RESULTS / "subspace_probe.json"
+            old = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+            runs = {**old["runs"],
+                    f"{arm}-seed{ns.seed}": {**res, "command": "python " + " ".join(sys.argv)}}
+            write_result("subspace_probe", {
+                "setting": "learning benchmark's (bf16, calibration mask 1e-3, batch 16, eps "
+                           "1e-3, 500 validation / 1,000 test reviews); own loop, torch.randn "
+                           "directions, span of the 32 calibration gradients",
+                "versions": {"transformers": transformers.__version__,
+                             "python": platform.python_version()},
+                "runs": runs})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -139,7 +139,8 @@ def main() -> int:
     import transformers
     for arm in ns.arms:
         res = run_arm(arm, prep, view, theta0, basis, ns.seed, ns.steps, ns.eval_every)
-        with open(RESULTS / ".subspace_probe.lock", "w") as lock:
+        (ROOT / "runs").mkdir(exist_ok=True)  # the lock lives in runs/, which is not committed
+        with open(ROOT / "runs" / ".subspace_probe.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             path = RESULTS / "subspace_probe.json"
             old = json.loads(path.read_text()) if path.is_file() else {"runs": {}}

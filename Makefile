@@ -39,7 +39,9 @@ results: install
 	    "memory_ratio.py --repeats 2" "memory_ratio.py --repeats 2 --dtype bfloat16" \
 	    "clients_memory.py --repeats 5" "server_cost.py" "demo.py --fresh-cache" "fault_suite.py" \
 	    "deploy_overhead.py" "deploy_overhead.py --payload-bytes 424704" "deploy_smollm2.py" \
-	    "noise_scale.py"; do \
+	    "noise_scale.py" "subspace_probe.py --arms plain span-linear --seed 0" \
+	    "subspace_probe.py --arms plain span-linear --seed 1" \
+	    "subspace_probe.py --arms plain span-linear --seed 2"; do \
 	  echo "== $$cmd"; OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python $$cmd || exit 1; done
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --fresh && \
 	  ATEN_CPU_CAPABILITY=avx2 OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --only demo --tag avx2

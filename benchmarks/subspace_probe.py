@@ -2,6 +2,7 @@
 calibration's per-sequence gradients, against plain directions, in one loop.
 
     python benchmarks/subspace_probe.py [--arms ARM ...] [--seed 0] [--steps 300]
+    (default arms: plain span-linear)
 
 Why: benchmarks/noise_scale.py's quadratic model puts the first step's progress with
 z = sqrt(nnz/k) B u (B an orthonormal basis of the k = 32 calibration gradients on the mask,
@@ -124,7 +125,7 @@ def run_arm(arm: str, prep, view: SparseView, theta0: torch.Tensor, basis: torch
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=sorted(ARMS))
+    ap.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=["plain", "span-linear"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=50)

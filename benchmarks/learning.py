@@ -197,6 +197,8 @@ PLANS["full"] = {
         # coordinates, so ZO-SGD's stable lr scales about as 1/nnz: a tenth of the coordinates
         # should take up to ten times the lr, and the calibration's top 0.01% keep more than a
         # tenth of the top 0.1%'s squared gradient. Chosen before the runs: 3e-4 and 1e-3.
+        # Neither learned (README); the reason, by noise_scale.json's model: that tenth holds
+        # 5% of the TASK gradient's squared norm, so it gives 0.27x plain z's progress a step.
         *[zo_run(lr, dtype="bfloat16", density=1e-4) for lr in (3e-4, 1e-3)]],
         {"zo-lr1e-4-bf16-seed0": "rt-central-bf16"}),  # that run is read where it is
     # the screen's best (eps 1e-2, validation 0.799 against 0.791 at seed 0) against the pick's

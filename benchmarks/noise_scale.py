@@ -66,6 +66,13 @@ RECIPE_BATCH = 16
 POWERS = (-1.0, -0.5, 0.25, 0.5, 1.0)  # S = diag(s^p); p = 0 is plain z
 
 
+def setting(seed: int, out: str, dtype: str = "float32", max_test: int = 16) -> list[str]:
+    """The learning benchmark's setting as run-config overrides (subspace_probe.py shares it)."""
+    return ["model=smollm2-135m", f"dtype={dtype}", "task=rotten_tomatoes", "max_length=48",
+            "val_fraction=0.1", "max_val=500", f"max_test={max_test}", "calib_sequences=32",
+            "calib_seq_len=128", "density=1e-3", f"seed={seed}", f"out={out}"]
+
+
 def grad_on_mask_only(prep, mask) -> None:
     params = dict(prep.model.named_parameters())
     for p in prep.model.parameters():
@@ -143,10 +150,7 @@ def main() -> int:
     torch.set_num_threads(ns.threads)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, ["model=smollm2-135m", "dtype=float32", "task=rotten_tomatoes",
-                                 "max_length=48", "val_fraction=0.1", "max_val=500",
-                                 "max_test=16", "calib_sequences=32", "calib_seq_len=128",
-                                 "density=1e-3", f"seed={ns.seed}", f"out={tmp}/run"])
+        cfg = load_config(None, setting(ns.seed, f"{tmp}/run"))
         prep = prepare(cfg)
         mask, _ = get_mask(cfg, prep, split_clients(cfg, prep), quiet=True)
         grad_on_mask_only(prep, mask)

@@ -50,7 +50,7 @@ from _common import RESULTS, write_result
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from noise_scale import calibration_gradients, grad_on_mask_only  # noqa: E402
+from noise_scale import calibration_gradients, grad_on_mask_only, setting  # noqa: E402
 
 from fedmeerkat.config import load_config  # noqa: E402
 from fedmeerkat.models.scoring import evaluate  # noqa: E402
@@ -62,15 +62,9 @@ ARMS = {"plain": (1e-4, None), "span": (None, 3e-6), "span-linear": (None, 3e-6)
 EPS, BATCH = 1e-3, 16
 
 
-def settings(seed: int, dtype: str, out: str) -> list[str]:
-    return ["model=smollm2-135m", f"dtype={dtype}", "task=rotten_tomatoes", "max_length=48",
-            "val_fraction=0.1", "max_val=500", "max_test=1000", "calib_sequences=32",
-            "calib_seq_len=128", "density=1e-3", f"seed={seed}", f"out={out}"]
-
-
 def span_basis(seed: int, tmp: str) -> torch.Tensor:
     """[nnz, 32] float32 orthonormal basis of the calibration gradients (float32 model)."""
-    cfg = load_config(None, settings(seed, "float32", f"{tmp}/basis"))
+    cfg = load_config(None, setting(seed, f"{tmp}/basis", "float32", 1000))
     prep = prepare(cfg)
     mask, _ = get_mask(cfg, prep, split_clients(cfg, prep), quiet=True)
     grad_on_mask_only(prep, mask)
@@ -134,7 +128,7 @@ def main() -> int:
     torch.set_num_threads(ns.threads)
     with tempfile.TemporaryDirectory() as tmp:
         basis = span_basis(ns.seed, tmp)
-        cfg = load_config(None, settings(ns.seed, "bfloat16", f"{tmp}/run"))
+        cfg = load_config(None, setting(ns.seed, f"{tmp}/run", "bfloat16", 1000))
         prep = prepare(cfg)
         mask, _ = get_mask(cfg, prep, split_clients(cfg, prep), quiet=True)
     view = SparseView(dict(prep.model.named_parameters()), mask)

@@ -115,13 +115,15 @@ def zo_run(lr: float, seed: int = 0, **extra: Any) -> tuple[str, dict[str, Any]]
             {**CENTRAL, **ZO_300, "lr": lr, "seed": seed, **extra})
 
 
-def k10_runs(tag: str, rounds: int, local_steps: int, eval_every: int) -> list:
-    """The pick in bf16 with K = 10 Dirichlet(0.5) clients, one a round, at every seed and in
-    both partition conventions (from-pick entries)."""
-    return [(f"bf16-k10-{part}-1perround{tag}-seed{s}",
+def k10_runs(tag: str, rounds: int, local_steps: int, eval_every: int, per_round: int = 1,
+             batch: int = 16) -> list:
+    """The pick in bf16 with K = 10 Dirichlet(0.5) clients, `per_round` sampled a round with
+    batch `batch` each, at every seed and in both partition conventions (from-pick entries)."""
+    return [(f"bf16-k10-{part}-{per_round}perround{tag}"
+             f"{'' if batch == 16 else f'-batch{batch}'}-seed{s}",
              {**BF16, "seed": s, "clients": 10, "partition": part, "alpha": 0.5,
-              "clients_per_round": 1, "rounds": rounds, "local_steps": local_steps,
-              "eval_every": eval_every})
+              "clients_per_round": per_round, "rounds": rounds, "local_steps": local_steps,
+              "eval_every": eval_every, **({} if batch == 16 else {"batch_size": batch})})
             for s in SEEDS for part in ("dirichlet", "dirichlet-client")]
 
 
@@ -276,6 +278,13 @@ PLANS["full"] = {
     # 31 up (README, Protocol). T (1 or rt-federated's 10) is chosen on validation
     # (federated_t_pick); evaluated after 200, 400 and 600 forwards like every 600-forward run.
     "rt-federated-t1": ("from-pick", "rt-central-grid", k10_runs("-t1", 300, 1, 100)),
+    # the same 9,600 examples as four clients a round with batch 4 each, T = 1: every client
+    # of a round steps along the round's shared seed (DeComFL), so the aggregate is one step
+    # of the recipe (lr 1e-4, 16 examples, 300 steps) on a batch drawn from four clients'
+    # label skews instead of one's. Counted in examples (2,400 forwards of 4), as the issue's
+    # "same number of examples in smaller batches"; in the federated pick with T = 1 and 10.
+    "rt-federated-k4": ("from-pick", "rt-central-grid",
+                        k10_runs("-t1", 300, 1, 100, per_round=4, batch=4)),
     "rt-central-full-fedzo": ("grid", [zo_run(lr, dtype="bfloat16", method="full-fedzo")
                                        for lr in (1e-6, 1e-5)]),
     "rt-central-full-fedzo-pick": ("seeds", "rt-central-full-fedzo", (0,)),
@@ -597,28 +606,35 @@ def judge_federated(fed: list[dict[str, Any]], seeds: list[dict[str, Any]]) -> d
                     "median centralized gain at the same examples >= 0.8"}
 
 
+# the federated shapes at the same 9,600 examples, in the order ties go (fewer rounds, then
+# fewer messages a round): group -> name in the pick
+FEDERATED_SHAPES = {"rt-federated": "T=10", "rt-federated-t1": "T=1",
+                    "rt-federated-k4": "T=1, 4 clients a round, batch 4"}
+
+
 def pick_federated_t(groups: dict[str, Any]) -> dict[str, Any] | None:
-    """T = 10 (rt-federated) or T = 1 (rt-federated-t1) for K = 10, on validation only: the
-    score of each is its worse partition convention's median validation gain over the seeds
-    at the end of the 600 forwards (both conventions must hold); ties go to T = 10, fewer
-    rounds. Needs both groups at the same seeds."""
-    by_t = {10: groups.get("rt-federated", {}).get("runs", []),
-            1: groups.get("rt-federated-t1", {}).get("runs", [])}
-    seeds = [sorted({r["seed"] for r in runs}) for runs in by_t.values()]
-    if not all(seeds) or seeds[0] != seeds[1]:
+    """The K = 10 shape (FEDERATED_SHAPES: T = 10 or 1 with one client of batch 16 a round,
+    T = 1 with four of batch 4), on validation only: the score of each is its worse partition
+    convention's median validation gain over the seeds at the end of the budget (both
+    conventions must hold); ties go to the earlier shape. The shapes that have runs compete
+    (at least two, at the same seeds)."""
+    by_shape = {shape: groups.get(g, {}).get("runs", []) for g, shape in FEDERATED_SHAPES.items()}
+    by_shape = {shape: runs for shape, runs in by_shape.items() if runs}
+    seeds = {tuple(sorted({r["seed"] for r in runs})) for runs in by_shape.values()}
+    if len(by_shape) < 2 or len(seeds) != 1:
         return None
     scores = {}
-    for t, runs in by_t.items():
+    for shape, runs in by_shape.items():
         parts: dict[str, list[float]] = {}
         for r in runs:
             parts.setdefault(partition_of(r), []).append(primary_gain(r, "val"))
-        scores[t] = {"median_val_gain": {p: statistics.median(v) for p, v in parts.items()},
-                     "worse_convention": min(statistics.median(v) for v in parts.values())}
-    pick = 1 if scores[1]["worse_convention"] > scores[10]["worse_convention"] else 10
-    return {"seeds": seeds[0], "scores": {f"T={t}": v for t, v in scores.items()},
-            "pick": f"T={pick}", "group": "rt-federated-t1" if pick == 1 else "rt-federated",
+        scores[shape] = {"median_val_gain": {p: statistics.median(v) for p, v in parts.items()},
+                         "worse_convention": min(statistics.median(v) for v in parts.values())}
+    pick = max(scores, key=lambda shape: scores[shape]["worse_convention"])  # first on ties
+    return {"seeds": list(next(iter(seeds))), "scores": scores, "pick": pick,
+            "group": {v: k for k, v in FEDERATED_SHAPES.items()}[pick],
             "rule": "the higher worse-convention median validation ROC-AUC gain at the end of "
-                    "the budget; ties: T = 10"}
+                    "the budget; ties: the earlier of " + ", ".join(FEDERATED_SHAPES.values())}
 
 
 def pick_batch_at_equal_forwards(groups: dict[str, Any], budget: int = 600) -> dict[str, Any] | None:
@@ -875,6 +891,8 @@ def save(args, plan, groups: dict[str, Any], started: float,
             groups.get("rt-central-batch-seeds", {}).get("runs", [])),
         "targets_federated_t1": judge_federated(
             groups.get("rt-federated-t1", {}).get("runs", []), bf16),
+        "targets_federated_k4": judge_federated(
+            groups.get("rt-federated-k4", {}).get("runs", []), bf16),
         "federated_t_pick": pick_federated_t(groups),
         "batch_pick_at_equal_forwards": pick_batch_at_equal_forwards(groups),
         "bf16_against_fp32": dtype_twins(seeds, bf16),

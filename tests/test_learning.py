@@ -420,6 +420,16 @@ def test_federated_t_is_picked_on_the_worse_conventions_validation_never_on_test
     # different seeds: no pick
     assert lb.pick_federated_t({"rt-federated": {"runs": t10},
                                 "rt-federated-t1": {"runs": t1[:2]}}) is None
+    # a third shape (four clients of batch 4 a round) competes by the same rule, never on test
+    k4 = runs({"dirichlet": [0.05, 0.04, 0.01], "dirichlet-client": [0.05, 0.04, 0.06]})
+    both = {"rt-federated": {"runs": t10}, "rt-federated-t1": {"runs": t1}}
+    out = lb.pick_federated_t({**both, "rt-federated-k4": {"runs": k4}})
+    assert out["pick"] == "T=1, 4 clients a round, batch 4" and out["group"] == "rt-federated-k4"
+    assert abs(out["scores"][out["pick"]]["worse_convention"] - 0.04) < 1e-9
+    k4[1]["curve"][1]["val_auc"] -= 0.01  # dirichlet median 0.04 -> 0.03: below T = 1's 0.035
+    assert lb.pick_federated_t({**both, "rt-federated-k4": {"runs": k4}})["pick"] == "T=1"
+    # one shape alone is no pick
+    assert lb.pick_federated_t({"rt-federated-k4": {"runs": k4}}) is None
 
 
 def test_batch_at_equal_forwards_reads_validation_at_the_first_evaluation_past_the_budget():

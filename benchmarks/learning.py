@@ -1112,7 +1112,8 @@ def plot(data: dict[str, Any]) -> None:
                 drawn.add(r["run"])
                 ax.plot([p["examples"] / 16 for p in pts], [p[f"{split}_auc"] for p in pts],
                         marker="o", markersize=3, label=run_label(r),
-                        linestyle="--" if r["method"] == "fedavg-backprop" else "-")
+                        linestyle="--" if r["method"] == "fedavg-backprop"
+                        else ":" if r.get("clients_per_round", 1) > 1 else "-")
         ax.set_title(f"{title}\n({'validation' if split == 'val' else 'test'} ROC-AUC, "
                      "rotten_tomatoes)", fontsize=9)
         # smaller batches are drawn at their examples: 4 forwards of 4 count as 1 of 16

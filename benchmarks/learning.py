@@ -1019,7 +1019,7 @@ def markdown(data: dict[str, Any]) -> str:
                                                   "against a linear schedule from 3e-4 "
                                                   "(validation only)"),
                         ("rt-central-long-sched-seeds", "The 3,000-forward pick (test)"),
-                        ("rt-central-batch", "Batch 4 and 16 at the same examples in bf16 "
+                        ("rt-central-batch", "Batch 4, 8 and 16 at the same examples in bf16 "
                                              "at every seed (validation only)"),
                         ("rt-central-batch-seeds", "The batch pick at three seeds (test)"),
                         ("rt-central-batch-long", "The batch pick for the examples of 3,000 "
@@ -1103,7 +1103,7 @@ PANELS = (
     # T = 10 (rt-federated) lost the federated pick to T = 1: its curves are in the tables
     ("K = 10 Dirichlet clients, T = 1: one of batch 16 or four of batch 4 a round", "test",
      ("rt-federated-t1", "rt-federated-k4")),
-    ("Batch 4 against 16 at the same examples", "val", ("rt-central-batch",)),
+    ("Batch 4, 8 and 16 at the same examples", "val", ("rt-central-batch",)),
 )
 
 

@@ -692,6 +692,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
+    if args.threads:  # the runs' threads, also when none runs here (the result's machine record)
+        torch.set_num_threads(args.threads)
     if args.plot_only:
         plot(json.loads((RESULTS / "learning.json").read_text()))
         return

@@ -31,7 +31,8 @@ Groups (GROUPS), in the order they run:
   ...               the full plan adds: eps and density at one seed, a cosine schedule,
                     the screen's best eps against the pick's at every seed (rt-central-eps),
                     lr 2e-4 against the pick's 1e-4 at every seed (rt-central-lr-mid),
-                    batch 4 against 16 at the same examples at every seed (rt-central-batch),
+                    batch 4 and 8 against 16 at the same examples at every seed
+                    (rt-central-batch),
                     the budgets at which the weaker seeds reach +0.05 (rt-central-budget) and
                     seed 0 reaches +0.10 (rt-central-long-budget, 5,000 forwards), a linear
                     schedule from lr 3e-4 against the pick at 3,000 forwards at seeds 0 and 1

@@ -100,7 +100,9 @@ ZO_300 = {"rounds": 6, "local_steps": 50, "eval_every": 2}
 METRICS = ("accuracy", "auc", "macro_f1", "best_shift_accuracy")
 SEEDS = (0, 1, 2)
 # the grid's mask (calibration does not depend on seed or lr): bf16 runs train exactly the
-# mask of their fp32 twins (a bf16 model's own calibration mask differs, runners/masks.py)
+# mask of their fp32 twins (runners/masks.py now computes a bf16 model's mask on a float32
+# twin, so a bf16 run that computes its own gets the same one: checked for
+# configs/federated_k10.toml; gradients in bf16 would pick another)
 GRID_MASK = RUNS / "rt-central-grid" / "zo-lr1e-4-seed0" / "mask.safetensors"
 LONG_REVIEWS = RUNS / "data" / "long_reviews.csv"  # benchmarks/long_reviews.py builds it
 

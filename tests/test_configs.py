@@ -82,17 +82,12 @@ def test_method_keys_table_is_checked_whatever_the_method(tmp_path):
 def test_federated_k10_preset_is_the_learning_benchmarks_federated_recipe():
     """configs/federated_k10.toml holds the settings of the rt-federated-k4 run it cites
     (seed 0, Flower's convention), so the file and the benchmark cannot drift apart."""
-    import importlib.util
-    import sys
+    from bench_module import load_benchmark
 
-    sys.path.insert(0, str(CONFIGS.parent / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("learning_bench",
-                                                  CONFIGS.parent / "benchmarks" / "learning.py")
-    lb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lb)
+    lb = load_benchmark("learning")
     kind, grid, runs = lb.PLANS["full"]["rt-federated-k4"]
     assert (kind, grid) == ("from-pick", "rt-central-grid")
-    name, settings = next((n, s) for n, s in runs if s["seed"] == 0 and s["partition"] == "dirichlet")
+    settings = next(s for _, s in runs if s["seed"] == 0 and s["partition"] == "dirichlet")
     # the grid's pick (benchmarks/results/learning.json): lr 1e-4 on its central run's settings
     want = {**lb.BASE, **lb.CENTRAL, **lb.ZO_300, "lr": 1e-4, **settings}
     want.pop("mask")  # the benchmark reuses its grid's mask file; the preset computes the same

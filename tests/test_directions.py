@@ -145,15 +145,9 @@ def test_a_run_with_directions_learns_and_counts_seeds(tiny_model_dir, sentiment
 
 
 def test_efficiency_benchmark_counts_forwards_to_the_plain_runs_final_validation():
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from bench_module import load_benchmark
 
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("zo_eff", root / "benchmarks" / "zo_efficiency.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("zo_efficiency")
 
     def rec(seed, pts):
         return {"seed": seed, "curve": [{"forwards": f, "val_auc": v, "test_auc": v - 0.01}

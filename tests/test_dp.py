@@ -223,15 +223,9 @@ def test_a_resumed_private_run_is_bit_identical(tiny_model_dir, sentiment_csv, c
 
 
 def test_the_utility_benchmark_picks_the_clip_on_validation_only():
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from bench_module import load_benchmark
 
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("dp_utility", root / "benchmarks" / "dp_utility.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("dp_utility")
 
     def rec(val_end, test_end):
         return {"curve": [{"forwards": 0, "steps": 0, "val_auc": 0.70, "test_auc": 0.70},

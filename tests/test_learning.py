@@ -5,7 +5,6 @@ chosen on it, and benchmarks/learning.py's pick and resume. Mechanics only, not 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import tomli_w
 import torch
+from bench_module import load_benchmark
 
 from fedmeerkat.cli.main import main
 from fedmeerkat.config import ConfigError, load_config
@@ -148,11 +148,7 @@ def test_lr_auto_run_saves_its_pick_resumably_and_never_reads_test(
 
 
 def _learning_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("learning_bench", ROOT / "benchmarks" / "learning.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("learning")
 
 
 def _rec(run, lr, vals):

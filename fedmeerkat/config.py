@@ -27,6 +27,7 @@ from fedmeerkat.federated.server import DOWNLINKS
 from fedmeerkat.federated.validate import REPLY_ACTIONS
 from fedmeerkat.models.loading import DTYPES as _MODEL_DTYPES
 from fedmeerkat.models.loading import model_spec_problem
+from fedmeerkat.models.scoring import LOSSES
 from fedmeerkat.options import (
     ConfigError,
     build,
@@ -87,6 +88,7 @@ class RunConfig:
     lr_auto: bool = _f(False, "pick lr from lr_auto_grid on the validation split before the run (runners/tune.py; its cost is printed); `lr=auto` sets it")
     lr_auto_grid: list = _f([3e-5, 1e-4, 3e-4, 1e-3], "candidate lrs of lr=auto")
     lr_auto_steps: int = _f(40, "centralized ZO steps per lr=auto candidate (x 2 forwards)", min=1)
+    loss: str = _f("ce", "training loss on the label words' logits: ce (cross-entropy) | centered-ce (each label word's logit minus its batch mean first: calibration shifts leave it unchanged, so a ZO scalar carries the ranking signal only; evaluation reports plain CE)", choices=LOSSES)
     eps: float = _f(1e-3, "perturbation scale of the two-point estimate", gt=0)
     perturbations: int = _f(1, "seeded directions per local step, estimated at the same weights on one batch and averaged (each uploads its scalar; plans carry T x P seeds)", min=1)
     zo_estimator: str = _f("two-point", "two-point: 2 forwards a direction (MeZO); one-sided: f(w+eps z) - f(w) with one shared f(w), P+1 forwards a step (FZOO)", choices=ESTIMATORS)
@@ -296,7 +298,13 @@ def validate_combination(cfg: RunConfig) -> None:
         raise ConfigError(f"perturbations: local_steps x perturbations = "
                           f"{cfg.local_steps * cfg.perturbations} seeds a round exceed "
                           f"{MAX_STEPS}, the most the wire format encodes")
+    if cfg.loss == "centered-ce" and cfg.batch_size < 2:
+        raise ConfigError("loss: centered-ce needs batch_size >= 2 (a batch of one centers "
+                          "to a constant loss)")
     if cfg.dp_clip > 0:
+        if cfg.loss != "ce":
+            raise ConfigError(f"dp_clip: needs loss=ce (with {cfg.loss} one example changes "
+                              "every example's loss, so the per-example clip bounds nothing)")
         if cfg.method not in DP_METHODS:
             raise ConfigError(f"dp_clip: method={cfg.method} has no private client step; "
                               f"use method={' or '.join(DP_METHODS)}")

@@ -119,6 +119,8 @@ def test_bad_dp_settings_are_one_line_errors():
         build_config({"dp_clip": 1.0})
     with pytest.raises(ConfigError, match="perturbations=1"):
         build_config({"dp_clip": 1.0, "dp_epsilon": 3, "perturbations": 2})
+    with pytest.raises(ConfigError, match="dp_clip: needs loss=ce"):
+        build_config({"dp_clip": 1.0, "dp_epsilon": 3, "loss": "centered-ce"})
     with pytest.raises(ConfigError, match="dp_delta"):
         build_config({"dp_clip": 1.0, "dp_epsilon": 3, "dp_delta": 1.5})
     with pytest.raises(ConfigError, match="dp_noise_multipliers: expected 2 positive"):

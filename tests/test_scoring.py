@@ -11,6 +11,7 @@ from fedmeerkat.models.scoring import (
     LabelWordError,
     encode_prompts,
     evaluate,
+    label_loss,
     label_token_ids,
 )
 from fedmeerkat.models.tiny import tiny_llama
@@ -58,3 +59,51 @@ def test_truncation_keeps_the_end_and_bos(tiny):
     assert len(ids) == 8 and ids[-6:] == full[-6:]
     if tok.bos_token_id is not None and full[0] == tok.bos_token_id:
         assert ids[0] == tok.bos_token_id
+
+
+def test_centered_loss_ignores_a_calibration_shift_and_ce_does_not():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(8, 3, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    shift = torch.tensor([2.0, -1.0, 0.5])  # the same vector added to every example's scores
+    for reduction in ("mean", "none"):
+        assert torch.allclose(label_loss(logits + shift, labels, "centered-ce", reduction),
+                              label_loss(logits, labels, "centered-ce", reduction), atol=1e-6)
+    assert not torch.allclose(label_loss(logits + shift, labels), label_loss(logits, labels))
+    # on logits whose batch mean is already zero it is the cross-entropy
+    zero_mean = logits - logits.mean(0)
+    assert torch.allclose(label_loss(zero_mean, labels, "centered-ce"),
+                          F.cross_entropy(zero_mean, labels))
+    with pytest.raises(ValueError, match="loss: expected one of"):
+        label_loss(logits, labels, "hinge")
+
+
+def test_the_scorer_trains_on_its_configured_loss(tiny):
+    model, tok = tiny
+    ids = encode_prompts(tok, ["the movie was", "a very good film it was", "it was dull"], 64)
+    logits = None
+    for kind in ("ce", "centered-ce"):
+        scorer = LabelScorer(model, tok, [" terrible", " great"], loss=kind)
+        batch = scorer.collate(ids, [0, 1, 0])
+        logits = scorer.logits(batch)
+        want = label_loss(logits, batch.labels, kind)
+        assert scorer.loss(batch) == pytest.approx(float(want), abs=1e-6)
+        assert float(scorer.loss_tensor(batch)) == pytest.approx(float(want), abs=1e-6)
+        assert scorer.example_losses(batch).mean() == pytest.approx(float(want), abs=1e-6)
+    # evaluation reports plain cross-entropy whatever the training loss
+    res = evaluate(scorer, ids, [0, 1, 0])
+    assert res.loss == pytest.approx(float(F.cross_entropy(logits, torch.tensor([0, 1, 0]))),
+                                     abs=1e-5)
+    with pytest.raises(ValueError, match="loss: expected one of"):
+        LabelScorer(model, tok, [" terrible", " great"], loss="hinge")
+
+
+def test_the_run_config_sets_the_training_loss(tiny_model_dir, sentiment_csv):
+    from fedmeerkat.config import ConfigError, build_config
+    from fedmeerkat.runners.prepare import prepare
+
+    base = {"model": tiny_model_dir, "task": "local", "data_files": sentiment_csv,
+            "template": "{sentence} so it was", "label_words": [" bad", " good"]}
+    assert prepare(build_config(base)).scorer.loss_kind == "ce"
+    assert prepare(build_config({**base, "loss": "centered-ce"})).scorer.loss_kind == "centered-ce"
+    with pytest.raises(ConfigError, match="centered-ce needs batch_size >= 2"):
+        build_config({**base, "loss": "centered-ce", "batch_size": 1})

@@ -3,6 +3,13 @@
 The loss is the cross-entropy over the label words' logits at the answer position (the last
 prompt token). Only those C logits are computed: the decoder's hidden state at that position
 times the C matching rows of the LM head, not the full vocabulary at every position.
+
+`loss="centered-ce"` first subtracts each label word's batch mean from its logits: a shift of
+every example's scores by the same vector (a change of calibration alone) then leaves the loss
+unchanged, so its gradient is the part of the cross-entropy's that separates the batch's
+examples, the part a threshold-free metric (ROC-AUC) moves with. For a ZO step that matters:
+the uploaded scalar no longer carries the calibration direction, whose share of the
+cross-entropy's gradient is large at a miscalibrated start and adds to every step's noise.
 """
 
 from __future__ import annotations
@@ -15,6 +22,19 @@ import torch
 import torch.nn.functional as F
 
 from fedmeerkat.options import InputError
+
+LOSSES = ("ce", "centered-ce")
+
+
+def label_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "ce",
+               reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of [B, C] label-word logits; "centered-ce" on logits minus their batch
+    mean per label word (invariant to one shift of every row; a batch of one is constant)."""
+    if kind == "centered-ce":
+        logits = logits - logits.mean(0, keepdim=True)
+    elif kind != "ce":
+        raise ValueError(f"loss: expected one of {LOSSES}, got {kind!r}")
+    return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 class LabelWordError(InputError):
@@ -68,7 +88,10 @@ class Batch:
 class LabelScorer:
     """Scores prompts against a task's label words with a causal LM."""
 
-    def __init__(self, model, tokenizer, label_words: Sequence[str]):
+    def __init__(self, model, tokenizer, label_words: Sequence[str], loss: str = "ce"):
+        if loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+        self.loss_kind = loss  # the training loss; evaluation always reports plain CE
         self.model = model
         self.label_ids = label_token_ids(tokenizer, label_words)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -117,16 +140,17 @@ class LabelScorer:
         return out
 
     def loss(self, batch: Batch) -> float:
-        return float(F.cross_entropy(self.logits(batch), batch.labels))
+        return float(label_loss(self.logits(batch), batch.labels, self.loss_kind))
 
     def example_losses(self, batch: Batch) -> np.ndarray:
-        """Each example's cross-entropy (float64), from the same forward as `loss`."""
-        return F.cross_entropy(self.logits(batch), batch.labels,
-                               reduction="none").double().cpu().numpy()
+        """Each example's loss (float64), from the same forward as `loss` (the DP step's
+        per-example terms; config refuses a centered loss there, whose terms share the batch)."""
+        return label_loss(self.logits(batch), batch.labels, self.loss_kind,
+                          reduction="none").double().cpu().numpy()
 
     def loss_tensor(self, batch: Batch) -> torch.Tensor:
         """The same loss with the autograd graph kept (first-order baselines)."""
-        return F.cross_entropy(self._logits(batch), batch.labels)
+        return label_loss(self._logits(batch), batch.labels, self.loss_kind)
 
 
 @dataclass

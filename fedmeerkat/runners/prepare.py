@@ -116,7 +116,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     log(f"task {task.spec.name}: {len(task.train)} train / {len(task.val)} validation / "
         f"{len(task.test)} test ({task.source})")
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    scorer = LabelScorer(model, tokenizer, task.spec.label_words)
+    scorer = LabelScorer(model, tokenizer, task.spec.label_words, loss=cfg.loss)
 
     def enc(examples):
         ids = encode_prompts(tokenizer, [task.spec.render(e) for e in examples], cfg.max_length)

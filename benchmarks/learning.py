@@ -1058,7 +1058,9 @@ def markdown(data: dict[str, Any]) -> str:
                         ("rt-central-lr-mid-seeds", "The lr pick of 1e-4 and 2e-4 at three "
                                                     "seeds (test)"),
                         ("rt-central-loss", "Plain against batch-centered cross-entropy in "
-                                            "bf16 at every seed (validation only)"),
+                                            "bf16 at every seed (validation only; the grid's "
+                                            "pick becomes a default only if it wins by more "
+                                            "than 0.01, README)"),
                         ("rt-central-loss-seeds", "The loss pick at three seeds (test)"),
                         ("rt-central-eps-long", "The eps pick for 3,000 forwards (test)"),
                         ("rt-central-long-sched", "3,000 forwards: the pick's constant lr "

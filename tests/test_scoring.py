@@ -80,15 +80,17 @@ def test_centered_loss_ignores_a_calibration_shift_and_ce_does_not():
 def test_the_scorer_trains_on_its_configured_loss(tiny):
     model, tok = tiny
     ids = encode_prompts(tok, ["the movie was", "a very good film it was", "it was dull"], 64)
-    logits = None
+    logits, got = None, {}
     for kind in ("ce", "centered-ce"):
         scorer = LabelScorer(model, tok, [" terrible", " great"], loss=kind)
         batch = scorer.collate(ids, [0, 1, 0])
         logits = scorer.logits(batch)
         want = label_loss(logits, batch.labels, kind)
-        assert scorer.loss(batch) == pytest.approx(float(want), abs=1e-6)
+        got[kind] = scorer.loss(batch)
+        assert got[kind] == pytest.approx(float(want), abs=1e-6)
         assert float(scorer.loss_tensor(batch)) == pytest.approx(float(want), abs=1e-6)
         assert scorer.example_losses(batch).mean() == pytest.approx(float(want), abs=1e-6)
+    assert abs(got["ce"] - got["centered-ce"]) > 1e-4  # the kind changes what is trained
     # evaluation reports plain cross-entropy whatever the training loss
     res = evaluate(scorer, ids, [0, 1, 0])
     assert res.loss == pytest.approx(float(F.cross_entropy(logits, torch.tensor([0, 1, 0]))),

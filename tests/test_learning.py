@@ -471,3 +471,22 @@ def test_the_3000_forward_target_needs_three_seeds_to_hold():
     assert lb.judge([], [], [rec(0, 0.11), rec(1, 0.12)])[key] is None  # 2 of 3 seeds
     assert lb.judge([], [], [rec(0, 0.11), rec(1, 0.09)])[key] is False
     assert lb.judge([], [], [rec(s, 0.11) for s in range(3)])[key] is True
+
+
+def test_the_budget_for_a_target_collects_every_seeds_group_and_its_first_reach():
+    lb = _learning_module()
+
+    def rec(seed, aucs):
+        return {"run": f"runs/long-seed{seed}", "seed": seed, "curve": [
+            {"forwards": 1000 * i, "examples": 16000 * i, "test_auc": a}
+            for i, a in enumerate(aucs)]}
+
+    out = lb.targets_full_plan({
+        "rt-central-long-budget": {"runs": [rec(0, [0.70, 0.78, 0.81, 0.80])]},
+        "rt-central-long-budget-seed2": {"runs": [rec(2, [0.74, 0.80, 0.83])]}})
+    rows = out["budget_for_0.10"]
+    assert [r["seed"] for r in rows] == [0, 2]
+    # seed 0 first reaches +0.10 at 2,000 forwards (later falling back does not undo it);
+    # seed 2 never reaches it (+0.09 at its end)
+    assert [r["first_forwards_at_least_0.1"] for r in rows] == [2000, None]
+    assert "budget_for_0.10" not in lb.targets_full_plan({})

@@ -47,7 +47,7 @@ METHODS = tuple(m.name for m in ordered())  # the registry's, in its order
 PARTITIONS = ("iid", "dirichlet", "dirichlet-client", "single-label", "mixed-single-label")
 DTYPES = tuple(_MODEL_DTYPES)
 WEIGHTINGS = ("samples", "uniform")
-MASK_KINDS = ("calibration", "weight-magnitude", "random", "task", "union")
+MASK_KINDS = ("calibration", "weight-magnitude", "random", "task", "union", "task-gradient")
 
 # methods whose client step is plain two-point ZO-SGD on the run's space: what lr=auto's
 # search (runners/tune.py) runs
@@ -110,7 +110,8 @@ class RunConfig:
     # mask
     density: float = _f(1e-3, "share of eligible weights in the mask", gt=0, max=1)
     mask: str = _f("", "mask file to use; empty = compute (or reuse the cached one)")
-    mask_kind: str = _f("calibration", "how a computed mask picks weights: calibration (general-text squared gradient) | weight-magnitude | random (run seed) | task (training texts) | union (of per-client task masks)", choices=MASK_KINDS)
+    mask_kind: str = _f("calibration", "how a computed mask picks weights: calibration (general-text squared gradient) | weight-magnitude | random (run seed) | task (training texts) | union (of per-client task masks) | task-gradient (largest mean gradient of the label loss, logits centered, on mask_examples labelled training examples)", choices=MASK_KINDS)
+    mask_examples: int = _f(256, "labelled training examples a mask_kind=task-gradient mask is scored on (one backward each)", min=2)
     eligible: str = _f(DEFAULT_ELIGIBLE, "regex of 2-D weights the mask may pick")
     calib_corpus: str = _f("news", "general text for the mask: 'news' (packaged), 'c4' / 'allenai/c4' (hub, streamed; the paper's) or a path (.txt, .jsonl, C4 .json.gz shards, folder)")
     calib_sequences: int = _f(128, "calibration sequences", min=1)

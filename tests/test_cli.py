@@ -125,13 +125,16 @@ def test_existing_run_folder_is_refused(tmp_path, capsys, tiny_model_dir):
     assert "exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["calibration", "random"])
+@pytest.mark.parametrize("kind", ["calibration", "random", "task-gradient"])
 def test_mask_command_writes_a_mask_that_a_run_accepts(
         kind, tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path, capsys):
     path = tmp_path / "m.safetensors"
+    # task-gradient is scored on the task's labelled training examples: the run's own task
+    task = (["task=local", f"data_files={sentiment_csv}", "template={sentence} so it was",
+             "label_words=[' bad', ' good']", "mask_examples=8"] if kind == "task-gradient" else [])
     assert main(["mask", f"model={tiny_model_dir}", f"calib_corpus={calib_txt}",
                  "calib_sequences=3", "calib_seq_len=24", "density=0.02", f"mask_kind={kind}",
-                 "--out", str(path)]) == 0
+                 *task, "--out", str(path)]) == 0
     assert f"mask ({kind})" in capsys.readouterr().out
     out = tmp_path / "run"
     assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, out, f"mask={path}",

@@ -181,6 +181,7 @@ def test_eps_below_the_dtype_resolution_is_warned_about():
     ("mask_kind=random",),
     ("mask_kind=task",),
     ("mask_kind=union",),
+    ("mask_kind=task-gradient", "mask_examples=8"),
 ], ids=lambda e: "-".join(x.split("=")[1] for x in e))
 def test_whole_tiny_pipeline_on_the_device(device, extra, tiny_model_dir, sentiment_csv,
                                            calib_txt, isolated_cache, tmp_path, capsys):

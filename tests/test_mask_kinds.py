@@ -1,4 +1,5 @@
-"""Mask kinds (calibration, weight-magnitude, random, task, union) on the tiny Llama (seconds)."""
+"""Mask kinds (calibration, weight-magnitude, random, task, union, task-gradient) on the tiny Llama
+(seconds)."""
 
 from __future__ import annotations
 
@@ -204,7 +205,65 @@ def _run_args(tiny_model_dir, sentiment_csv, calib_txt, out, kind):
             "eval_every=0", "max_test=8", f"mask_kind={kind}", f"out={out}", "--quiet"]
 
 
-@pytest.mark.parametrize("kind", ["random", "union"])
+class _Toy(torch.nn.Module):
+    """One eligible 1 x 3 weight whose gradient for an "example" is the example itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, 3))
+
+
+def _toy_mask(score: str, k: int, examples) -> set[int]:
+    mask = compute_mask(_Toy(), examples, lambda m, x: (m.weight * x).sum(), density=k / 3,
+                        rule=r"^weight$", score=score)
+    return set(mask.indices[0].tolist())
+
+
+def test_signal_score_is_the_unbiased_squared_mean_gradient():
+    # per-example gradients over 4 examples: coordinate 0 alternates 5, 0 (mean 2.5: raw mean^2
+    # 6.25, but unbiased (4 * 6.25 - 12.5) / 3 = 4.17), coordinate 1 is always 2.2 (4.84 either
+    # way), coordinate 2 alternates +-10 (mean 0, yet the largest squared gradient, 100)
+    examples = [torch.tensor([[5.0 if s > 0 else 0.0, 2.2, s * 10.0]]) for s in (1, -1, 1, -1)]
+    assert _toy_mask("squared", 1, examples) == {2}  # the paper's calibration score
+    assert _toy_mask("squared", 2, examples) == {0, 2}
+    assert _toy_mask("signal", 1, examples) == {1}  # a raw mean^2 would take coordinate 0
+    assert _toy_mask("signal", 2, examples) == {0, 1}
+    with pytest.raises(ValueError, match="at least 2"):
+        _toy_mask("signal", 1, examples[:1])
+    with pytest.raises(ValueError, match="score"):
+        _toy_mask("cubed", 1, examples)
+
+
+def _labelled(tok, texts):
+    return [(tok(t).input_ids, i % 2) for i, t in enumerate(texts)]
+
+
+def test_task_gradient_mask_is_exact_seeded_and_cached_by_its_examples(tiny, calib_txt,
+                                                                    isolated_cache):
+    model, tok = tiny
+    examples = _labelled(tok, [t.rsplit(" ", 1)[0] for t in TASK_TEXTS])
+    kw = {"examples": examples, "label_words": [" bad", " good"], "num_examples": 6}
+    mask, src = _obtain(tiny, calib_txt, "task-gradient", **kw)
+    k, total = _k(model)
+    assert src.startswith("computed") and mask.nnz == k and mask.eligible_numel == total
+    assert mask.meta["mask_kind"] == "task-gradient" and mask.meta["score"] == "signal"
+    assert mask.meta["num_sequences"] == "6"  # num_examples of the 8, by seed
+    # the GradIP reference is the general text's, as for every kind but calibration
+    assert mask.meta["calib_grad_source"] == "calib_corpus"
+    assert mask.calib_grad.numel() == k and mask.calib_grad.abs().sum() > 0
+    again, src2 = _obtain(tiny, calib_txt, "task-gradient", **kw)
+    assert src2.startswith("cache") and _coords(again) == _coords(mask)
+    other, src3 = _obtain(tiny, calib_txt, "task-gradient", **{**kw, "seed": 1})
+    flipped, src4 = _obtain(tiny, calib_txt, "task-gradient",
+                            **{**kw, "examples": [(ids, 1 - y) for ids, y in examples]})
+    assert src3.startswith("computed") and src4.startswith("computed")
+    # another sample, or the same prompts with other labels, scores other coordinates
+    assert _coords(other) != _coords(mask) and _coords(flipped) != _coords(mask)
+    with pytest.raises(ValueError, match="labelled"):
+        _obtain(tiny, calib_txt, "task-gradient", examples=examples[:1], label_words=[" bad", " good"])
+
+
+@pytest.mark.parametrize("kind", ["random", "union", "task-gradient"])
 def test_cli_run_with_mask_kind(kind, tiny_model_dir, sentiment_csv, calib_txt, isolated_cache,
                                 tmp_path, capsys):
     out = tmp_path / "run"
@@ -218,6 +277,8 @@ def test_cli_run_with_mask_kind(kind, tiny_model_dir, sentiment_csv, calib_txt, 
     k = max(1, round(0.01 * total))
     if kind == "random":
         assert mask.nnz == k and mask.meta["seed"] == "0"
+    elif kind == "task-gradient":  # scored on the training pool's labelled examples (fewer than 256)
+        assert mask.nnz == k and int(mask.meta["num_sequences"]) == summary["train_examples"]
     else:
         assert mask.nnz >= k and mask.meta["union_parts"] == "3"
         assert "union density" in err and "union density" in summary["mask_source"]

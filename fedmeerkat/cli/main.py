@@ -109,6 +109,14 @@ def cmd_mask(ns: argparse.Namespace) -> int:
     if cfg.mask_kind == "union":
         raise ConfigError("mask_kind: 'union' needs the client partition; it is computed inside "
                           "`fedmeerkat run`")
+    if cfg.mask_kind == "task-gradient":  # scored on the encoded, labelled training examples
+        import numpy as np
+
+        from fedmeerkat.runners.prepare import get_mask, prepare
+
+        prep = prepare(cfg)
+        mask, _ = get_mask(cfg, prep, [np.arange(len(prep.train_labels))], quiet=False)
+        return _wrote_mask(cfg, mask, ns.out)
     from fedmeerkat.models.loading import load_model
     from fedmeerkat.runners.masks import make_mask_of_kind, pick_texts
     from fedmeerkat.tasks.corpora import load_calibration_texts
@@ -126,9 +134,13 @@ def cmd_mask(ns: argparse.Namespace) -> int:
                              model_name=cfg.model, density=cfg.density, rule=cfg.eligible,
                              corpus=cfg.calib_corpus, num_sequences=cfg.calib_sequences,
                              seq_len=cfg.calib_seq_len, seed=cfg.seed, task_texts=task_texts)
-    mask.save(ns.out)
+    return _wrote_mask(cfg, mask, ns.out)
+
+
+def _wrote_mask(cfg, mask, out) -> int:
+    mask.save(out)
     print(f"mask ({cfg.mask_kind}): {mask.nnz:,} of {mask.eligible_numel:,} eligible weights "
-          f"(density {mask.density:.2e}) over {len(mask.names)} tensors -> {ns.out}")
+          f"(density {mask.density:.2e}) over {len(mask.names)} tensors -> {out}")
     return 0
 
 

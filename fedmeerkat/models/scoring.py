@@ -149,6 +149,10 @@ class LabelScorer:
         return label_loss(self.logits(batch), batch.labels, self.loss_kind,
                           reduction="none").double().cpu().numpy()
 
+    def logits_tensor(self, batch: Batch) -> torch.Tensor:
+        """`logits` with the autograd graph kept (a task-gradient mask's per-example loss)."""
+        return self._logits(batch)
+
     def loss_tensor(self, batch: Batch) -> torch.Tensor:
         """The same loss with the autograd graph kept (first-order baselines)."""
         return label_loss(self._logits(batch), batch.labels, self.loss_kind)

@@ -12,6 +12,17 @@ Mask kinds (`kind`, config key `mask_kind`; all at density u with the same exact
     a seeded sample of `num_sequences` of them, each cut to its last `seq_len` tokens.
   - "union": every client does "task" on a seeded sample of min(num_sequences, its size) of
     its own training texts; the mask is the union (density u or more, in `union_density`).
+  - "task-gradient": the coordinates where the label loss's mean gradient over a seeded
+    sample of `mask_examples` labelled training examples is largest (squared, estimated
+    without bias: zo/calibration.py's "signal" score), with each example's label logits
+    centered by the sample's mean logits first. At the zero-shot start of a sentiment task
+    much of the plain loss's mean gradient is the calibration shift (every example pushed
+    toward the rarely predicted label), which would pick the weights that recalibrate
+    rather than those that rank.
+    It needs labels and one backward pass per example where it is computed: it is the
+    "mask chosen on the task itself" comparator (a centralized run, or a server holding a
+    labelled sample); the clients' steps stay inference-only. In a simulation it samples the
+    whole training pool, as "task" does.
 Every kind carries the GradIP reference gradient: the mean gradient on the general corpus at
 the masked coordinates (`calibration` gets it from its own pass; the others from a second pass
 over the same `num_sequences` general sequences, restricted to the mask), so GradIP always
@@ -29,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from fedmeerkat.models.loading import cache_dir, load_model, model_fingerprint
-from fedmeerkat.models.scoring import encode_prompts, lm_loss
+from fedmeerkat.models.scoring import LabelScorer, encode_prompts, label_loss, lm_loss
 from fedmeerkat.tasks.corpora import corpus_hash, load_calibration_texts
 from fedmeerkat.zo import SparseMask, compute_mask
 from fedmeerkat.zo.calibration import masked_mean_gradient
@@ -62,13 +73,20 @@ def task_sequences(tokenizer, texts: list[str], seq_len: int) -> list[torch.Tens
             if len(ids) >= MIN_TASK_TOKENS]
 
 
-def pick_texts(texts: list[str], num: int, seed: int, *tag: int) -> list[str]:
-    """A seeded sample of min(num, len(texts)) texts, in their given order (training sets can
-    be sorted by label, so the first `num` would not do)."""
+def pick_texts(texts: list, num: int, seed: int, *tag: int) -> list:
+    """A seeded sample of min(num, len(texts)) texts (or any items: "task-gradient" samples labelled
+    examples), in their given order (training sets can be sorted by label, so the first `num`
+    would not do)."""
     if len(texts) <= num:
         return list(texts)
     rng = np.random.default_rng([TASK_PICK, seed, *tag])
     return [texts[i] for i in np.sort(rng.choice(len(texts), num, replace=False))]
+
+
+def examples_hash(examples: list[tuple[list[int], int]], label_words: list[str]) -> str:
+    """What a task-gradient mask was scored on: the encoded prompts, their labels, the label words."""
+    data = [[list(map(int, ids)), int(y)] for ids, y in examples]
+    return hashlib.sha256(json.dumps([data, list(label_words)]).encode()).hexdigest()[:16]
 
 
 def mask_key(fingerprint: dict, density: float, rule: str, corpus: str, num: int, seq_len: int,
@@ -106,11 +124,14 @@ def make_mask_of_kind(model, tokenizer, kind: str, calib_texts: list[str], *, mo
                       density: float, rule: str, corpus: str, num_sequences: int, seq_len: int,
                       seed: int = 0, task_texts: list[str] | None = None,
                       client_texts: list[list[str]] | None = None, fingerprint: dict | None = None,
-                      quiet: bool = False) -> SparseMask:
+                      quiet: bool = False, examples: list[tuple[list[int], int]] | None = None,
+                      label_words: list[str] | None = None) -> SparseMask:
     """A mask of any kind (see the module doc), with the general-text GradIP reference.
 
     `task_texts` (kind "task") are the training texts, already sampled by `pick_texts`;
-    `client_texts` (kind "union") one such list per client. `calib_texts` is the general corpus.
+    `client_texts` (kind "union") one such list per client; `examples` (kind "task-gradient")
+    encoded prompts with their labels, already sampled, scored against `label_words`.
+    `calib_texts` is the general corpus.
     """
     if kind == "calibration":
         return make_mask(model, tokenizer, calib_texts, model_name=model_name, density=density,
@@ -144,6 +165,24 @@ def make_mask_of_kind(model, tokenizer, kind: str, calib_texts: list[str], *, mo
         if not task_texts:
             raise ValueError("mask kind 'task' needs the task's training texts")
         mask = task_mask(task_texts, "mask: task squared gradients")
+    elif kind == "task-gradient":
+        if not examples or len(examples) < 2 or not label_words:
+            raise ValueError("mask kind 'task-gradient' needs at least 2 labelled training examples "
+                             "and the label words")
+        scorer = LabelScorer(model, tokenizer, label_words)
+        batches = [scorer.collate([ids], [y]) for ids, y in examples]
+        with torch.no_grad():  # the sample's mean label logits: the calibration offset
+            center = torch.cat([scorer.logits(b) for b in batches]).mean(0)
+        b = bar(len(examples), "mask: task gradient")
+        try:
+            mask = compute_mask(
+                model, batches,
+                lambda m, batch: label_loss(scorer.logits_tensor(batch) - center, batch.labels),
+                density=density, rule=rule, score="signal", progress=lambda n: b.update(1),
+                meta={**meta, "mask_kind": "task-gradient",
+                      "task_examples_hash": examples_hash(examples, label_words)})
+        finally:
+            b.close()
     elif kind == "union":
         if not client_texts or not any(client_texts):
             raise ValueError("mask kind 'union' needs each client's training texts")
@@ -183,13 +222,17 @@ def describe_mask(mask: SparseMask) -> str:
 def obtain_mask(model, tokenizer, *, model_name: str, density: float, rule: str, corpus: str,
                 num_sequences: int, seq_len: int, path: str = "", quiet: bool = False,
                 kind: str = "calibration", seed: int = 0, task_texts: list[str] | None = None,
-                client_texts: list[list[str]] | None = None) -> tuple[SparseMask, str]:
+                client_texts: list[list[str]] | None = None,
+                examples: list[tuple[list[int], int]] | None = None,
+                label_words: list[str] | None = None,
+                num_examples: int = 256) -> tuple[SparseMask, str]:
     """The run's mask and where it came from; the mask is checked against the model.
 
     kind "task" needs `task_texts` (all training texts: prompt + gold label word); "union"
     needs `client_texts` (the same, one list per client, after partitioning). A seeded sample
     of `num_sequences` texts is used from each (`pick_texts`, seed `seed`); "random" uses
-    `seed` too. With `path` the file is used as it is, whatever `kind`.
+    `seed` too. "task-gradient" needs `examples` (every training example's encoded prompt and
+    label) and `label_words`, and samples `num_examples` of them. With `path` the file is used as it is, whatever `kind`.
     """
     fingerprint = model_fingerprint(model)
     params = dict(model.named_parameters())
@@ -204,6 +247,9 @@ def obtain_mask(model, tokenizer, *, model_name: str, density: float, rule: str,
     elif kind == "task":
         task_texts = pick_texts(task_texts or [], num_sequences, seed)
         extra = (corpus_hash(task_texts),)
+    elif kind == "task-gradient":
+        examples = pick_texts(examples or [], num_examples, seed)
+        extra = (examples_hash(examples, label_words or []),)
     elif kind == "union":
         client_texts = [pick_texts(t, num_sequences, seed, i) for i, t in enumerate(client_texts or [])]
         extra = tuple(corpus_hash(t) for t in client_texts)
@@ -218,7 +264,8 @@ def obtain_mask(model, tokenizer, *, model_name: str, density: float, rule: str,
                              model_name=model_name, density=density, rule=rule, corpus=corpus,
                              num_sequences=num_sequences, seq_len=seq_len, seed=seed,
                              task_texts=task_texts, client_texts=client_texts,
-                             fingerprint=fingerprint, quiet=quiet)
+                             fingerprint=fingerprint, quiet=quiet, examples=examples,
+                             label_words=label_words)
     mask.save(cached)
     return mask, f"computed, cached as {cached.name}" + _what(mask, kind)
 

@@ -133,16 +133,21 @@ def get_mask(cfg: RunConfig, prep: Prepared, parts: list[np.ndarray],
              quiet: bool = False) -> tuple[SparseMask, str]:
     """The run's mask. `parts` (client example ids) is there for per-client mask kinds:
     mask_kind 'task' uses the training texts (prompt + gold label word), 'union' the same
-    split by client."""
+    split by client, 'task-gradient' the encoded training prompts with their labels."""
     texts = None
     if cfg.mask_kind in ("task", "union") and not cfg.mask:
         spec = prep.task.spec
         texts = [spec.render(e) + spec.label_words[e.label] for e in prep.task.train]
+    examples = None
+    if cfg.mask_kind == "task-gradient" and not cfg.mask:
+        examples = list(zip(prep.train_ids, prep.train_labels.tolist(), strict=True))
     return obtain_mask(prep.model, prep.tokenizer, model_name=cfg.model, density=cfg.density,
                        rule=cfg.eligible, corpus=cfg.calib_corpus,
                        num_sequences=cfg.calib_sequences, seq_len=cfg.calib_seq_len, path=cfg.mask,
                        quiet=quiet, kind=cfg.mask_kind, seed=cfg.seed, task_texts=texts,
-                       client_texts=None if texts is None else [[texts[i] for i in p] for p in parts])
+                       client_texts=None if texts is None else [[texts[i] for i in p] for p in parts],
+                       examples=examples, label_words=list(prep.task.spec.label_words),
+                       num_examples=cfg.mask_examples)
 
 
 def split_clients(cfg: RunConfig, prep: Prepared) -> list[np.ndarray]:

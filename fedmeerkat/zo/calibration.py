@@ -15,6 +15,8 @@ import torch
 
 from fedmeerkat.zo.mask import DEFAULT_ELIGIBLE, SparseMask, eligible_parameters
 
+SCORES = ("squared", "signal")  # compute_mask's ways to score a coordinate
+
 
 def _square_into(buf: torch.Tensor) -> Callable[[torch.Tensor], None]:
     def hook(grad: torch.Tensor) -> None:
@@ -60,13 +62,22 @@ def compute_mask(
     rule: str = DEFAULT_ELIGIBLE,
     meta: dict[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
+    score: str = "squared",
 ) -> SparseMask:
-    """Score eligible weights by mean squared gradient over `sequences`; keep the top `density`.
+    """Score eligible weights over `sequences` and keep the top `density`.
 
-    `loss_fn(model, seq)` returns the scalar LM loss of one calibration sequence.
+    `loss_fn(model, seq)` returns the scalar loss of one sequence (or example). `score`:
+      - "squared": the mean squared gradient, mean(g_i^2) (the paper's calibration);
+      - "signal": the squared mean gradient, mean(g_i)^2, estimated without bias as
+        (n mean(g_i)^2 - mean(g_i^2)) / (n - 1) (needs n >= 2): the coordinates along which
+        the examples' gradients agree, not those where they are merely large. It needs a loss
+        with a mean gradient worth finding, i.e. the task's own labelled loss (the
+        "task-gradient" mask kind); on general text it would find little.
     """
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
+    if score not in SCORES:
+        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
     params = eligible_parameters(model.named_parameters(), rule)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -95,6 +106,13 @@ def compute_mask(
             h.remove()
     if n == 0:
         raise ValueError("no calibration sequences were given")
+    if score == "signal":
+        if n < 2:
+            raise ValueError("score 'signal' needs at least 2 sequences (a spread to remove)")
+        for name, p in params:  # in place; the .grad sum stays for the mean gradient below
+            assert p.grad is not None
+            mean = p.grad.float() / n
+            sq[name] = (mean * mean * n - sq[name].div_(n)).div_(n - 1)
     total = sum(p.numel() for _, p in params)
     k = max(1, round(density * total))
     chosen = topk_global(sq, k)
@@ -111,6 +129,8 @@ def compute_mask(
     for name_, p in model.named_parameters():
         p.requires_grad_(saved_flags[name_])
     info = {"density": repr(density), "rule": rule, "num_sequences": str(n)}
+    if score != "squared":  # calibration masks' files stay as they were
+        info["score"] = score
     info.update(meta or {})
     return SparseMask(names, indices, shapes, meta=info, calib_grad=torch.cat(grads))
 

@@ -286,14 +286,15 @@ PLANS["full"] = {
     # masks chosen on the task's own training data against the calibration mask, at seed 0 on
     # validation (a screen: a kind that won here would run at every seed). Why: the
     # calibration mask holds the weights where general text's gradient is large, not the
-    # task's; noise_scale.py's quadratic model of a ZO step gives masks ranked by the task
-    # gradient 1.4-2.8x the calibration mask's progress a step. Probes of our own (not
-    # committed) at seed 0 found every such mask below the pick on validation: top
+    # task's, and noise_scale.py's quadratic model of a ZO step, applied to other masks by a
+    # probe of our own (not committed), favoured masks ranked by the task gradient. The
+    # probe's runs at seed 0 found every such mask below the pick on validation: the top
     # signal-to-noise of the plain loss's gradient (accuracy rose, ROC-AUC lagged: it picked
-    # the weights that recalibrate) and top squared mean gradient of the centered loss (the
-    # kind below). Recorded here, one lr each (1e-4: the pick's; the model gives the
-    # task-gradient mask 1.1x the calibration mask's lr): mask_kind=task (the LM loss on
-    # prompt + gold label word, 32 texts) and mask_kind=task-gradient (256 labelled examples).
+    # the weights that recalibrate) and the top squared mean gradient of the centered loss
+    # (the kind below). Recorded here, one lr each (1e-4, the pick's; the same model put the
+    # task-gradient mask's best lr near the calibration mask's): mask_kind=task (the LM loss
+    # on prompt + gold label word, 32 texts) and mask_kind=task-gradient (256 labelled
+    # examples).
     "rt-central-mask-task": ("grid", [
         zo_run(1e-4, **BF16),
         *[zo_run(1e-4, dtype="bfloat16", mask_kind=k) for k in ("task", "task-gradient")]],
@@ -1109,6 +1110,9 @@ def markdown(data: dict[str, Any]) -> str:
                                             "pick becomes a default only if it wins by more "
                                             "than 0.01, README)"),
                         ("rt-central-loss-seeds", "The loss pick at three seeds (test)"),
+                        ("rt-central-mask-task", "Masks chosen on the task's training data "
+                                                 "against the calibration mask (bf16, seed 0, "
+                                                 "validation only)"),
                         ("rt-central-eps-long", "The eps pick for 3,000 forwards (test)"),
                         ("rt-central-long-sched", "3,000 forwards: the pick's constant lr "
                                                   "against a linear schedule from 3e-4 "

@@ -35,6 +35,12 @@ calibration score (about what density 1e-4 trains, which the learning benchmark 
 of the calibration's per-sequence gradients (k = 32), and their mean alone (k = 1). A subspace
 is used up as the run moves along it, so this says which to try, not how far each goes.
 
+And how much of the task's mean gradient on the mask is the calibration shift: the same
+examples' gradients of the cross-entropy on label logits minus the sample's mean label logits
+(`centered_loss`), whose |G|^2 against the plain loss's says how much of a step's signal
+moves a threshold-free metric at all (loss=centered-ce and mask_kind=task-gradient take the
+shift out).
+
 Output: benchmarks/results/noise_scale.json.
 """
 
@@ -56,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedmeerkat.config import load_config  # noqa: E402
 from fedmeerkat.federated.methods.backprop import masked_gradient  # noqa: E402
-from fedmeerkat.models.scoring import lm_loss  # noqa: E402
+from fedmeerkat.models.scoring import label_loss, lm_loss  # noqa: E402
 from fedmeerkat.runners.masks import calibration_sequences  # noqa: E402
 from fedmeerkat.runners.prepare import get_mask, prepare, split_clients  # noqa: E402
 from fedmeerkat.tasks.corpora import load_calibration_texts  # noqa: E402
@@ -81,13 +87,21 @@ def grad_on_mask_only(prep, mask) -> None:
         params[name].requires_grad_(True)
 
 
-def per_example_gradients(prep, mask, ids: np.ndarray) -> torch.Tensor:
-    """[len(ids), nnz] float64: each example's gradient of the label-scoring loss on the mask."""
+def per_example_gradients(prep, mask, ids: np.ndarray, centered: bool = False) -> torch.Tensor:
+    """[len(ids), nnz] float64: each example's gradient of the label-scoring loss on the mask.
+    `centered`: of the cross-entropy on label logits minus the sample's mean label logits
+    (held fixed), the loss whose mean gradient has the calibration shift taken out (the
+    task-gradient mask kind's, runners/masks.py)."""
     params = dict(prep.model.named_parameters())
+    batches = [prep.scorer.collate([prep.train_ids[i]], prep.train_labels[[i]]) for i in ids]
+    center = 0.0
+    if centered:
+        with torch.no_grad():
+            center = torch.cat([prep.scorer.logits(b) for b in batches]).mean(0)
     rows = []
-    for i in ids:
-        batch = prep.scorer.collate([prep.train_ids[i]], prep.train_labels[[i]])
-        rows.append(masked_gradient(params, mask, prep.scorer.loss_tensor(batch)).double())
+    for b in batches:
+        loss = label_loss(prep.scorer.logits_tensor(b) - center, b.labels)
+        rows.append(masked_gradient(params, mask, loss).double())
     return torch.stack(rows)
 
 
@@ -162,6 +176,10 @@ def main() -> int:
     print(f"{ns.examples} backward passes on the mask ({mask.nnz:,} values)...", file=sys.stderr)
     grads = per_example_gradients(prep, mask, ids)
     stats = noise_scale(grads)
+    # the same examples' gradients with the calibration shift taken out: how much of the
+    # mean gradient is the shift toward the rarely predicted label (moves no ranking)
+    print(f"{ns.examples} backward passes of the centered loss...", file=sys.stderr)
+    centered = noise_scale(per_example_gradients(prep, mask, ids, centered=True))
     floor = calib[calib > 0].min()  # a coordinate the corpus never moved keeps the smallest
     plain = scaled_progress(grads, torch.ones_like(calib), RECIPE_BATCH)
     scaled = [{"p": p, "progress_per_step_vs_plain_z":
@@ -207,6 +225,11 @@ def main() -> int:
                                 "(|G|^2 + tr(C)/b); at each batch's best lr, progress per "
                                 "step ~ 1/(1 + B_simple/b), per example ~ 1/(b + B_simple)",
         "by_batch": rows,
+        "centered_loss": {
+            "loss": "cross-entropy on label logits minus the sample's mean label logits",
+            **centered,
+            "mean_gradient_sq_norm_vs_plain": centered["mean_gradient_sq_norm"]
+            / stats["mean_gradient_sq_norm"]},
         "z_scaled_by_calibration_second_moment": {
             "batch": RECIPE_BATCH, "hessian_stand_in": "diagonal empirical Fisher of the task",
             "rows": scaled},
@@ -219,6 +242,9 @@ def main() -> int:
     print(f"B_simple = {b_simple:.2f}: batch 4 at {rows[2]['best_lr_vs_16']:.2f}x the batch-16 "
           f"lr would need {1 / rows[2]['progress_per_example_vs_16']:.2f}x its examples "
           "(model)")
+    print(f"centered loss: |G|^2 = {centered['mean_gradient_sq_norm']:.3g}, "
+          f"{centered['mean_gradient_sq_norm'] / stats['mean_gradient_sq_norm']:.2%} of the "
+          "plain loss's on the mask")
     best = max(scaled, key=lambda r: r["progress_per_step_vs_plain_z"])
     print(f"z scaled by the calibration's s^p: best p = {best['p']:g}, "
           f"{best['progress_per_step_vs_plain_z']:.2f}x plain z's progress per step (model)")

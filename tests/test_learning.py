@@ -490,3 +490,28 @@ def test_the_budget_for_a_target_collects_every_seeds_group_and_its_first_reach(
     # seed 2 never reaches it (+0.09 at its end)
     assert [r["first_forwards_at_least_0.1"] for r in rows] == [2000, None]
     assert "budget_for_0.10" not in lb.targets_full_plan({})
+
+
+def test_a_fresh_checkout_recomputes_the_grids_mask_once_with_the_grids_settings(
+        tmp_path, monkeypatch):
+    import fedmeerkat.cli.main as cli
+
+    lb = _learning_module()
+    grid_mask = tmp_path / "rt-central-grid" / "zo-lr1e-4-seed0" / "mask.safetensors"
+    monkeypatch.setattr(lb, "GRID_MASK", grid_mask)
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    calls = []
+
+    def fake_cli(argv):
+        calls.append(argv)
+        Path(argv[argv.index("--out") + 1]).write_bytes(b"mask")
+        return 0
+
+    monkeypatch.setattr(cli, "main", fake_cli)
+    lb.ensure_grid_mask()
+    lb.ensure_grid_mask()  # there now: not computed again
+    assert len(calls) == 1 and grid_mask.read_bytes() == b"mask"
+    argv = calls[0]
+    assert argv[0] == "mask" and "density=0.001" in argv and "calib_sequences=32" in argv
+    assert "calib_seq_len=128" in argv and f"model={lb.BASE['model']}" in argv
+    assert not list(grid_mask.parent.glob("*.tmp.safetensors"))  # written, then moved

@@ -16,10 +16,10 @@ Mask kinds (`kind`, config key `mask_kind`; all at density u with the same exact
     sample of `mask_examples` labelled training examples is largest (squared, estimated
     without bias: zo/calibration.py's "signal" score), with each example's label logits
     centered by the sample's mean logits first. At the zero-shot start of a sentiment task
-    much of the plain loss's mean gradient is the calibration shift (every example pushed
-    toward the rarely predicted label), which would pick the weights that recalibrate
-    rather than those that rank.
-    It needs labels and one backward pass per example where it is computed: it is the
+    nearly all of the plain loss's mean gradient is the calibration shift (every example
+    pushed toward the rarely predicted label; on the calibration mask 1.5% of its squared
+    norm is left once centered, benchmarks/results/noise_scale.json), which would pick the
+    weights that recalibrate rather than those that rank. It needs labels and one backward pass per example where it is computed: it is the
     "mask chosen on the task itself" comparator (a centralized run, or a server holding a
     labelled sample); the clients' steps stay inference-only. In a simulation it samples the
     whole training pool, as "task" does.
@@ -74,9 +74,9 @@ def task_sequences(tokenizer, texts: list[str], seq_len: int) -> list[torch.Tens
 
 
 def pick_texts(texts: list, num: int, seed: int, *tag: int) -> list:
-    """A seeded sample of min(num, len(texts)) texts (or any items: "task-gradient" samples labelled
-    examples), in their given order (training sets can be sorted by label, so the first `num`
-    would not do)."""
+    """A seeded sample of min(num, len(texts)) texts (or any items: "task-gradient" samples
+    labelled examples), in their given order (training sets can be sorted by label, so the
+    first `num` would not do)."""
     if len(texts) <= num:
         return list(texts)
     rng = np.random.default_rng([TASK_PICK, seed, *tag])
@@ -84,7 +84,8 @@ def pick_texts(texts: list, num: int, seed: int, *tag: int) -> list:
 
 
 def examples_hash(examples: list[tuple[list[int], int]], label_words: list[str]) -> str:
-    """What a task-gradient mask was scored on: the encoded prompts, their labels, the label words."""
+    """What a task-gradient mask was scored on: the encoded prompts, their labels and the
+    label words (its cache key)."""
     data = [[list(map(int, ids)), int(y)] for ids, y in examples]
     return hashlib.sha256(json.dumps([data, list(label_words)]).encode()).hexdigest()[:16]
 
@@ -167,8 +168,8 @@ def make_mask_of_kind(model, tokenizer, kind: str, calib_texts: list[str], *, mo
         mask = task_mask(task_texts, "mask: task squared gradients")
     elif kind == "task-gradient":
         if not examples or len(examples) < 2 or not label_words:
-            raise ValueError("mask kind 'task-gradient' needs at least 2 labelled training examples "
-                             "and the label words")
+            raise ValueError("mask kind 'task-gradient' needs at least 2 labelled training "
+                             "examples and the label words")
         scorer = LabelScorer(model, tokenizer, label_words)
         batches = [scorer.collate([ids], [y]) for ids, y in examples]
         with torch.no_grad():  # the sample's mean label logits: the calibration offset
@@ -231,8 +232,9 @@ def obtain_mask(model, tokenizer, *, model_name: str, density: float, rule: str,
     kind "task" needs `task_texts` (all training texts: prompt + gold label word); "union"
     needs `client_texts` (the same, one list per client, after partitioning). A seeded sample
     of `num_sequences` texts is used from each (`pick_texts`, seed `seed`); "random" uses
-    `seed` too. "task-gradient" needs `examples` (every training example's encoded prompt and
-    label) and `label_words`, and samples `num_examples` of them. With `path` the file is used as it is, whatever `kind`.
+    `seed` too. "task-gradient" needs `examples` (every training example's encoded prompt
+    and label) and `label_words`, and samples `num_examples` of them. With `path` the file
+    is used as it is, whatever `kind`.
     """
     fingerprint = model_fingerprint(model)
     params = dict(model.named_parameters())

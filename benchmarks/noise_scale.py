@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedmeerkat.config import load_config  # noqa: E402
 from fedmeerkat.federated.methods.backprop import masked_gradient  # noqa: E402
-from fedmeerkat.models.scoring import label_loss, lm_loss  # noqa: E402
+from fedmeerkat.models.scoring import lm_loss, sample_centered_loss  # noqa: E402
 from fedmeerkat.runners.masks import calibration_sequences  # noqa: E402
 from fedmeerkat.runners.prepare import get_mask, prepare, split_clients  # noqa: E402
 from fedmeerkat.tasks.corpora import load_calibration_texts  # noqa: E402
@@ -94,14 +94,8 @@ def per_example_gradients(prep, mask, ids: np.ndarray, centered: bool = False) -
     task-gradient mask kind's, runners/masks.py)."""
     params = dict(prep.model.named_parameters())
     batches = [prep.scorer.collate([prep.train_ids[i]], prep.train_labels[[i]]) for i in ids]
-    center = 0.0
-    if centered:
-        with torch.no_grad():
-            center = torch.cat([prep.scorer.logits(b) for b in batches]).mean(0)
-    rows = []
-    for b in batches:
-        loss = label_loss(prep.scorer.logits_tensor(b) - center, b.labels)
-        rows.append(masked_gradient(params, mask, loss).double())
+    loss = sample_centered_loss(prep.scorer, batches) if centered else prep.scorer.loss_tensor
+    rows = [masked_gradient(params, mask, loss(b)).double() for b in batches]
     return torch.stack(rows)
 
 

@@ -13,6 +13,7 @@ from fedmeerkat.models.scoring import (
     evaluate,
     label_loss,
     label_token_ids,
+    sample_centered_loss,
 )
 from fedmeerkat.models.tiny import tiny_llama
 from tests.conftest import WORDS
@@ -109,3 +110,28 @@ def test_the_run_config_sets_the_training_loss(tiny_model_dir, sentiment_csv):
     assert prepare(build_config({**base, "loss": "centered-ce"})).scorer.loss_kind == "centered-ce"
     with pytest.raises(ConfigError, match="centered-ce needs batch_size >= 2"):
         build_config({**base, "loss": "centered-ce", "batch_size": 1})
+
+
+def test_sample_centered_loss_centers_each_example_on_the_whole_sample(tiny):
+    model, tok = tiny
+    scorer = LabelScorer(model, tok, [" terrible", " great"])
+    ids = encode_prompts(tok, ["the movie was", "a very good film it was", "it was dull"], 64)
+    batches = [scorer.collate([x], [y]) for x, y in zip(ids, [0, 1, 0], strict=True)]
+    loss = sample_centered_loss(scorer, batches)
+    logits = torch.cat([scorer.logits(b) for b in batches])
+    centered = logits - logits.mean(0)
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        assert loss(batches[0]).requires_grad  # a mask's backward needs the graph
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    for i, b in enumerate(batches):
+        got = loss(b)
+        want = F.cross_entropy(centered[i:i + 1], b.labels)
+        assert float(got) == pytest.approx(float(want), abs=1e-5)
+        # not the batch-centered loss, which a batch of one makes constant
+        assert float(got) != pytest.approx(float(label_loss(logits[i:i + 1], b.labels,
+                                                            "centered-ce")), abs=1e-4)

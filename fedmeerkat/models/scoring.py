@@ -149,13 +149,20 @@ class LabelScorer:
         return label_loss(self.logits(batch), batch.labels, self.loss_kind,
                           reduction="none").double().cpu().numpy()
 
-    def logits_tensor(self, batch: Batch) -> torch.Tensor:
-        """`logits` with the autograd graph kept (a task-gradient mask's per-example loss)."""
-        return self._logits(batch)
-
     def loss_tensor(self, batch: Batch) -> torch.Tensor:
         """The same loss with the autograd graph kept (first-order baselines)."""
         return label_loss(self._logits(batch), batch.labels, self.loss_kind)
+
+
+def sample_centered_loss(scorer: LabelScorer, batches: Sequence[Batch]):
+    """A loss for one of `batches` (graph kept): the cross-entropy of its label logits minus
+    the mean label logits over all of `batches`, held fixed. Per example, unlike
+    "centered-ce" (whose center is the batch's own): what ranks one example against the
+    sample with the calibration shift taken out. The task-gradient mask kind ranks weights by
+    it (runners/masks.py); benchmarks/noise_scale.py measures its mean gradient."""
+    with torch.no_grad():
+        center = torch.cat([scorer.logits(b) for b in batches]).mean(0)
+    return lambda batch: label_loss(scorer._logits(batch) - center, batch.labels)
 
 
 @dataclass

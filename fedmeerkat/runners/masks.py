@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from fedmeerkat.models.loading import cache_dir, load_model, model_fingerprint
-from fedmeerkat.models.scoring import LabelScorer, encode_prompts, label_loss, lm_loss
+from fedmeerkat.models.scoring import LabelScorer, encode_prompts, lm_loss, sample_centered_loss
 from fedmeerkat.tasks.corpora import corpus_hash, load_calibration_texts
 from fedmeerkat.zo import SparseMask, compute_mask
 from fedmeerkat.zo.calibration import masked_mean_gradient
@@ -173,13 +173,11 @@ def make_mask_of_kind(model, tokenizer, kind: str, calib_texts: list[str], *, mo
                              "examples and the label words")
         scorer = LabelScorer(model, tokenizer, label_words)
         batches = [scorer.collate([ids], [y]) for ids, y in examples]
-        with torch.no_grad():  # the sample's mean label logits: the calibration offset
-            center = torch.cat([scorer.logits(b) for b in batches]).mean(0)
+        loss = sample_centered_loss(scorer, batches)
         b = bar(len(examples), "mask: task gradient")
         try:
             mask = compute_mask(
-                model, batches,
-                lambda m, batch: label_loss(scorer.logits_tensor(batch) - center, batch.labels),
+                model, batches, lambda m, batch: loss(batch),
                 density=density, rule=rule, score="signal", progress=lambda n: b.update(1),
                 meta={**meta, "mask_kind": "task-gradient",
                       "task_examples_hash": examples_hash(examples, label_words)})

@@ -41,7 +41,8 @@ results: install
 	    "deploy_overhead.py" "deploy_overhead.py --payload-bytes 424704" "deploy_smollm2.py" \
 	    "noise_scale.py" "subspace_probe.py --arms plain span-linear --seed 0" \
 	    "subspace_probe.py --arms plain span-linear --seed 1" \
-	    "subspace_probe.py --arms plain span-linear --seed 2"; do \
+	    "subspace_probe.py --arms plain span-linear --seed 2" \
+	    "subspace_probe.py --arms cone cone-half-lr cone-narrow --seed 0 --eval-every 25"; do \
 	  echo "== $$cmd"; OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python $$cmd || exit 1; done
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --fresh && \
 	  ATEN_CPU_CAPABILITY=avx2 OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --only demo --tag avx2

@@ -24,12 +24,17 @@ try, 3e-6 learned):
   span         z in the span, lr 3e-6;
   span-linear  the same, lr decaying linearly to 0 over the steps;
   alternate    odd steps in the span at lr 3e-6, even steps plain at lr 1e-4 (both kinds of
-               direction, each at its own lr, no extra forward).
+               direction, each at its own lr, no extra forward);
+  cone, cone-half-lr, cone-narrow
+               ConMeZO's directions (Behric et al. 2025): z = sqrt(nnz) (cos a m/|m| +
+               sin a u/|u|) around m, the running mean (beta 0.99) of the past steps' g z;
+               plain z until m exists (CONES below holds each arm's lr and cos a).
 
 Each arm is written into benchmarks/results/subspace_probe.json as it finishes (merged under a
 file lock, so two invocations with different --arms can share the two cores). The result file
-holds plain and span-linear at seeds 0, 1, 2 (`make results` runs them); span and alternate
-wandered and fell in first tries at seed 0 and were not run again.
+holds plain and span-linear at seeds 0, 1, 2 and the cone arms at seed 0 (`make results` runs
+them); span and alternate wandered and fell in first tries at seed 0 and were not run again;
+no cone arm beat plain at seed 0, so none ran at seeds 1 and 2.
 """
 
 from __future__ import annotations
@@ -60,8 +65,8 @@ from fedmeerkat.zo.sparse import SparseView  # noqa: E402
 ARMS = {"plain": (1e-4, None), "span": (None, 3e-6), "span-linear": (None, 3e-6),
         "alternate": (1e-4, 3e-6)}  # arm -> (lr of plain steps, lr of span steps)
 # arm -> (lr, cosine of the cone's half-angle, momentum decay beta). "cone" and "cone-half-lr"
-# were fixed before their runs: ConMeZO's half-angle of about 1.35 rad and beta 0.99, at the
-# plain arm's lr and at half of it. "cone-narrow" after them: E[z z^T] holds nnz * cos^2 on the
+# were fixed before their runs: a half-angle of 1.35 rad and beta 0.99 (the values we took for
+# ConMeZO's, not checked against its code), at the plain arm's lr and at half of it. "cone-narrow" after them: E[z z^T] holds nnz * cos^2 on the
 # momentum's direction, so a step moves along it at lr * nnz * cos^2 times the gradient there:
 # 0.51 at cos 0.22 (17x the lr at which first-order SGD learns on this mask, 3e-2), and 3e-2 at
 # cos 0.053.

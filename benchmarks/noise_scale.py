@@ -203,6 +203,9 @@ def main() -> int:
     def step(b: int) -> float:  # progress per step at the batch's best lr (model)
         return 1.0 / (1.0 + b_simple / b)
 
+    # in this model the best lr is 1 / (tr(H) (|G|^2 + tr(C)/b)) and a step's progress at it
+    # is proportional to it, so best_lr_vs_16 equals progress_per_step_vs_16 by construction;
+    # both names stay in the result file (the printout below reads best_lr_vs_16)
     rows = [{"batch": b,
              "progress_per_step_vs_16": step(b) / step(RECIPE_BATCH),
              "progress_per_example_vs_16": (step(b) / b) / (step(RECIPE_BATCH) / RECIPE_BATCH),

@@ -1,5 +1,6 @@
 """A probe, outside the protocol: ZO-SGD on the mask with directions in the span of the
-calibration's per-sequence gradients, against plain directions, in one loop.
+calibration's per-sequence gradients or in a cone around the run's momentum, against plain
+directions, in one loop.
 
     python benchmarks/subspace_probe.py [--arms ARM ...] [--seed 0] [--steps 300]
     (default arms: plain span-linear)

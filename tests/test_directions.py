@@ -168,6 +168,12 @@ def test_efficiency_benchmark_counts_forwards_to_the_plain_runs_final_validation
     assert [n for n, _ in runs] == ["one-sided-p4-seed0", "one-sided-p4-seed1"]
     c = runs[0][1]  # the budget: 3 x 40 steps x 5 forwards = 600; lr = P x the plain lr
     assert c["rounds"] * c["local_steps"] * 5 == mod.BUDGET and abs(c["lr"] - 4e-4) < 1e-12
+    # the one variant outside the rule: its own lr factor, which is not a run-config key
+    c2 = mod.variant_runs({"name": "zo-lr1e-4-seed0", "settings": {
+        "lr": 1e-4, "rounds": 6, "local_steps": 50, "eval_every": 2, "seed": 0}},
+        ["one-sided-p4-lr2x"], (0,))[0][1]
+    assert abs(c2["lr"] - 2e-4) < 1e-12 and "lr_factor" not in c2
+    assert {k: v for k, v in c2.items() if k != "lr"} == {k: v for k, v in c.items() if k != "lr"}
     # K = 10: one client a round, at the plain K = 10 runs' 30 rounds and evaluation points
     k10 = mod.variant_runs({"name": "zo-lr1e-4-seed0", "settings": {
         "lr": 1e-4, "rounds": 6, "local_steps": 50, "eval_every": 2, "seed": 0}},

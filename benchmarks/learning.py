@@ -851,6 +851,9 @@ def main() -> None:
 # what a record holds of its run's config (Bench.read), checked before a record is reused
 RECORD_KEYS = ("task", "seed", "max_length", "method", "lr", "eps", "dtype", "perturbations",
                "zo_estimator", "density", "lr_schedule", "batch_size", "clients")
+# keys that joined RECORD_KEYS after some records were written: what every record without the
+# key ran at (zo_efficiency.json's first records predate max_length, all at BASE's 48)
+RECORD_DEFAULTS: dict[str, Any] = {"max_length": 48}
 
 
 class Previous:
@@ -889,10 +892,10 @@ class Previous:
 
 def record_matches(rec: dict[str, Any], want) -> bool:
     """A run's record (Bench.read) agrees with the planned config on every key it holds and
-    on the number of steps."""
+    on the number of steps (a record counts seeded directions, P a local step)."""
     keys = [k for k in RECORD_KEYS if not (k == "lr" and want.lr_auto)]
-    return all(rec.get(k) == getattr(want, k) for k in keys) and (
-        rec["curve"][-1]["steps"] == want.rounds * want.local_steps)
+    return all(rec.get(k, RECORD_DEFAULTS.get(k)) == getattr(want, k) for k in keys) and (
+        rec["curve"][-1]["steps"] == want.rounds * want.local_steps * want.perturbations)
 
 
 def val_gain(rec: dict[str, Any]) -> float:

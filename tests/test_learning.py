@@ -251,6 +251,19 @@ def test_a_run_without_its_folder_is_read_from_its_record_only_if_it_matches(
     (lb.RUNS / "g" / "r" / "summary.json").write_text("{}")  # its folder is here: read that
     assert prev.record(lb.RUNS / "g" / "r", settings) is None
     assert lb.Previous().groups == {"g": {"kind": "grid", "runs": [rec]}}
+    # P directions a step: the record counts seeds (Bench.read), P per local step
+    multi = {**settings, "perturbations": 4, "zo_estimator": "one-sided", "local_steps": 40,
+             "rounds": 3}
+    cfg4 = lb.planned_config(multi, lb.RUNS / "g" / "p")
+    rec4 = {"run": "runs/g/p", **{k: getattr(cfg4, k) for k in lb.RECORD_KEYS},
+            "curve": [{"steps": 0}, {"steps": 480}]}
+    assert lb.record_matches(rec4, cfg4)
+    assert not lb.record_matches({**rec4, "curve": [{"steps": 0}, {"steps": 120}]}, cfg4)
+    # a record older than a key matches at the key's recorded default only
+    older = {k: v for k, v in rec4.items() if k != "max_length"}
+    assert cfg4.max_length == 48 and lb.record_matches(older, cfg4)
+    cfg128 = lb.planned_config({**multi, "max_length": 128}, lb.RUNS / "g" / "p")
+    assert not lb.record_matches(older, cfg128)
 
 
 def test_lr_auto_is_refused_for_deployment(tmp_path):

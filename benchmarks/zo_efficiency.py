@@ -203,16 +203,24 @@ def main() -> None:
                 groups[group] = previous["groups"][group]
             continue
         plain = [plain_run(bench, group, pick, s) for s in seeds]
-        variants: dict[str, list[dict]] = {}
-        for name, settings in variant_runs(pick, names, seeds, group):
+        planned = variant_runs(pick, names, seeds, group)
+        recs: dict[str, dict[str, Any]] = {}
+        for name, settings in planned:
             out = RUNS / group / name
             old = old_runs.get(str(out.relative_to(learning.ROOT)))
+            if old is not None and learning.record_matches(
+                    old, learning.planned_config(settings, out)):
+                recs[name] = old  # stands in the file until the run is read again
+        for name, settings in planned:
+            out = RUNS / group / name
             # runs/ is not committed: a finished run without its folder is read from the
             # last result file when its record agrees with the planned config
-            rec = (old if old is not None and not (out / "summary.json").exists()
-                   and learning.record_matches(old, learning.planned_config(settings, out))
-                   else bench.read(bench.ensure(group, name, settings)))
-            variants.setdefault(name.rsplit("-seed", 1)[0], []).append(rec)
+            if name not in recs or (out / "summary.json").exists():
+                recs[name] = bench.read(bench.ensure(group, name, settings))
+            variants: dict[str, list[dict]] = {}
+            for n, _ in planned:
+                if n in recs:
+                    variants.setdefault(n.rsplit("-seed", 1)[0], []).append(recs[n])
             groups[group] = {"plain": plain, "variants": variants,
                              "comparison": compare(plain, variants)}
             save(args, pick, groups, previous, started)

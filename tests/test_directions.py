@@ -181,3 +181,57 @@ def test_efficiency_benchmark_counts_forwards_to_the_plain_runs_final_validation
     assert (k10["clients"], k10["clients_per_round"], k10["partition"]) == (10, 1, "dirichlet")
     assert k10["rounds"] * k10["local_steps"] * 5 == mod.BUDGET and k10["rounds"] == 30
     assert k10["eval_every"] * k10["local_steps"] * 5 == 200
+
+
+def test_efficiency_benchmark_keeps_unreached_records_while_it_runs(tmp_path, monkeypatch):
+    """runs/ is not committed: a record that matches its planned run is read back, not run
+    again, and stays in the result file while the invocation runs other runs (a crash between
+    two saves loses none of them)."""
+    from bench_module import load_benchmark
+
+    mod = load_benchmark("zo_efficiency")
+    lb = mod.learning
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    monkeypatch.setattr(mod, "RUNS", tmp_path / "runs" / "zo_efficiency")
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+    monkeypatch.setattr(mod, "PLANS", {"full": {"central": (["one-sided-p4"], (0, 1))}})
+    pick = {"name": "zo-lr1e-4-seed0", "settings": {
+        "lr": 1e-4, "rounds": 6, "local_steps": 50, "eval_every": 2, "seed": 0}}
+    monkeypatch.setattr(mod, "plain_pick", lambda: pick)
+    monkeypatch.setattr(mod, "plain_run", lambda bench, group, pick, s: {
+        "seed": s, "curve": [{"forwards": 0, "val_auc": 0.7}, {"forwards": 600, "val_auc": 0.75}]})
+    planned = dict(mod.variant_runs(pick, ["one-sided-p4"], (0, 1)))
+
+    def record(name, val):
+        out = mod.RUNS / "central" / name
+        cfg = lb.planned_config(planned[name], out)
+        return {"run": str(out.relative_to(tmp_path)), **{k: getattr(cfg, k) for k in
+                                                          lb.RECORD_KEYS},
+                "curve": [{"forwards": 0, "steps": 0, "val_auc": 0.7},
+                          {"forwards": 600, "steps": 480, "val_auc": val}]}
+
+    (tmp_path / "zo_efficiency.json").write_text(json.dumps({"groups": {"central": {
+        "variants": {"one-sided-p4": [record("one-sided-p4-seed1", 0.76)]}}}}))
+    ran: list[str] = []
+
+    class FakeBench:
+        def __init__(self, threads, runs):
+            pass
+
+        def ensure(self, group, name, settings):
+            ran.append(name)
+            return name
+
+        def read(self, name):
+            return record(name, 0.74)
+
+    saves: list[dict] = []
+    monkeypatch.setattr(lb, "Bench", FakeBench)
+    monkeypatch.setattr(mod, "save", lambda args, pick, groups, previous, started:
+                        saves.append(json.loads(json.dumps(groups))))
+    monkeypatch.setattr("sys.argv", ["zo_efficiency.py", "--plan", "full", "--only", "central"])
+    mod.main()
+    assert ran == ["one-sided-p4-seed0"]  # seed 1 is read from its record
+    first = saves[0]["central"]["variants"]["one-sided-p4"]
+    assert [r["curve"][-1]["val_auc"] for r in first] == [0.74, 0.76]
+    assert saves[0]["central"]["comparison"]["one-sided-p4"]["per_seed"][1]["variant_forwards"] == 600

@@ -67,10 +67,10 @@ ARMS = {"plain": (1e-4, None), "span": (None, 3e-6), "span-linear": (None, 3e-6)
         "alternate": (1e-4, 3e-6)}  # arm -> (lr of plain steps, lr of span steps)
 # arm -> (lr, cosine of the cone's half-angle, momentum decay beta). "cone" and "cone-half-lr"
 # were fixed before their runs: a half-angle of 1.35 rad and beta 0.99 (the values we took for
-# ConMeZO's, not checked against its code), at the plain arm's lr and at half of it. "cone-narrow" after them: E[z z^T] holds nnz * cos^2 on the
-# momentum's direction, so a step moves along it at lr * nnz * cos^2 times the gradient there:
-# 0.51 at cos 0.22 (17x the lr at which first-order SGD learns on this mask, 3e-2), and 3e-2 at
-# cos 0.053.
+# ConMeZO's, not checked against its code), at the plain arm's lr and at half of it.
+# "cone-narrow" came after them: E[z z^T] holds nnz * cos^2 on the momentum's direction, so a
+# step moves along it at lr * nnz * cos^2 times the gradient there: 0.51 at cos 0.22 (17x the
+# lr at which first-order SGD learns on this mask, 3e-2), and 3e-2 at cos 0.053.
 CONES = {"cone": (1e-4, 0.22, 0.99), "cone-half-lr": (5e-5, 0.22, 0.99),
          "cone-narrow": (1e-4, 0.053, 0.99)}
 EPS, BATCH = 1e-3, 16

@@ -195,6 +195,10 @@ def test_efficiency_benchmark_keeps_unreached_records_while_it_runs(tmp_path, mo
     monkeypatch.setattr(mod, "RUNS", tmp_path / "runs" / "zo_efficiency")
     monkeypatch.setattr(mod, "RESULTS", tmp_path)
     monkeypatch.setattr(mod, "PLANS", {"full": {"central": (["one-sided-p4"], (0, 1))}})
+    # the config checks that the mask file exists; runs/ (which holds the grid's) is not committed
+    mask = tmp_path / "mask.safetensors"
+    mask.write_bytes(b"")
+    monkeypatch.setattr(lb, "BF16", {**lb.BF16, "mask": str(mask)})
     pick = {"name": "zo-lr1e-4-seed0", "settings": {
         "lr": 1e-4, "rounds": 6, "local_steps": 50, "eval_every": 2, "seed": 0}}
     monkeypatch.setattr(mod, "plain_pick", lambda: pick)

@@ -1,6 +1,6 @@
 """A probe, outside the protocol: ZO-SGD on the mask with directions in the span of the
-calibration's per-sequence gradients or in a cone around the run's momentum, against plain
-directions, in one loop.
+calibration's per-sequence gradients, in a cone around the run's momentum or scaled by a
+running diagonal Hessian, against plain directions, in one loop.
 
     python benchmarks/subspace_probe.py [--arms ARM ...] [--seed 0] [--steps 300]
     (default arms: plain span-linear)
@@ -29,7 +29,10 @@ try, 3e-6 learned):
   cone, cone-half-lr, cone-narrow
                ConMeZO's directions (Behric et al. 2025): z = sqrt(nnz) (cos a m/|m| +
                sin a u/|u|) around m, the running mean (beta 0.99) of the past steps' g z;
-               plain z until m exists (CONES below holds each arm's lr and cos a).
+               plain z until m exists (CONES below holds each arm's lr and cos a);
+  hizoo        HiZOO's running diagonal Hessian (HIZOO below): three forwards a step, so
+               two thirds of the steps for the same forwards.
+Every arm gets the same forwards (2 x --steps) and is evaluated every 2 x --eval-every of them.
 
 Each arm is written into benchmarks/results/subspace_probe.json as it finishes (merged under a
 file lock, so two invocations with different --arms can share the two cores). The result file
@@ -73,6 +76,16 @@ ARMS = {"plain": (1e-4, None), "span": (None, 3e-6), "span-linear": (None, 3e-6)
 # lr at which first-order SGD learns on this mask, 3e-2), and 3e-2 at cos 0.053.
 CONES = {"cone": (1e-4, 0.22, 0.99), "cone-half-lr": (5e-5, 0.22, 0.99),
          "cone-narrow": (1e-4, 0.053, 0.99)}
+# arm -> (lr, smoothing alpha) of HiZOO's running diagonal Hessian estimate (Zhao et al., ICLR
+# 2025), in the form its public trainers share: a third forward at theta gives the second
+# difference c = |L+ + L- - 2 L0| / (2 eps^2) along z / sqrt(H), then H <- (1 - alpha) H +
+# alpha c H z^2, and the step is lr g z / sqrt(H) along the z it perturbed with. H starts at 1,
+# so the first step is plain's at the plain lr. Since E z^2 = 1, H grows by about alpha (c - 1)
+# a step until c (which shrinks as 1 / H) falls to 1: a 4-step try at seed 0 measured c at about
+# 2,700 (1,000 to 6,900), so alpha 1e-5 (the largest in HiZOO's scripts for full fine-tuning on
+# SST-2) would grow H by ~e^5 over 200 steps and stop the run. alpha 1e-6, fixed before the run
+# from that c alone, lets H's mean grow ~1.7x while each coordinate's z^2 noise moves it ~5%.
+HIZOO = {"hizoo": (1e-4, 1e-6)}
 EPS, BATCH = 1e-3, 16
 
 
@@ -92,6 +105,10 @@ def run_arm(arm: str, prep, view: SparseView, theta0: torch.Tensor, basis: torch
     model, so each starts by writing them back)."""
     lr_plain, lr_span = ARMS.get(arm, (None, None))
     lr_cone, cos, beta = CONES.get(arm, (None, 0.0, 0.0))
+    lr_hizoo, alpha = HIZOO.get(arm, (None, 0.0))
+    hess = torch.ones(len(theta0)) if lr_hizoo is not None else None
+    per_step = 3 if lr_hizoo is not None else 2  # forwards a step
+    seconds: list[float] = []  # HiZOO's second differences c, for the record
     theta = theta0.clone()
     d, k = len(theta0), (basis.shape[1] if basis is not None else 1)
     momentum = torch.zeros(d)
@@ -106,14 +123,21 @@ def run_arm(arm: str, prep, view: SparseView, theta0: torch.Tensor, basis: torch
 
     view.write(theta)
     first_test = evaluate(prep.scorer, prep.test_ids, prep.test_labels, 32).auc
-    curve = [{"steps": 0, "val_auc": val()}]
+    curve = [{"steps": 0, "forwards": 0, "val_auc": val()}]
+    steps = steps * 2 // per_step  # the same forwards in every arm
     window: list[float] = []  # the training loss (mean of the two forwards) since the last eval
     started = time.time()
     for t in range(1, steps + 1):
         ids = order.choice(n, BATCH, replace=False)
         batch = prep.scorer.collate([prep.train_ids[i] for i in ids], prep.train_labels[ids])
         in_span = lr_span is not None and (lr_plain is None or t % 2 == 1)
-        if lr_cone is not None:
+        if lr_hizoo is not None:
+            assert hess is not None
+            z = torch.randn(d, generator=gen) / hess.sqrt()
+            lr = lr_hizoo
+            view.write(theta)
+            zero = prep.scorer.loss(batch)
+        elif lr_cone is not None:
             # ConMeZO: a unit direction at angle arccos(cos) from the momentum, scaled to
             # E|z|^2 = nnz; plain directions until the momentum exists
             u = torch.randn(d, generator=gen)
@@ -134,23 +158,35 @@ def run_arm(arm: str, prep, view: SparseView, theta0: torch.Tensor, basis: torch
         g = (plus - minus) / (2 * EPS)
         window.append(0.5 * (plus + minus))
         theta -= lr * g * z
+        if hess is not None:
+            c = abs(plus + minus - 2 * zero) / (2 * EPS ** 2)
+            seconds.append(float(c))
+            hess.mul_(1 - alpha).add_(hess * (z * hess.sqrt()) ** 2, alpha=alpha * c)
         if lr_cone is not None:
             momentum.mul_(beta).add_(z, alpha=(1 - beta) * g)
-        if t % eval_every == 0 or t == steps:
-            curve.append({"steps": t, "val_auc": val(), "train_loss": float(np.mean(window))})
+        if (per_step * t) // (2 * eval_every) > (per_step * (t - 1)) // (2 * eval_every) or \
+                t == steps:  # every 2 * eval_every forwards
+            curve.append({"steps": t, "forwards": per_step * t, "val_auc": val(),
+                          "train_loss": float(np.mean(window))})
             window = []
             print(f"{arm} step {t}: validation ROC-AUC {curve[-1]['val_auc']:.4f} "
                   f"({time.time() - started:.0f} s)", flush=True)
     cone = {"lr_cone_steps": lr_cone, "cone_cos": cos, "momentum_beta": beta} if lr_cone else {}
+    if hess is not None:
+        cone = {"lr_hizoo_steps": lr_hizoo, "hessian_alpha": alpha,
+                "second_difference": {"first": seconds[0], "median": float(np.median(seconds)),
+                                      "last": seconds[-1]},
+                "hessian_end": {q: float(torch.quantile(hess[::97], v))
+                                for q, v in (("p05", 0.05), ("median", 0.5), ("p95", 0.95))}}
     return {"lr_plain_steps": lr_plain, "lr_span_steps": lr_span, **cone, "steps": steps,
-            "forwards": 2 * steps, "curve": curve, "test_auc_start": first_test,
+            "forwards": per_step * steps, "curve": curve, "test_auc_start": first_test,
             "test_auc_end": evaluate(prep.scorer, prep.test_ids, prep.test_labels, 32).auc,
             "wall_seconds": round(time.time() - started, 1)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arms", nargs="+", choices=sorted({*ARMS, *CONES}),
+    ap.add_argument("--arms", nargs="+", choices=sorted({*ARMS, *CONES, *HIZOO}),
                     default=["plain", "span-linear"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=300)

@@ -1216,9 +1216,11 @@ def generic_section(title: str, group: dict[str, Any]) -> list[str]:
 PANELS = (
     ("The recipe (bf16) at three seeds, and first-order SGD on the mask", "test",
      ("rt-central-bf16", "rt-central-fo")),
-    ("Longer budgets", "test", ("rt-central-long", "rt-central-long-budget",
-                                "rt-central-long-budget-seed2", "rt-central-long-budget-seed1",
-                                "rt-central-long-sched")),
+    # a shorter twin (the 3,000-forward runs) is the start of the longer one and drawn once;
+    # the schedule's runs hold validation only (their tables are in docs/learning.md)
+    ("Longer budgets: each seed's longest run", "test", (
+        "rt-central-long", "rt-central-long-budget", "rt-central-long-budget-seed2",
+        "rt-central-long-budget-seed2-7600", "rt-central-long-budget-seed1")),
     # T = 10 (rt-federated) lost the federated pick to T = 1: its curves are in the tables
     ("K = 10 Dirichlet clients, T = 1: one of batch 16 or four of batch 4 a round", "test",
      ("rt-federated-t1", "rt-federated-k4")),
@@ -1237,6 +1239,16 @@ def run_label(r: dict[str, Any]) -> str:
             + f" seed {r['seed']}" + f", {r['curve'][-1].get('forwards', 0):,} fw")
 
 
+def is_prefix(r: dict[str, Any], other: dict[str, Any], split: str) -> bool:
+    """`r`'s curve is the start of `other`'s (a longer twin of the same run: same seed and
+    settings, constant lr), so drawing both would hide one under the other."""
+    key = f"{split}_auc"
+    mine = {p["forwards"]: p.get(key) for p in r["curve"]}
+    theirs = {p["forwards"]: p.get(key) for p in other["curve"]}
+    return (other["run"] != r["run"] and len(theirs) > len(mine)
+            and all(theirs.get(f) == v for f, v in mine.items()))
+
+
 def plot(data: dict[str, Any]) -> None:
     import matplotlib
 
@@ -1246,16 +1258,16 @@ def plot(data: dict[str, Any]) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     for ax, (title, split, names) in zip(axes.flat, PANELS, strict=True):
         drawn: set[str] = set()  # groups share runs (a grid reads another group's)
-        for group in names:
-            for r in data["groups"].get(group, {}).get("runs", []):
-                pts = [p for p in r["curve"] if p.get(f"{split}_auc") is not None]
-                if not pts or r["run"] in drawn:
-                    continue
-                drawn.add(r["run"])
-                ax.plot([p["examples"] / 16 for p in pts], [p[f"{split}_auc"] for p in pts],
-                        marker="o", markersize=3, label=run_label(r),
-                        linestyle="--" if r["method"] == "fedavg-backprop"
-                        else ":" if r.get("clients_per_round", 1) > 1 else "-")
+        runs = [r for g in names for r in data["groups"].get(g, {}).get("runs", [])]
+        for r in runs:
+            pts = [p for p in r["curve"] if p.get(f"{split}_auc") is not None]
+            if not pts or r["run"] in drawn or any(is_prefix(r, o, split) for o in runs):
+                continue
+            drawn.add(r["run"])
+            ax.plot([p["examples"] / 16 for p in pts], [p[f"{split}_auc"] for p in pts],
+                    marker="o", markersize=3, label=run_label(r),
+                    linestyle="--" if r["method"] == "fedavg-backprop"
+                    else ":" if r.get("clients_per_round", 1) > 1 else "-")
         ax.set_title(f"{title}\n({'validation' if split == 'val' else 'test'} ROC-AUC, "
                      "rotten_tomatoes)", fontsize=9)
         # smaller batches are drawn at their examples: 4 forwards of 4 count as 1 of 16

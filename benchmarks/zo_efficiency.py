@@ -39,6 +39,7 @@ the per-seed comparison, what of the plan has not run) and docs/zo_efficiency.md
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import platform
 import sys
@@ -294,26 +295,44 @@ def save(args, pick, groups, previous, started) -> None:
 
     import fedmeerkat
 
-    done = {r["run"] for g in groups.values() for rs in g["variants"].values() for r in rs}
-    planned = {g: [n for n, _ in variant_runs(pick, names, seeds, g)]
-               for g, (names, seeds) in PLANS["full"].items()}
-    data = {
-        "plan": args.plan, "budget_forwards": BUDGET, "plain": pick,
-        "lr_rule": "variant lr = perturbations x the plain pick's lr (no search); "
-                   "one-sided-p4-lr2x, added after those runs: 2 x the plain pick's lr",
-        "versions": {"fedmeerkat": fedmeerkat.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__,
-                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                     "platform": platform.platform()},
-        "groups": groups,
-        "not_run": [f"{g}/{n}" for g, names in planned.items() for n in names
-                    if f"{RUNS.relative_to(learning.ROOT)}/{g}/{n}" not in done],
-        "step_timing": previous.get("step_timing"),
-        "wall_seconds_this_invocation": round(time.time() - started, 1),
-    }
-    write_result("zo_efficiency", data)
-    (learning.ROOT / "docs" / "zo_efficiency.md").write_text(markdown(data))
+    RUNS.mkdir(parents=True, exist_ok=True)
+    with open(RUNS / ".save.lock", "w") as lock:  # runs/ is not committed
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        groups = merged_groups(args, groups)
+        done = {r["run"] for g in groups.values() for rs in g["variants"].values() for r in rs}
+        planned = {g: [n for n, _ in variant_runs(pick, names, seeds, g)]
+                   for g, (names, seeds) in PLANS["full"].items()}
+        data = {
+            "plan": args.plan, "budget_forwards": BUDGET, "plain": pick,
+            "lr_rule": "variant lr = perturbations x the plain pick's lr (no search); "
+                       "one-sided-p4-lr2x, added after those runs: 2 x the plain pick's lr",
+            "versions": {"fedmeerkat": fedmeerkat.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__,
+                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                         "platform": platform.platform()},
+            "groups": groups,
+            "not_run": [f"{g}/{n}" for g, names in planned.items() for n in names
+                        if f"{RUNS.relative_to(learning.ROOT)}/{g}/{n}" not in done],
+            "step_timing": previous.get("step_timing"),
+            "wall_seconds_this_invocation": round(time.time() - started, 1),
+        }
+        write_result("zo_efficiency", data)
+        (learning.ROOT / "docs" / "zo_efficiency.md").write_text(markdown(data))
 
+
+def merged_groups(args, groups: dict[str, Any]) -> dict[str, Any]:
+    """This invocation's groups, and every other group as the result file holds it now, not
+    as it was when this invocation started: two invocations with different --only (one a
+    core) keep each other's runs. Called under save's lock."""
+    path = RESULTS / "zo_efficiency.json"
+    on_disk = json.loads(path.read_text()).get("groups", {}) if path.exists() else {}
+    mine = {g for g in PLANS[args.plan] if args.only is None or g in args.only}
+    out = {}
+    for g in dict.fromkeys([*PLANS["full"], *groups, *on_disk]):
+        src = on_disk if g not in mine and g in on_disk else groups
+        if g in src:
+            out[g] = src[g]
+    return out
 
 if __name__ == "__main__":
     main()

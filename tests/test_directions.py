@@ -4,6 +4,7 @@ config's refusals, and a whole simulated run on the tiny model."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -239,3 +240,23 @@ def test_efficiency_benchmark_keeps_unreached_records_while_it_runs(tmp_path, mo
     first = saves[0]["central"]["variants"]["one-sided-p4"]
     assert [r["curve"][-1]["val_auc"] for r in first] == [0.74, 0.76]
     assert saves[0]["central"]["comparison"]["one-sided-p4"]["per_seed"][1]["variant_forwards"] == 600
+
+
+def test_efficiency_benchmark_keeps_a_group_another_invocation_wrote_meanwhile(
+        tmp_path, monkeypatch):
+    """Two invocations with different --only share the result file: each writes its own
+    groups and takes every other group as the file holds it at the time of writing (the old
+    code wrote them as they were when it started, dropping the other invocation's runs)."""
+    from bench_module import load_benchmark
+
+    mod = load_benchmark("zo_efficiency")
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+    (tmp_path / "zo_efficiency.json").write_text(json.dumps({"groups": {
+        "central": {"variants": {}, "from": "disk"}, "k10": {"variants": {}, "from": "disk"}}}))
+    args = argparse.Namespace(plan="full", only=["central"])
+    mine = {"central": {"variants": {}, "from": "me"}, "k10": {"variants": {}, "from": "start"}}
+    assert {g: v["from"] for g, v in mod.merged_groups(args, mine).items()} == {
+        "central": "me", "k10": "disk"}
+    args.only = None  # every group of the plan is this invocation's
+    assert {g: v["from"] for g, v in mod.merged_groups(args, mine).items()} == {
+        "central": "me", "k10": "start"}

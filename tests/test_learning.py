@@ -528,3 +528,20 @@ def test_a_fresh_checkout_recomputes_the_grids_mask_once_with_the_grids_settings
     assert argv[0] == "mask" and "density=0.001" in argv and "calib_sequences=32" in argv
     assert "calib_seq_len=128" in argv and f"model={lb.BASE['model']}" in argv
     assert not list(grid_mask.parent.glob("*.tmp.safetensors"))  # written, then moved
+
+
+def test_learning_plot_draws_a_shorter_twin_once():
+    """A run whose curve is the start of a longer run's (the 3,000-forward runs and their
+    5,000-forward twins) is not drawn under it; a run that differs anywhere is."""
+    lb = load_benchmark("learning")
+
+    def run(name, aucs):
+        return {"run": name, "curve": [{"forwards": 1000 * i, "test_auc": a}
+                                       for i, a in enumerate(aucs)]}
+
+    short, long_ = run("a", [0.73, 0.80]), run("b", [0.73, 0.80, 0.82])
+    other = run("c", [0.73, 0.79])
+    assert lb.is_prefix(short, long_, "test")
+    assert not lb.is_prefix(long_, short, "test")
+    assert not lb.is_prefix(short, short, "test")
+    assert not lb.is_prefix(other, long_, "test")

@@ -30,7 +30,9 @@ on the packaged SmolLM2), so evaluations and start-up do not blur it.
 Groups: `central` (one IID client) and, in the full plan, `k10` (K = 10 Dirichlet clients,
 one per round: the plain runs are dp_utility.py's non-private K = 10 runs). runs/ is not
 committed: on a checkout without a run's folder its record in the result file is read back
-when it agrees with the planned config, and a group not asked for is kept as it was.
+when it agrees with the planned config, and a group not asked for is kept as the result file
+holds it when this invocation writes (under a lock: two invocations with different --only, one
+a core, keep each other's runs).
 
 Output: benchmarks/results/zo_efficiency.json (command, versions, machine, every run's curve,
 the per-seed comparison, what of the plan has not run) and docs/zo_efficiency.md from it.

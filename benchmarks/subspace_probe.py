@@ -36,9 +36,9 @@ Every arm gets the same forwards (2 x --steps) and is evaluated every 2 x --eval
 
 Each arm is written into benchmarks/results/subspace_probe.json as it finishes (merged under a
 file lock, so two invocations with different --arms can share the two cores). The result file
-holds plain and span-linear at seeds 0, 1, 2 and the cone arms at seed 0 (`make results` runs
-them); span and alternate wandered and fell in first tries at seed 0 and were not run again;
-no cone arm beat plain at seed 0, so none ran at seeds 1 and 2.
+holds plain and span-linear at seeds 0, 1, 2 and the cone arms and hizoo at seed 0 (`make
+results` runs them); span and alternate wandered and fell in first tries at seed 0 and were not
+run again; neither a cone arm nor hizoo beat plain at seed 0, so none ran at seeds 1 and 2.
 """
 
 from __future__ import annotations

@@ -77,8 +77,11 @@ KILL = {"site": "site-2", "client": "2", "after_round": 1, "rounds": 3, "resume_
 # a ZO variant (several directions a step, one-sided estimates) deployed: still seeds and
 # scalars only, so still bit-identical to the in-process run
 VARIANT = ["perturbations=3", "zo_estimator=one-sided", "downlink=scalars"]
-# differentially private scalars: the noise's generator must stay at the sites
-DP = ["dp_clip=1.0", "dp_noise_multiplier=1.0", "downlink=scalars"]
+# differentially private scalars: the noise's generator must stay at the sites; two of the
+# three sites a round, so each site's sigma is solved for the rounds its seeded draw plans
+# (seed 1: its draw runs sites 0 and 1 for three rounds each, site 2 for two; seed 0 happens
+# to draw sites 0 and 1 in all four rounds)
+DP = ["dp_clip=1.0", "dp_epsilon=4", "clients_per_round=2", "downlink=scalars", "seed=1"]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +138,9 @@ def deployed_runs(tmp_path_factory, tiny_model_dir):
 
 def test_a_deployed_private_run_keeps_the_noise_secret_at_the_sites(deployed_runs):
     """The server's run folder (checkpoints, metrics, summary) never holds a client's secret
-    generator; the sites' state folders do, and every round reports each client's epsilon."""
+    generator; the sites' state folders do. With two of three sites a round, each site spends
+    its whole budget and no more over the rounds it was drawn for (its sigma solved for them)
+    and a site spends nothing in a round it sits out."""
     from safetensors import safe_open
 
     runs, _, result, _ = deployed_runs
@@ -149,9 +154,20 @@ def test_a_deployed_private_run_keeps_the_noise_secret_at_the_sites(deployed_run
         with safe_open(str(f), framework="pt") as g:
             assert any(k.endswith(".extra.dp_rng") for k in g.keys())
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(set(r["dp_epsilon"]) == {"0", "1", "2"} for r in lines[1:])
+    assert all(len(r["client_steps"]) == 2 for r in lines[1:])
+    spent = {k: 0.0 for k in ("0", "1", "2")}
+    for r in lines[1:]:
+        for k, eps in r["dp_epsilon"].items():
+            assert eps >= spent[k] and (eps > spent[k]) == (k in r["client_steps"]), r
+            spent[k] = eps
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["dp"]["noise_multiplier"] == 1.0 and summary["dp"]["epsilon_spent_max"] > 0
+    assert summary["dp"]["epsilon_spent"] == pytest.approx(spent)
+    assert all(3.99 < e <= 4.0 for e in spent.values()), spent
+    sigmas = summary["dp"]["noise_multiplier_per_client"]
+    ran = {k: sum(r["client_steps"].get(k, 0) for r in lines[1:]) for k in spent}
+    assert len(set(ran.values())) > 1  # the draw gives the sites different step counts
+    assert all((sigmas[a] < sigmas[b]) == (ran[a] < ran[b]) for a in ran for b in ran
+               if ran[a] != ran[b])
 
 
 def test_a_deployed_zo_variant_is_bit_identical_to_the_in_process_run(deployed_runs):

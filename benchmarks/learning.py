@@ -228,6 +228,11 @@ PLANS["full"] = {
     "rt-central-long-budget-seed2-7600": ("from-pick", "rt-central-grid", [
         ("bf16-7600fw-seed2", {**BF16, "seed": 2, "rounds": 38, "local_steps": 100,
                                "eval_every": 5})]),
+    # seed 1 passes +0.10 at 4,000 (+0.109) and falls back at 5,000 (+0.090): whether it
+    # stays there, at the same 7,600 forwards
+    "rt-central-long-budget-seed1-7600": ("from-pick", "rt-central-grid", [
+        ("bf16-7600fw-seed1", {**BF16, "seed": 1, "rounds": 38, "local_steps": 100,
+                               "eval_every": 5})]),
     # and at seed 1 (+0.084 at 3,000 forwards; its test curve flat from 2,000 to 3,000)
     "rt-central-long-budget-seed1": ("from-pick", "rt-central-grid", [
         ("bf16-5000fw-seed1", {**BF16, "seed": 1, "rounds": 25, "local_steps": 100,
@@ -640,6 +645,7 @@ def targets_full_plan(groups: dict[str, Any]) -> dict[str, Any]:
                                ("rt-central-long-budget", 0.10, "budget_for_0.10"),
                                ("rt-central-long-budget-seed2", 0.10, "budget_for_0.10"),
                                ("rt-central-long-budget-seed2-7600", 0.10, "budget_for_0.10"),
+                               ("rt-central-long-budget-seed1-7600", 0.10, "budget_for_0.10"),
                                ("rt-central-long-budget-seed1", 0.10, "budget_for_0.10")):
         if groups.get(group, {}).get("runs"):
             out.setdefault(key, []).extend(budget_row(r, target) for r in groups[group]["runs"])
@@ -1113,6 +1119,8 @@ def markdown(data: dict[str, Any]) -> str:
                                                          "seed 1 (test)"),
                         ("rt-central-long-budget-seed2-7600", "The pick in bf16 for 7,600 "
                                                               "forwards, seed 2 (test)"),
+                        ("rt-central-long-budget-seed1-7600", "The pick in bf16 for 7,600 "
+                                                              "forwards, seed 1 (test)"),
                         ("rt-central-screen", "Screening around the pick: lr, eps, density, "
                                               "cosine (bf16, seed 0, validation only)"),
                         ("rt-central-eps", "eps 1e-3 against 1e-2 in bf16 at every seed "
@@ -1220,7 +1228,8 @@ PANELS = (
     # the schedule's runs hold validation only (their tables are in docs/learning.md)
     ("Longer budgets: each seed's longest run", "test", (
         "rt-central-long", "rt-central-long-budget", "rt-central-long-budget-seed2",
-        "rt-central-long-budget-seed2-7600", "rt-central-long-budget-seed1")),
+        "rt-central-long-budget-seed2-7600", "rt-central-long-budget-seed1",
+        "rt-central-long-budget-seed1-7600")),
     # T = 10 (rt-federated) lost the federated pick to T = 1: its curves are in the tables
     ("K = 10 Dirichlet clients, T = 1: one of batch 16 or four of batch 4 a round", "test",
      ("rt-federated-t1", "rt-federated-k4")),

@@ -336,5 +336,6 @@ def merged_groups(args, groups: dict[str, Any]) -> dict[str, Any]:
             out[g] = src[g]
     return out
 
+
 if __name__ == "__main__":
     main()

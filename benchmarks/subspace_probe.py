@@ -30,13 +30,14 @@ try, 3e-6 learned):
                ConMeZO's directions (Behric et al. 2025): z = sqrt(nnz) (cos a m/|m| +
                sin a u/|u|) around m, the running mean (beta 0.99) of the past steps' g z;
                plain z until m exists (CONES below holds each arm's lr and cos a);
-  hizoo        HiZOO's running diagonal Hessian (HIZOO below): three forwards a step, so
+  hizoo, hizoo-alpha1e-5
+               HiZOO's running diagonal Hessian (HIZOO below): three forwards a step, so
                two thirds of the steps for the same forwards.
 Every arm gets the same forwards (2 x --steps) and is evaluated every 2 x --eval-every of them.
 
 Each arm is written into benchmarks/results/subspace_probe.json as it finishes (merged under a
 file lock, so two invocations with different --arms can share the two cores). The result file
-holds plain and span-linear at seeds 0, 1, 2 and the cone arms and hizoo at seed 0 (`make
+holds plain and span-linear at seeds 0, 1, 2 and the cone and hizoo arms at seed 0 (`make
 results` runs them); span and alternate wandered and fell in first tries at seed 0 and were not
 run again; neither a cone arm nor hizoo beat plain at seed 0, so none ran at seeds 1 and 2.
 """
@@ -86,7 +87,8 @@ CONES = {"cone": (1e-4, 0.22, 0.99), "cone-half-lr": (5e-5, 0.22, 0.99),
 # SST-2) would grow H by ~e^5 over 200 steps and stop the run. alpha 1e-6, fixed before the run
 # from that c alone, was expected to let H's mean grow ~1.7x; it grew 2.45x (c's median over the
 # run was higher), spread 2.07-3.01 from the 5th to the 95th percentile (docs/benchmarks.md).
-HIZOO = {"hizoo": (1e-4, 1e-6)}
+# "hizoo-alpha1e-5" came after, to measure what that paragraph predicts for HiZOO's own alpha.
+HIZOO = {"hizoo": (1e-4, 1e-6), "hizoo-alpha1e-5": (1e-4, 1e-5)}
 EPS, BATCH = 1e-3, 16
 
 

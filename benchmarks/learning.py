@@ -10,7 +10,9 @@ rewritten after every run, so the benchmark can be stopped at any time and conti
 same command. A finished run whose config.toml differs from the planned one is an error, not
 silently reused. runs/ is not committed: on a checkout without a run's folder, its record in
 learning.json is reused when it agrees with the planned config (`Previous`), and a group not
-asked for is kept as the result file holds it; the result file lists both.
+asked for is kept as the result file holds it; the result file lists both. Two invocations
+with different --only (one a core): each reads a group the other finished from its run folders
+before its last save; its saves in between hold such a group as it was when it started.
 
 Setting shared by every run (BASE below): SmolLM2-135M (packaged), mask from the packaged news
 text (32 sequences of 128 tokens, cached), max_length 48, 1,000 test examples, a validation set
@@ -795,6 +797,7 @@ def main() -> None:
     ensure_grid_mask()
     bench, plan, previous = Bench(args.threads), PLANS[args.plan], Previous()
     groups: dict[str, Any] = {}
+    unfinished: list[tuple[str, str, list, dict[str, str]]] = []  # groups not asked for
     started = time.time()
     for group, spec in plan.items():
         kind = spec[0]
@@ -822,12 +825,16 @@ def main() -> None:
         if not selected:
             # not asked for: kept in the result file if every run of it has finished, or as
             # the last invocation wrote it on a checkout without its run folders
-            if all((RUNS / homes.get(n, group) / n / "summary.json").exists() for n, _ in runs):
+            if finished(group, runs, homes):
                 groups[group] = summarize(group, kind, runs, [
                     bench.read(RUNS / homes.get(n, group) / n) for n, _ in runs])
-            elif group in previous.groups:
-                groups[group] = previous.groups[group]
-                previous.carried.append(group)
+            else:
+                if group in previous.groups:
+                    groups[group] = previous.groups[group]
+                    previous.carried.append(group)
+                # another invocation may finish it while this one runs: looked at again
+                # before the last save
+                unfinished.append((group, kind, runs, homes))
             continue
         if group == "auto" and not LONG_REVIEWS.exists():
             from long_reviews import corpus_rows, long_reviews
@@ -858,7 +865,19 @@ def main() -> None:
                 groups[group] = summarize(group, kind, runs,
                                           [done[n] for n, _ in runs if n in done])
                 save(args, plan, groups, started, previous)
+    for group, kind, runs, homes in unfinished:
+        if finished(group, runs, homes):
+            groups[group] = summarize(group, kind, runs, [
+                bench.read(RUNS / homes.get(n, group) / n) for n, _ in runs])
+            if group in previous.carried:
+                previous.carried.remove(group)
     save(args, plan, groups, started, previous)
+
+
+def finished(group: str, runs: list, homes: dict[str, str]) -> bool:
+    """Every run of `group` has its summary in its folder (the folder of the group that
+    holds it, `homes`)."""
+    return all((RUNS / homes.get(n, group) / n / "summary.json").exists() for n, _ in runs)
 
 
 # what a record holds of its run's config (Bench.read), checked before a record is reused

@@ -545,3 +545,38 @@ def test_learning_plot_draws_a_shorter_twin_once():
     assert not lb.is_prefix(long_, short, "test")
     assert not lb.is_prefix(short, short, "test")
     assert not lb.is_prefix(other, long_, "test")
+
+
+def test_a_group_another_invocation_finishes_meanwhile_is_kept(tmp_path, monkeypatch):
+    """Two invocations with different --only, one a core: a group this one was not asked for,
+    unfinished when it started, is read from its folders before the last save if the other
+    invocation finished it meanwhile (before, the last save dropped it from the result file)."""
+    lb = _learning_module()
+    monkeypatch.setattr(lb, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(lb, "RESULTS", tmp_path)
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    monkeypatch.setattr(lb, "ensure_grid_mask", lambda: None)
+    monkeypatch.setattr(lb, "PLANS", {"full": {"a": ("grid", [("ra", {"lr": 1e-4})]),
+                                               "b": ("grid", [("rb", {"lr": 3e-4})])}})
+
+    class FakeBench:
+        def __init__(self, threads, runs=None):
+            pass
+
+        def ensure(self, group, name, settings, wait=False):
+            other = lb.RUNS / "a" / "ra"  # the other invocation finishes group a meanwhile
+            other.mkdir(parents=True)
+            (other / "summary.json").write_text("{}")
+            return lb.RUNS / group / name
+
+        def read(self, out):
+            return _rec(str(out), 1e-4, [0.7, 0.75])
+
+    saves: list[dict] = []
+    monkeypatch.setattr(lb, "Bench", FakeBench)
+    monkeypatch.setattr(lb, "save", lambda args, plan, groups, started, previous=None:
+                        saves.append(dict(groups)))
+    monkeypatch.setattr("sys.argv", ["learning.py", "--plan", "full", "--only", "b"])
+    lb.main()
+    assert "a" not in saves[0] and set(saves[-1]) == {"a", "b"}
+    assert saves[-1]["a"]["runs"][0]["run"] == str(lb.RUNS / "a" / "ra")

@@ -826,8 +826,7 @@ def main() -> None:
             # not asked for: kept in the result file if every run of it has finished, or as
             # the last invocation wrote it on a checkout without its run folders
             if finished(group, runs, homes):
-                groups[group] = summarize(group, kind, runs, [
-                    bench.read(RUNS / homes.get(n, group) / n) for n, _ in runs])
+                groups[group] = from_folders(bench, group, kind, runs, homes)
             else:
                 if group in previous.groups:
                     groups[group] = previous.groups[group]
@@ -867,8 +866,7 @@ def main() -> None:
                 save(args, plan, groups, started, previous)
     for group, kind, runs, homes in unfinished:
         if finished(group, runs, homes):
-            groups[group] = summarize(group, kind, runs, [
-                bench.read(RUNS / homes.get(n, group) / n) for n, _ in runs])
+            groups[group] = from_folders(bench, group, kind, runs, homes)
             if group in previous.carried:
                 previous.carried.remove(group)
     save(args, plan, groups, started, previous)
@@ -878,6 +876,13 @@ def finished(group: str, runs: list, homes: dict[str, str]) -> bool:
     """Every run of `group` has its summary in its folder (the folder of the group that
     holds it, `homes`)."""
     return all((RUNS / homes.get(n, group) / n / "summary.json").exists() for n, _ in runs)
+
+
+def from_folders(bench: Bench, group: str, kind: str, runs: list,
+                 homes: dict[str, str]) -> dict[str, Any]:
+    """A finished group, summarized from its runs' folders."""
+    return summarize(group, kind, runs, [bench.read(RUNS / homes.get(n, group) / n)
+                                         for n, _ in runs])
 
 
 # what a record holds of its run's config (Bench.read), checked before a record is reused

@@ -533,7 +533,7 @@ def test_a_fresh_checkout_recomputes_the_grids_mask_once_with_the_grids_settings
 def test_learning_plot_draws_a_shorter_twin_once():
     """A run whose curve is the start of a longer run's (the 3,000-forward runs and their
     5,000-forward twins) is not drawn under it; a run that differs anywhere is."""
-    lb = load_benchmark("learning")
+    lb = _learning_module()
 
     def run(name, aucs):
         return {"run": name, "curve": [{"forwards": 1000 * i, "test_auc": a}

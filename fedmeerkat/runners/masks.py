@@ -22,8 +22,9 @@ Mask kinds (`kind`, config key `mask_kind`; all at density u with the same exact
     weights that recalibrate rather than those that rank. It needs labels and one backward
     pass per example where it is computed: it is the "mask chosen on the task itself"
     comparator (a centralized run, or a server holding a labelled sample); the clients' steps
-    stay inference-only. In a simulation it samples the whole training pool, as "task" does. Measured (benchmarks/learning.py,
-    rt-central-mask-task): no better than "calibration" at one seed, behind it at two.
+    stay inference-only. In a simulation it samples the whole training pool, as "task" does.
+    Measured (benchmarks/learning.py, rt-central-mask-task): no better than "calibration" at
+    one seed, behind it at two.
 Every kind carries the GradIP reference gradient: the mean gradient on the general corpus at
 the masked coordinates (`calibration` gets it from its own pass; the others from a second pass
 over the same `num_sequences` general sequences, restricted to the mask), so GradIP always

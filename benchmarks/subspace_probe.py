@@ -89,6 +89,16 @@ CONES = {"cone": (1e-4, 0.22, 0.99), "cone-half-lr": (5e-5, 0.22, 0.99),
 # run was higher), spread 2.07-3.01 from the 5th to the 95th percentile (docs/benchmarks.md).
 # "hizoo-alpha1e-5" came after, to measure what that paragraph predicts for HiZOO's own alpha.
 HIZOO = {"hizoo": (1e-4, 1e-6), "hizoo-alpha1e-5": (1e-4, 1e-5)}
+# arm -> lr of plain steps whose iterates are also averaged (Polyak-Ruppert): besides the last
+# iterate, each evaluation scores the debiased exponential average of the iterates (decay
+# AVG_BETA, a window of about 100 steps) and the uniform average of the second half of the run
+# so far (SWA's tail). Why: a ZO step's component off the gradient is noise nnz times larger
+# than its signal; in curved directions that noise settles around the path and an average
+# removes it at no forward (flat directions keep their random walk either way). "avg" shares
+# plain's z and batches, so its last iterate is plain's; "avg-2x-lr" asks whether the average
+# lets a hotter lr through (lr 2e-4 alone learned less than 1e-4 in the learning benchmark).
+AVERAGED = {"avg": 1e-4, "avg-2x-lr": 2e-4}
+AVG_BETA = 0.99
 EPS, BATCH = 1e-3, 16
 
 
@@ -109,6 +119,9 @@ def run_arm(arm: str, prep, view: SparseView, theta0: torch.Tensor, basis: torch
     lr_plain, lr_span = ARMS.get(arm, (None, None))
     lr_cone, cos, beta = CONES.get(arm, (None, 0.0, 0.0))
     lr_hizoo, alpha = HIZOO.get(arm, (None, 0.0))
+    if arm in AVERAGED:
+        lr_plain = AVERAGED[arm]
+    averaged = arm in AVERAGED
     hess = torch.ones(len(theta0)) if lr_hizoo is not None else None
     per_step = 3 if lr_hizoo is not None else 2  # forwards a step
     seconds: list[float] = []  # HiZOO's second differences c, for the record
@@ -120,9 +133,17 @@ def run_arm(arm: str, prep, view: SparseView, theta0: torch.Tensor, basis: torch
     order = np.random.default_rng(seed)  # the same batches in every arm
     n = len(prep.train_labels)
 
-    def val() -> float | None:
-        view.write(theta)
+    def val(values: torch.Tensor | None = None) -> float | None:
+        view.write(theta if values is None else values)
         return evaluate(prep.scorer, prep.val_ids, prep.val_labels, 32).auc
+
+    ema = torch.zeros(d)  # debiased on read: ema / (1 - AVG_BETA^t)
+    running = theta0.clone()  # sum of the iterates theta_0 .. theta_t
+    sums = {0: running.clone()}  # the running sum at every step an evaluation's tail starts
+
+    def tail(t: int) -> torch.Tensor:
+        """The uniform average of theta_(t//2 + 1) .. theta_t."""
+        return (running - sums[t // 2]) / (t - t // 2)
 
     view.write(theta)
     first_test = evaluate(prep.scorer, prep.test_ids, prep.test_labels, 32).auc
@@ -167,10 +188,18 @@ def run_arm(arm: str, prep, view: SparseView, theta0: torch.Tensor, basis: torch
             hess.mul_(1 - alpha).add_(hess * (z * hess.sqrt()) ** 2, alpha=alpha * c)
         if lr_cone is not None:
             momentum.mul_(beta).add_(z, alpha=(1 - beta) * g)
+        if averaged:
+            ema.mul_(AVG_BETA).add_(theta, alpha=1 - AVG_BETA)
+            running += theta
+            if t % max(1, eval_every // 2) == 0 or t == steps // 2:  # every tail's start
+                sums[t] = running.clone()
         if (per_step * t) // (2 * eval_every) > (per_step * (t - 1)) // (2 * eval_every) or \
                 t == steps:  # every 2 * eval_every forwards
             curve.append({"steps": t, "forwards": per_step * t, "val_auc": val(),
                           "train_loss": float(np.mean(window))})
+            if averaged:
+                curve[-1]["val_auc_ema"] = val(ema / (1 - AVG_BETA ** t))
+                curve[-1]["val_auc_tail"] = val(tail(t))
             window = []
             print(f"{arm} step {t}: validation ROC-AUC {curve[-1]['val_auc']:.4f} "
                   f"({time.time() - started:.0f} s)", flush=True)
@@ -182,6 +211,14 @@ def run_arm(arm: str, prep, view: SparseView, theta0: torch.Tensor, basis: torch
                  # quantiles over every 97th coordinate (1,095 of them)
                  "hessian_end": {q: float(torch.quantile(hess[::97], v))
                                  for q, v in (("p05", 0.05), ("median", 0.5), ("p95", 0.95))}}
+    if averaged:
+        final = {"ema": ema / (1 - AVG_BETA ** steps), "tail": tail(steps)}
+        extra = {"average_beta": AVG_BETA}
+        for kind, values in final.items():
+            view.write(values)
+            extra[f"test_auc_end_{kind}"] = evaluate(prep.scorer, prep.test_ids,
+                                                     prep.test_labels, 32).auc
+        view.write(theta)
     return {"lr_plain_steps": lr_plain, "lr_span_steps": lr_span, **extra, "steps": steps,
             "forwards": per_step * steps, "curve": curve, "test_auc_start": first_test,
             "test_auc_end": evaluate(prep.scorer, prep.test_ids, prep.test_labels, 32).auc,
@@ -190,7 +227,7 @@ def run_arm(arm: str, prep, view: SparseView, theta0: torch.Tensor, basis: torch
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arms", nargs="+", choices=sorted({*ARMS, *CONES, *HIZOO}),
+    ap.add_argument("--arms", nargs="+", choices=sorted({*ARMS, *CONES, *HIZOO, *AVERAGED}),
                     default=["plain", "span-linear"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=300)

@@ -100,10 +100,12 @@ def test_poisson_batches_have_the_expected_size():
 
 
 def test_the_ledger_refuses_a_round_that_would_pass_the_budget():
-    ledger = PrivacyLedger(DPSettings(clip=1.0, noise_multiplier=0.8, epsilon=2.0), 4, [40, 80])
+    ledger = PrivacyLedger(DPSettings(clip=1.0, noise_multiplier=0.8, epsilon=2.0), 4,
+                           [40, 80, 60])
     ledger.charge({0: 5, 1: 5})
     spent = ledger.spent()
     assert 0 < spent["1"] < spent["0"] <= 2.0  # the smaller client samples at a higher rate
+    assert spent["2"] == 0.0  # a client not drawn yet is listed, having spent nothing
     with pytest.raises(BudgetExhausted, match="clients \\[0"):
         for _ in range(100):
             ledger.charge({0: 5, 1: 5})

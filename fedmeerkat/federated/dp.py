@@ -185,5 +185,7 @@ class PrivacyLedger:
             self.steps[k] = self.steps.get(k, 0) + s
 
     def spent(self) -> dict[str, float]:
-        """client -> epsilon spent so far (at each client's delta), for metrics and summary."""
-        return {str(k): self.epsilon(k) for k in sorted(self.steps)}
+        """client -> epsilon spent so far (at each client's delta), for metrics and summary;
+        every client is listed, 0.0 for one that has not run yet (absent would read as
+        unknown)."""
+        return {str(k): self.epsilon(k) for k in range(len(self.client_sizes))}

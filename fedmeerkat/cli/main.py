@@ -4,10 +4,11 @@
     fedmeerkat run --resume RUN_DIR [rounds=N ...]              continue an interrupted run
     fedmeerkat report RUN_DIR                                   bytes and accuracy of a run
     fedmeerkat mask [CONFIG.toml] [key=value ...] --out FILE    compute a sparse mask
-    fedmeerkat eval RUN_DIR | [CONFIG.toml] [key=value ...]     accuracy of a run / zero-shot
+    fedmeerkat eval RUN_DIR [--best] | [CONFIG.toml] [key=value ...]
+                                                                accuracy of a run / zero-shot
     fedmeerkat gradip [CONFIG.toml] [key=value ...] [--steps N] GradIP of an IID vs a
                                                                 single-label client (Fig. 3)
-    fedmeerkat export RUN_DIR --out DIR                         a run's model as a HF folder,
+    fedmeerkat export RUN_DIR --out DIR [--best]                a run's model as a HF folder,
                                                                 plus a small delta / adapter
     fedmeerkat apply-delta DELTA [--model BASE] --out DIR       a delta on its base model
     fedmeerkat tasks                                            list the tasks
@@ -84,7 +85,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
               f"{_num(s.get('initial_val_accuracy'))} -> {_num(s.get('final_val_accuracy'))}, "
               f"{'ROC-AUC' if key == 'auc' else 'macro-F1'} {_num(s.get(f'initial_val_{key}'))}"
               f" -> {_num(s.get(f'final_val_{key}'))}; best round by validation: "
-              f"{s.get('best_val_round')}")
+              f"{s.get('best_val_round')}"
+              + (f" (its model: fedmeerkat export {s['out']} --best)"
+                 if s.get("best_val_round") not in (None, s["rounds"]) else ""))
     print(f"verdict:                 {s['gain']}")
     print(f"bytes per client per round: up {s['upload_bytes_per_client']:.0f}, "
           f"down {s['download_bytes_per_client']:.0f}; wall {s['wall_seconds']:.0f} s")
@@ -154,14 +157,19 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     if run_dir is not None:
         cfg = load_run_config(run_dir, ns.args[1:])
     else:
+        if ns.best:
+            from fedmeerkat.options import InputError
+
+            raise InputError("--best reads a run folder's best validation round: give RUN_DIR")
         cfg = _config(ns.args)
     prep = prepare(cfg)
     what = "zero-shot"
     if run_dir is not None:
         from fedmeerkat.runners.spaces import restore_run_weights
 
-        restore_run_weights(run_dir, cfg, prep.model)  # mask, LoRA adapter or dense
-        what = f"run {run_dir}"
+        which = "best" if ns.best else "final"
+        restore_run_weights(run_dir, cfg, prep.model, which)  # mask, LoRA adapter or dense
+        what = f"run {run_dir}" + (" (best validation round)" if ns.best else "")
     res = evaluate(prep.scorer, prep.test_ids, prep.test_labels, cfg.eval_batch_size)
     print(json.dumps({"model": cfg.model, "task": cfg.task, "weights": what,
                       **test_record(res), "examples": res.num_examples}))
@@ -171,7 +179,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     from fedmeerkat.runners.export import export_run, path_bytes
 
-    res = export_run(Path(ns.run_dir), Path(ns.out))
+    res = export_run(Path(ns.run_dir), Path(ns.out), "best" if ns.best else "final")
     print(f"model:   {res.model}/  {_bytes(path_bytes(res.model))}  (Hugging Face folder with "
           "tokenizer: AutoModelForCausalLM.from_pretrained)")
     if res.delta is not None:
@@ -278,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_mask)
     e = sub.add_parser("eval", help="test accuracy of a run folder, or zero-shot")
     e.add_argument("args", nargs="*", help="RUN_DIR [key=value ...] | [CONFIG.toml] [key=value ...]")
+    e.add_argument("--best", action="store_true", help="RUN_DIR's best validation round "
+                   "(best_state.safetensors) instead of its final model")
     e.set_defaults(fn=cmd_eval)
     g = sub.add_parser("gradip", help="GradIP of an IID vs a single-label client (paper Fig. 3)")
     g.add_argument("args", nargs="*", help="[CONFIG.toml] [key=value ...] (out= is the folder)")
@@ -295,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "small delta (mask runs) or a peft adapter (LoRA runs)")
     x.add_argument("run_dir")
     x.add_argument("--out", required=True, help="new or empty folder to write")
+    x.add_argument("--best", action="store_true", help="the round with the best validation "
+                   "metric (best_state.safetensors) instead of the final model")
     x.set_defaults(fn=cmd_export)
     a = sub.add_parser("apply-delta", help="write an exported delta.safetensors into its base "
                        "model and save the result as a Hugging Face folder")

@@ -1,7 +1,8 @@
 """Take a trained model out of fedmeerkat: a Hugging Face folder, a small delta, a peft adapter.
 
 `export_run(RUN_DIR, OUT)` writes
-  OUT/model/             the base model with the run's final values written in, and its
+  OUT/model/             the base model with the run's final values (`--best`: those of the
+                         round with the best validation metric) written in, and its
                          tokenizer: a normal HF folder (AutoModelForCausalLM.from_pretrained),
                          in the run's dtype, scoring what `fedmeerkat eval RUN_DIR` scores;
   OUT/delta.safetensors  mask runs: per trained tensor its int64 flat indices and float32
@@ -38,7 +39,7 @@ from fedmeerkat.config import ConfigError, RunConfig
 from fedmeerkat.models.loading import DTYPES, load_model, model_fingerprint
 from fedmeerkat.models.packing import storage_groups
 from fedmeerkat.options import InputError
-from fedmeerkat.runners.run_folder import FINAL_STATE, load_run_config, load_run_state
+from fedmeerkat.runners.run_folder import STATES, load_run_config, load_run_state, state_meta
 from fedmeerkat.runners.spaces import restore_run_weights, space_kind
 from fedmeerkat.zo import SparseMask, SparseView
 
@@ -133,11 +134,12 @@ def save_hf_folder(model, tokenizer, folder: Path) -> None:
 
 # ---- export ----------------------------------------------------------------------------
 
-def export_run(run_dir: Path, out: Path) -> Exported:
-    """Write RUN_DIR's final model to OUT (layout in the module docstring)."""
+def export_run(run_dir: Path, out: Path, which: str = "final") -> Exported:
+    """Write RUN_DIR's final model (`which="best"`: the best validation round's) to OUT
+    (layout in the module docstring)."""
     check_out_dir(out)
     cfg = load_run_config(run_dir)
-    space, theta = load_run_state(run_dir)  # fails early on an unfinished run
+    space, theta = load_run_state(run_dir, which)  # fails early on an unfinished run
     kind = space_kind(cfg)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
     with _staged(out) as tmp:
@@ -150,22 +152,18 @@ def export_run(run_dir: Path, out: Path) -> Exported:
                              "model/ holds it merged into the weights")
             return res
         base_fingerprint = model_fingerprint(model)  # before the trained values go in
-        restore_run_weights(run_dir, cfg, model)  # exactly what `fedmeerkat eval RUN_DIR` scores
+        restore_run_weights(run_dir, cfg, model, which)  # what `fedmeerkat eval RUN_DIR` scores
         if kind == "dense":
             res.notes.append("dense (full-fedzo) run: every weight is trained, so no delta; "
                              "model/ is the whole change")
         else:
             assert isinstance(space, SparseMask)
             write_delta(tmp / DELTA_FILE, space, theta,
-                        delta_meta(cfg, base_fingerprint, _final_round(run_dir)))
+                        delta_meta(cfg, base_fingerprint,
+                                   state_meta(run_dir / STATES[which]).get("round", "?")))
             res.delta = out / DELTA_FILE
         save_hf_folder(model, tokenizer, tmp / "model")
     return res
-
-
-def _final_round(run_dir: Path) -> str:
-    with safe_open(str(run_dir / FINAL_STATE), framework="pt") as f:
-        return (f.metadata() or {}).get("round", "?")
 
 
 def _export_lora(cfg: RunConfig, space: SparseMask, theta: torch.Tensor, model, tokenizer,

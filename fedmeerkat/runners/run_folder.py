@@ -118,6 +118,9 @@ PARTITION = "partition.json"
 LR_SEARCH_FILE = "lr_search.json"
 METRICS = "metrics.jsonl"
 FINAL_STATE = "final_state.safetensors"
+# the trained values of the round with the best validation metric so far (Session._keep_best)
+BEST_STATE = "best_state.safetensors"
+STATES = {"final": FINAL_STATE, "best": BEST_STATE}  # what `eval` and `export` can read
 SUMMARY = "summary.json"
 PLOT = "accuracy.png"
 SERVER_LOG = "server.log"
@@ -414,22 +417,44 @@ def load_space(path: Path) -> SparseMask | DenseSpace:
     return DenseSpace.load(path) if dense else SparseMask.load(path)
 
 
-def load_run_state(run_dir: Path) -> tuple[SparseMask | DenseSpace, torch.Tensor]:
-    """The finished run's space and final vector (checked against each other)."""
+def load_run_state(run_dir: Path, which: str = "final") -> tuple[SparseMask | DenseSpace,
+                                                                 torch.Tensor]:
+    """The run's space and its final vector, or (`which="best"`) the vector of the round with
+    the best validation metric (checked against each other, and the best one against the
+    round metrics.jsonl picks, so a stale file is refused rather than read)."""
     from safetensors.torch import load_file
 
-    state = run_dir / FINAL_STATE
+    if which not in STATES:
+        raise ValueError(f"unknown state {which!r}; choose one of {', '.join(STATES)}")
+    state = run_dir / STATES[which]
     if not state.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no {FINAL_STATE} (did the run finish?)")
+        raise FileNotFoundError(
+            f"{run_dir} holds no {state.name} "
+            + ("(did the run finish?)" if which == "final" else
+               "(the run has no validation split, val_fraction=0, or predates best states)"))
     mask = load_space(run_dir / MASK_FILE)
     try:
         theta = load_file(str(state))["theta"]
+        meta = state_meta(state)
     except Exception as e:  # truncated or corrupt (SafetensorError), no "theta"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InputError(f"{state}: unreadable ({first})") from None
     if theta.numel() != mask.nnz or not math.isfinite(float(theta.sum())):
         raise ValueError(f"{state}: state does not fit the run's mask")
+    if which == "best":
+        from fedmeerkat.runners.evaluation import best_round
+
+        want = best_round(MetricsLog(run_dir / METRICS).read()).get("best_val_round")
+        if str(want) != meta.get("round"):
+            raise InputError(f"{state} holds round {meta.get('round')} but metrics.jsonl's "
+                             f"best validation round is {want}; resume the run to rewrite it")
     return mask, theta
+
+
+def state_meta(path: Path) -> dict[str, str]:
+    """A state file's metadata (round, ...)."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 class RunFolder:
@@ -536,3 +561,13 @@ class RunFolder:
 
     def save_final_state(self, theta: torch.Tensor, meta: dict[str, str]) -> None:
         save_state(self.path / FINAL_STATE, theta, meta)
+
+    def save_best_state(self, theta: torch.Tensor, meta: dict[str, str]) -> None:
+        save_state(self.path / BEST_STATE, theta, meta)
+
+    def best_state_round(self) -> str | None:
+        """The round best_state.safetensors holds (None without one, or unreadable)."""
+        try:
+            return state_meta(self.path / BEST_STATE).get("round")
+        except Exception:
+            return None

@@ -9,7 +9,12 @@
 A session owns the run folder's life (metrics.jsonl, checkpoints, trajectories, the final
 state, summary.json), the evaluation cadence (`eval_every`, always the last round) behind one
 evaluator (runners/evaluation.py: a local model, or the deployed sites' results) and the one
-round loop (runners/driver.py). What differs between transports is only what they hand it:
+round loop (runners/driver.py). It also keeps best_state.safetensors, the trained values of
+the evaluated round with the best validation metric (`best_round`'s pick), so that a run whose
+last rounds drift (a constant lr over a long budget: README, "Longer runs") still hands over
+its best model (`fedmeerkat export RUN_DIR --best`). The file is written after that round's
+checkpoint, so it never holds a round the checkpoint has not reached; a resumed run rewrites
+it if the crash came between the two. What differs between transports is only what they hand it:
 the transport, the evaluator, the client states a checkpoint holds (the simulation's; none on
 the deployed server, whose clients' state lives at the sites) and a few summary entries.
 """
@@ -33,6 +38,7 @@ from fedmeerkat.runners.evaluation import (
     evaluated_part,
     format_evaluation,
     gain_verdict,
+    primary_metric,
     summary_metrics,
 )
 from fedmeerkat.runners.run_folder import DP_LEDGER, SUMMARY, RunFolder, space_digest
@@ -62,6 +68,10 @@ class Session:
     wall_before: float = 0.0
     initial: dict[str, Any] = field(default_factory=dict)  # round 0's evaluation
     last: dict[str, Any] = field(default_factory=dict)  # the latest evaluation
+    # (round, validation metric) of the best evaluated round so far, and whether its state
+    # still has to be written (after the round's checkpoint: _keep_best)
+    best: tuple[int, float] | None = None
+    best_due: bool = False
 
     def __post_init__(self) -> None:
         self.digest = space_digest(self.space)
@@ -82,6 +92,8 @@ class Session:
         self.folder.metrics.append({"round": 0, "train_loss": None, **self.initial,
                                     "bytes_up": 0, "bytes_down": 0})
         self.folder.save_checkpoint(self.server, self.states, self.digest, self._wall())
+        self._consider_best(0, self.initial)
+        self._keep_best()
 
     def train(self) -> None:
         """Rounds server.round + 1 .. cfg.rounds; a round that cannot get enough replies
@@ -91,8 +103,7 @@ class Session:
                              append_metrics=lambda rec: self.folder.metrics.append(
                                  {**rec, **self.record_extra(), **self._privacy()}),
                              save_arrays=self.folder.save_trajectories,
-                             checkpoint=lambda: self.folder.save_checkpoint(
-                                 self.server, self.states, self.digest, self._wall()),
+                             checkpoint=self._checkpoint,
                              evaluate=self._evaluate_due, log=self.log,
                              round_timeout=cfg.round_timeout, min_clients=cfg.min_clients,
                              loss_withheld=self.ledger is not None,
@@ -179,7 +190,30 @@ class Session:
         result = self.evaluate(self.server.theta)
         if result.get("test_accuracy") is not None:  # a missing one keeps the last good one
             self.last = result
+            self._consider_best(r, result)
         return result  # the driver logs it
+
+    def _checkpoint(self) -> None:
+        self.folder.save_checkpoint(self.server, self.states, self.digest, self._wall())
+        self._keep_best()
+
+    def _consider_best(self, r: int, result: dict[str, Any]) -> None:
+        """Note round r if its validation metric beats every earlier round's (the earliest
+        wins a tie, as in best_round); nothing without a validation split."""
+        metric = primary_metric(result)
+        if metric is not None and (self.best is None or metric > self.best[1]):
+            self.best, self.best_due = (r, metric), True
+
+    def _keep_best(self) -> None:
+        """Write the noted best round's state (the server's vector is that round's: this runs
+        right after the round's checkpoint)."""
+        if self.best_due and self.best is not None:
+            r, metric = self.best
+            assert r == self.server.round, (r, self.server.round)
+            self.folder.save_best_state(self.server.theta, {
+                "round": str(r), "val_metric": repr(metric), "nnz": str(self.space.nnz),
+                "method": self.cfg.method})
+            self.best_due = False
 
     def _planned(self, plans: list[RoundPlan]) -> None:
         """Before a round's plans go out: a DP run counts their steps against each client's
@@ -223,4 +257,12 @@ class Session:
         self.initial = evaluated_part(records[0])
         evaluated = [r for r in records if r.get("test_accuracy") is not None]
         self.last = evaluated_part(evaluated[-1] if evaluated else records[0])
+        picked = best_round(records)
+        if picked:
+            self.best = (picked["best_val_round"], picked["best_val_metric"])
+            # a crash between the best round's checkpoint and its best state: write it now
+            # (the restored vector is that round's); an earlier round's state is on disk
+            self.best_due = (self.folder.best_state_round() != str(self.best[0])
+                             and self.best[0] == self.server.round)
+            self._keep_best()
         self.log(f"resuming {self.folder} after round {self.server.round} of {self.cfg.rounds}")

@@ -84,10 +84,11 @@ def build_space(cfg: RunConfig, model, folder: Path, *, resume: bool,
     return Space(kind, mask, SparseView(params, mask), source)
 
 
-def restore_run_weights(run_dir: Path, cfg: RunConfig, model) -> None:
-    """Write a finished run's final_state.safetensors into `model` (adds the LoRA adapter for
-    LoRA runs first), for `fedmeerkat eval RUN_DIR`."""
-    space, theta = load_run_state(run_dir)
+def restore_run_weights(run_dir: Path, cfg: RunConfig, model, which: str = "final") -> None:
+    """Write a finished run's final_state.safetensors (or `which="best"`: its
+    best_state.safetensors) into `model` (adds the LoRA adapter for LoRA runs first), for
+    `fedmeerkat eval RUN_DIR` and export."""
+    space, theta = load_run_state(run_dir, which)
     if space_kind(cfg) == "lora":
         _add_lora(cfg, model)
     params = dict(model.named_parameters())

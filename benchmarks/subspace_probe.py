@@ -32,14 +32,19 @@ try, 3e-6 learned):
                plain z until m exists (CONES below holds each arm's lr and cos a);
   hizoo, hizoo-alpha1e-5
                HiZOO's running diagonal Hessian (HIZOO below): three forwards a step, so
-               two thirds of the steps for the same forwards.
+               two thirds of the steps for the same forwards;
+  avg, avg-2x-lr
+               plain steps at lr 1e-4 and 2e-4 whose iterates are also averaged (AVERAGED
+               below): each evaluation also scores the exponential and the second-half means.
 Every arm gets the same forwards (2 x --steps) and is evaluated every 2 x --eval-every of them.
 
 Each arm is written into benchmarks/results/subspace_probe.json as it finishes (merged under a
 file lock, so two invocations with different --arms can share the two cores). The result file
-holds plain and span-linear at seeds 0, 1, 2 and the cone and hizoo arms at seed 0 (`make
-results` runs them); span and alternate wandered and fell in first tries at seed 0 and were not
-run again; neither a cone arm nor hizoo beat plain at seed 0, so none ran at seeds 1 and 2.
+holds plain and span-linear at seeds 0, 1, 2, the cone and hizoo arms at seed 0 and the
+averaged arms at seeds 0 and 1 (`make results` runs them); span and alternate wandered and fell
+in first tries at seed 0 and were not run again; neither a cone arm nor hizoo beat plain at
+seed 0, so none ran at seeds 1 and 2; no average beat its own last iterate at seeds 0 and 1
+(they ran side by side), so seed 2 was stopped before it began.
 """
 
 from __future__ import annotations

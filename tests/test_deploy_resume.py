@@ -103,6 +103,8 @@ def test_resume_after_a_server_crash_is_bit_identical(runs, tmp_path, downlink, 
     serve(FakeFlare(hs), str(run_dir), SITES, resume=True, overrides=["rounds=4"])
     assert_same_run(run_dir, local)
     assert store.rounds() == [2, 3, 4]
+    # the sites' evaluation reports test metrics only: no validation, so no best state
+    assert not (run_dir / "best_state.safetensors").exists()
 
 
 def test_resume_needs_a_snapshot_before_the_plans_round(runs, tmp_path):
@@ -130,6 +132,12 @@ def test_server_side_evaluation_matches_the_sites_and_the_in_process_run(runs, t
     assert set(flare.tags) == {b"H", b"T"}
     assert_same_run(run_dir, local)
     assert json.loads((run_dir / "summary.json").read_text())["evaluation"] == "server"
+    # the server's evaluation scores validation too, so it keeps the in-process run's best
+    # round's state, bit for bit
+    best = [load_file(str(d / "best_state.safetensors"))["theta"] for d in (run_dir, local)]
+    assert torch.equal(best[0], best[1])
+    picked = [json.loads((d / "summary.json").read_text())["best_val_round"] for d in (run_dir, local)]
+    assert picked[0] == picked[1] > 0, picked  # a trained round, not the untrained values
 
 
 def test_metrics_record_each_sites_trainer_pid_and_times(runs, tmp_path):

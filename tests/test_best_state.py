@@ -35,9 +35,11 @@ def _summary(run: Path) -> dict:
 
 
 @pytest.fixture()
-def hot_run(tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path):
+def hot_run(tiny_model_dir, sentiment_csv, calib_txt, isolated_cache, tmp_path, capsys):
     out = tmp_path / "hot"
     assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, out, *HOT)) == 0
+    # the printout names the command, since the best round is not the last
+    assert f"(its model: fedmeerkat export {out} --best)" in capsys.readouterr().out
     return out
 
 

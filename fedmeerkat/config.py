@@ -120,6 +120,7 @@ class RunConfig:
     seed: int = _f(0, "run seed: partition, data order, z seeds", min=0)
     eval_every: int = _f(5, "evaluate every N rounds (0 = only at the start and the end)", min=0)
     eval_batch_size: int = _f(32, "batch size for evaluation", min=1)
+    keep_best: bool = _f(True, "keep the best validation round's trained values in best_state.safetensors (export/eval --best); a model-sized file for full-fedzo, so false there saves the disk")
     out: str = _f("", "run folder; empty = runs/<task>-<method>-<time>")
     threads: int = _f(0, "torch CPU threads (0 = torch default)", min=0)
     z_cache_mb: int = _f(0, "full-fedzo in simulation: keep up to this many MiB of drawn z so the clients of a round (shared seeds) and the server reuse it; same bits, T x model-size memory buys about 3K x fewer draws (0 = off: MeZO memory)", min=0)

@@ -108,3 +108,10 @@ def test_no_validation_split_no_best_state(
     err = capsys.readouterr().err
     assert "best_state" in err and "val_fraction=0" in err and len(err.strip().splitlines()) == 1
     assert main(["eval", "--best"]) == 2
+
+    off = tmp_path / "off"  # validation scored, but the state not kept
+    assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, off, "lr=0.05", "rounds=1",
+                      "keep_best=false")) == 0
+    assert "best_val_round" in _summary(off) and not (off / BEST_STATE).exists()
+    with pytest.raises(FileNotFoundError, match="keep_best=false"):
+        load_run_state(off, "best")

@@ -431,7 +431,8 @@ def load_run_state(run_dir: Path, which: str = "final") -> tuple[SparseMask | De
         raise FileNotFoundError(
             f"{run_dir} holds no {state.name} "
             + ("(did the run finish?)" if which == "final" else
-               "(the run has no validation split, val_fraction=0, or predates best states)"))
+               "(the run has no validation split, val_fraction=0, ran with keep_best=false, "
+               "or predates best states)"))
     mask = load_space(run_dir / MASK_FILE)
     try:
         theta = load_file(str(state))["theta"]

@@ -200,6 +200,8 @@ class Session:
     def _consider_best(self, r: int, result: dict[str, Any]) -> None:
         """Note round r if its validation metric beats every earlier round's (the earliest
         wins a tie, as in best_round); nothing without a validation split."""
+        if not self.cfg.keep_best:
+            return
         metric = primary_metric(result)
         if metric is not None and (self.best is None or metric > self.best[1]):
             self.best, self.best_due = (r, metric), True
@@ -258,7 +260,7 @@ class Session:
         evaluated = [r for r in records if r.get("test_accuracy") is not None]
         self.last = evaluated_part(evaluated[-1] if evaluated else records[0])
         picked = best_round(records)
-        if picked:
+        if picked and self.cfg.keep_best:
             self.best = (picked["best_val_round"], picked["best_val_metric"])
             # a crash between the best round's checkpoint and its best state: write it now
             # (the restored vector is that round's); an earlier round's state is on disk

@@ -68,6 +68,11 @@ def test_the_best_state_is_the_best_validation_rounds_model(
     with safe_open(str(tmp_path / "exp" / "delta.safetensors"), framework="pt") as f:
         assert f.metadata()["rounds"] == str(best)
 
+    from fedmeerkat.report.table import run_report
+
+    assert f"best validation round: {best} (validation " in run_report(hot_run)
+    assert "its model: best_state.safetensors (export --best)" in run_report(hot_run)
+
 
 def test_a_resumed_run_writes_a_best_state_a_crash_left_unwritten(
         hot_run, tiny_model_dir, sentiment_csv, calib_txt, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedmeerkat.runners.run_folder import METRICS, SUMMARY, MetricsLog
+from fedmeerkat.runners.run_folder import BEST_STATE, METRICS, SUMMARY, MetricsLog
 
 
 def human(n: float) -> str:
@@ -66,6 +66,12 @@ def run_report(run_dir: Path) -> str:
         f"download {human(s['download_bytes_per_client'])}",
         f"total: upload {human(s['upload_bytes_total'])}, download {human(s['download_bytes_total'])}",
     ]
+    if s.get("best_val_round") is not None:
+        test = s.get("best_val_round_test_auc", s.get("best_val_round_test_macro_f1"))
+        kept = (run_dir / BEST_STATE).is_file()
+        lines.append(f"best validation round: {s['best_val_round']} (validation "
+                     f"{_num(s['best_val_metric'])}, test {_num(test)})"
+                     + ("; its model: best_state.safetensors (export --best)" if kept else ""))
     if dense:
         ratio = dense / max(1.0, s["download_bytes_per_client"])
         lines.append(f"a dense full-model download would be {human(dense)} per client per round "

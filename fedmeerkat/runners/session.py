@@ -9,14 +9,16 @@
 A session owns the run folder's life (metrics.jsonl, checkpoints, trajectories, the final
 state, summary.json), the evaluation cadence (`eval_every`, always the last round) behind one
 evaluator (runners/evaluation.py: a local model, or the deployed sites' results) and the one
-round loop (runners/driver.py). It also keeps best_state.safetensors, the trained values of
-the evaluated round with the best validation metric (`best_round`'s pick), so that a run whose
-last rounds drift (a constant lr over a long budget: README, "Longer runs") still hands over
-its best model (`fedmeerkat export RUN_DIR --best`). The file is written after that round's
-checkpoint, so it never holds a round the checkpoint has not reached; a resumed run rewrites
-it if the crash came between the two. What differs between transports is only what they hand it:
+round loop (runners/driver.py). What differs between transports is only what they hand it:
 the transport, the evaluator, the client states a checkpoint holds (the simulation's; none on
 the deployed server, whose clients' state lives at the sites) and a few summary entries.
+
+It also keeps best_state.safetensors (`keep_best`), the trained values of the evaluated round
+with the best validation metric (`best_round`'s pick), so that a run whose last rounds drift
+(a constant lr over a long budget: README, "Longer runs") still hands over its best model
+(`fedmeerkat export RUN_DIR --best`). The file is written after that round's checkpoint, so
+it never holds a round the checkpoint has not reached; a resumed run writes it if the crash
+came between the two.
 """
 
 from __future__ import annotations

@@ -136,7 +136,8 @@ def test_server_side_evaluation_matches_the_sites_and_the_in_process_run(runs, t
     # round's state, bit for bit
     best = [load_file(str(d / "best_state.safetensors"))["theta"] for d in (run_dir, local)]
     assert torch.equal(best[0], best[1])
-    picked = [json.loads((d / "summary.json").read_text())["best_val_round"] for d in (run_dir, local)]
+    picked = [json.loads((d / "summary.json").read_text())["best_val_round"]
+              for d in (run_dir, local)]
     assert picked[0] == picked[1] > 0, picked  # a trained round, not the untrained values
 
 

@@ -347,7 +347,7 @@ def render(data: dict[str, Any], img_dir: Path, img_rel: str,
             "over the first third of the steps / over the last third.", "",
             "| task | seed | IID drop | single-label drop | single-label drops more |", "|---|---|---|---|---|"]
     for t in tasks:
-        gs = [g for g in data["gradip"] if g["task"] == t]
+        gs = sorted((g for g in data["gradip"] if g["task"] == t), key=lambda g: g["seed"])
         oks = []
         for g in gs:
             d = {c["name"]: gradip_drop(c["gradip"]) for c in g["clients"]}
@@ -430,10 +430,10 @@ def vp_on_claim2(data: dict[str, Any], base: dict[str, Any]) -> list[str]:
            "flagged when rho_later > its limit or rho_quie > its limit.", "",
            "| settings | task | T_cali / T_init / T_later | sigma (units) | client | rho_later | "
            "rho_quie | flagged |", "|---|---|---|---|---|---|---|---|"]
-    seen: dict[tuple[str, str], Any] = {}  # (settings, client) -> VPRatios (the last seed's)
-    seed = None
+    # (settings, client) -> [(seed, VPRatios)], seeds in order
+    seen: dict[tuple[str, str], list[tuple[int, Any]]] = {}
     for name, v in (("this suite", suite), ("the paper", paper)):
-        for g in data["gradip"]:
+        for g in sorted(data["gradip"], key=lambda g: (g["task"], g["seed"])):
             if len(g["clients"][0]["gradip"]) < v.calibration_steps:
                 continue
             scale = g["calib_grad_norm"] if v.units == "calib-unit" else 1.0
@@ -442,7 +442,7 @@ def vp_on_claim2(data: dict[str, Any], base: dict[str, Any]) -> list[str]:
                               later_steps=v.later_steps, threshold=v.threshold,
                               later_ratio=v.later_ratio, quiescent_ratio=v.quiescent_ratio,
                               scale=scale)
-                seen[(name, c["name"])], seed = r, g["seed"]
+                seen.setdefault((name, c["name"]), []).append((g["seed"], r))
                 out.append(f"| {name} (seed {g['seed']}) | {g['task']} | "
                            f"{v.calibration_steps} / {v.init_steps} / {v.later_steps} | "
                            f"{v.threshold:g} ({v.units}) | {c['name']} | {r.rho_later:.2f} "
@@ -451,20 +451,37 @@ def vp_on_claim2(data: dict[str, Any], base: dict[str, Any]) -> list[str]:
     if len(seen) < 4:
         return out
     budget = 2 * base["rounds"] * base["local_steps"] * base.get("clients_per_round", 1)
-    rho = {k: r.rho_later for k, r in seen.items()}
-    out += ["", f"At seed {seed}, within this suite's {suite.calibration_steps} calibration steps the "
-            f"single-label client's rho_later (first / last mean |GradIP|) is "
-            f"{rho[('this suite', 'single-label')]:.2f} (the IID client's "
-            f"{rho[('this suite', 'iid')]:.2f}); a decay, what Algorithm 1 detects, reads as a "
-            "rho_later well above 1. Over the paper's "
-            f"{paper.calibration_steps} steps it falls {rho[('the paper', 'single-label')]:.2f}-fold "
-            f"against the IID client's {rho[('the paper', 'iid')]:.2f}. "
-            "At the paper's calibration every client first runs "
-            f"{paper.calibration_steps} steps: {base['clients']} clients x "
+    seeds = [s for s, _ in seen[("the paper", "single-label")]]
+
+    def rhos(key: tuple[str, str]) -> str:
+        return " / ".join(f"{r.rho_later:.2f}" for _, r in seen[key])
+
+    def flagged(key: tuple[str, str]) -> list[int]:
+        return [s for s, r in seen[key] if r.flagged]
+
+    def at(found: list[int]) -> str:
+        return ("at no seed" if not found else
+                f"at seed{'s' if len(found) > 1 else ''} {', '.join(map(str, found))} of "
+                f"{', '.join(map(str, seeds))}")
+
+    at_seeds = " / ".join(map(str, seeds))
+    paper_flags = flagged(("the paper", "single-label"))
+    out += ["", f"Within this suite's {suite.calibration_steps} calibration steps the single-label "
+            f"client is flagged {at(flagged(('this suite', 'single-label')))} (rho_later, first "
+            f"/ last mean |GradIP|, {rhos(('this suite', 'single-label'))} at seeds {at_seeds}; "
+            "a decay, what Algorithm 1 detects, reads as a rho_later well above 1). Over the "
+            f"paper's {paper.calibration_steps} steps it is flagged {at(paper_flags)} "
+            f"(rho_later {rhos(('the paper', 'single-label'))} against the IID client's "
+            f"{rhos(('the paper', 'iid'))}; the IID client flagged "
+            f"{at(flagged(('the paper', 'iid')))}). At the paper's calibration every client "
+            f"first runs {paper.calibration_steps} steps: {base['clients']} clients x "
             f"{paper.calibration_steps} steps x 2 = "
             f"{2 * base['clients'] * paper.calibration_steps:,} forwards before training, "
-            f"against this suite's whole budget of {budget:,}. That is the budget Claim 3 "
-            "needs on this model, not a threshold."]
+            f"against this suite's whole budget of {budget:,}"
+            + (", and even that flags the single-label client at every seed: that is the budget "
+               "Claim 3 needs on this model, not a threshold." if len(paper_flags) == len(seeds)
+               else "; even that does not flag the single-label client at every seed, so on "
+               "this model and task Claim 3 needs more than the paper's calibration.")]
     return out
 
 

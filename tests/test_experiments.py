@@ -305,3 +305,24 @@ def test_vp_detection_is_read_off_claim2s_trajectories_at_both_calibrations():
                        ("| the paper (seed 0)", "iid"): False,
                        ("| the paper (seed 0)", "single-label"): True}
     assert "2,000 forwards before training" in results_md.vp_on_claim2(data, base)[-1]
+
+
+def test_vp_detection_paragraph_says_at_which_seeds_the_paper_calibration_flags():
+    """Over every seed: flagged at each seed reads as the budget Claim 3 needs; flagged at some
+    only says the paper's calibration is not enough (seeds 1 and 2 of the committed run)."""
+    decay = [20.0] * 20 + [10.0] * 60 + [2.0] * 20
+
+    def data(single_label_at_seed1: list[float]) -> dict:
+        return {"gradip": [{"task": "t", "seed": s, "calib_grad_norm": 1.0, "clients": [
+            {"name": "iid", "gradip": [3.0, -3.0] * 50},
+            {"name": "single-label", "gradip": g}]}
+            for s, g in ((1, single_label_at_seed1), (0, decay))]}  # stored out of order
+
+    base = {"vp_calibration_steps": 10, "vp_init_steps": 5, "vp_later_steps": 5,
+            "vp_threshold": 1.0, "vp_gradip_units": "raw", "clients": 10, "rounds": 30,
+            "local_steps": 10, "clients_per_round": 1}
+    both = results_md.vp_on_claim2(data(decay), base)[-1]
+    assert "flagged at seeds 0, 1 of 0, 1" in both and "the budget Claim 3 needs" in both
+    one = results_md.vp_on_claim2(data([3.0, -3.0] * 50), base)[-1]
+    assert "flagged at seed 0 of 0, 1" in one and "needs more than the paper's calibration" in one
+    assert "at seeds 0 / 1" in one  # the rows and ratios in seed order

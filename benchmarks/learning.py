@@ -46,12 +46,11 @@ Groups (GROUPS), in the order they run:
                     the shape picked on validation against rt-federated's T = 10, Full-FedZO
                     and LoRA-FedZO over lr, bbc_news, lr=auto on bbc_news and on long local
                     reviews.
-Cut to fit (said in docs/learning.md and the README): the Full-FedZO groups and the batch pick's
-long and federated runs (rt-central-batch-long, rt-federated-batch) are in the full plan but
-have not run. A Full-FedZO step perturbs all 135M weights, about 58 minutes a 600-forward
-run on these 2 cores (claims_learning.json), so its lr grid alone is two hours; Full-FedZO at
-its best validation lr at the same 600 forwards is measured by the claims suite instead
-(experiments/cpu_learning.toml, K = 10 Dirichlet clients).
+Cut to fit (said in docs/learning.md and the README): the batch pick's long and federated runs
+(rt-central-batch-long, rt-federated-batch) are in the full plan but have not run. The
+Full-FedZO groups ran in a later session than the rest, with --threads 2 (a Full-FedZO step
+perturbs all 135M weights: about 28 minutes a 600-forward run on one core while the other ran
+its twin, 58 in an earlier session, claims_learning.json).
 Selection (decided on validation only): a setting's score is its WORST seed's validation gain,
 the best evaluated round's validation primary metric (ROC-AUC with two classes, macro-F1
 otherwise; runners.evaluation.primary_metric) minus round 0's; the highest score wins, ties go

@@ -519,6 +519,7 @@ class Bench:
                 "dtype": cfg.get("dtype", "float32"), "perturbations": cfg.get("perturbations", 1),
                 "zo_estimator": cfg.get("zo_estimator", "two-point"),
                 "density": cfg["density"], "lr_schedule": cfg["lr_schedule"],
+                "mask_kind": cfg.get("mask_kind", "calibration"), "loss": cfg.get("loss", "ce"),
                 "batch_size": cfg["batch_size"], "clients": cfg["clients"],
                 "partition": cfg.get("partition"),
                 "clients_per_round": cfg.get("clients_per_round", 1),
@@ -886,10 +887,13 @@ def from_folders(bench: Bench, group: str, kind: str, runs: list,
 
 # what a record holds of its run's config (Bench.read), checked before a record is reused
 RECORD_KEYS = ("task", "seed", "max_length", "method", "lr", "eps", "dtype", "perturbations",
-               "zo_estimator", "density", "lr_schedule", "batch_size", "clients")
+               "zo_estimator", "density", "lr_schedule", "mask_kind", "loss", "batch_size",
+               "clients")
 # keys that joined RECORD_KEYS after some records were written: what every record without the
-# key ran at (zo_efficiency.json's first records predate max_length, all at BASE's 48)
-RECORD_DEFAULTS: dict[str, Any] = {"max_length": 48}
+# key ran at (zo_efficiency.json's first records predate max_length, all at BASE's 48; records
+# before mask_kind and loss were kept ran those at their defaults, the mask and loss groups
+# excepted, whose runs are on this machine's runs/ and are read from their folders)
+RECORD_DEFAULTS: dict[str, Any] = {"max_length": 48, "mask_kind": "calibration", "loss": "ce"}
 
 
 class Previous:

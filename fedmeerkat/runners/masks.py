@@ -53,11 +53,13 @@ MIN_CALIB_TOKENS = 16  # shorter texts carry too little gradient signal to be wo
 MIN_TASK_TOKENS = 2  # task prompts are short; a next-token loss needs two tokens
 
 
-def calibration_sequences(tokenizer, texts: list[str], num: int, seq_len: int) -> list[torch.Tensor]:
+def calibration_sequences(tokenizer, texts: list[str], num: int,
+                          seq_len: int) -> list[torch.Tensor]:
     """First `num` texts with >= MIN_CALIB_TOKENS tokens, each cut to `seq_len` tokens."""
     seqs = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=seq_len).input_ids
+        ids = tokenizer(text, add_special_tokens=True, truncation=True,
+                        max_length=seq_len).input_ids
         if len(ids) >= MIN_CALIB_TOKENS:
             seqs.append(torch.tensor(ids, dtype=torch.long))
         if len(seqs) == num:
@@ -253,7 +255,8 @@ def obtain_mask(model, tokenizer, *, model_name: str, density: float, rule: str,
         examples = pick_texts(examples or [], num_examples, seed)
         extra = (examples_hash(examples, label_words or []),)
     elif kind == "union":
-        client_texts = [pick_texts(t, num_sequences, seed, i) for i, t in enumerate(client_texts or [])]
+        client_texts = [pick_texts(t, num_sequences, seed, i)
+                        for i, t in enumerate(client_texts or [])]
         extra = tuple(corpus_hash(t) for t in client_texts)
     key = mask_key(fingerprint, density, rule, corpus_hash(texts), num_sequences, seq_len,
                    kind, extra)

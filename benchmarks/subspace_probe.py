@@ -44,7 +44,11 @@ holds plain and span-linear at seeds 0, 1, 2, the cone and hizoo arms at seed 0 
 averaged arms at seeds 0 and 1 (`make results` runs them); span and alternate wandered and fell
 in first tries at seed 0 and were not run again; neither a cone arm nor hizoo beat plain at
 seed 0, so none ran at seeds 1 and 2; no average beat its own last iterate at seeds 0 and 1
-(they ran side by side), so seed 2 was stopped before it began.
+(they ran side by side), so seed 2 was stopped before it began. `avg` at 3,000 forwards
+(--steps 1500 --eval-every 250, entries "avg-3000fw-seed<S>") asks the same at the longer
+budget, where the learning benchmark's runs wander between evaluations; rule, stated before
+the runs: an average is worth building (server side, over the global iterates: no protocol
+change) only if it beats its own last iterate on validation at the end at every seed.
 """
 
 from __future__ import annotations
@@ -256,8 +260,10 @@ def main() -> int:
             fcntl.flock(lock, fcntl.LOCK_EX)
             path = RESULTS / "subspace_probe.json"
             old = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
-            runs = {**old["runs"],
-                    f"{arm}-seed{ns.seed}": {**res, "command": "python " + " ".join(sys.argv)}}
+            # a run at another budget than the default 600 forwards is its own entry
+            budget = "" if ns.steps == 300 else f"-{2 * ns.steps}fw"
+            runs = {**old["runs"], f"{arm}{budget}-seed{ns.seed}": {
+                **res, "command": "python " + " ".join(sys.argv)}}
             write_result("subspace_probe", {
                 "setting": "learning benchmark's (bf16, calibration mask 1e-3, batch 16, eps "
                            "1e-3, 500 validation / 1,000 test reviews); own loop, torch.randn "

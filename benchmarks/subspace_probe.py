@@ -48,7 +48,8 @@ seed 0, so none ran at seeds 1 and 2; no average beat its own last iterate at se
 (--steps 1500 --eval-every 250, entries "avg-3000fw-seed<S>") asks the same at the longer
 budget, where the learning benchmark's runs wander between evaluations; rule, stated before
 the runs: an average is worth building (server side, over the global iterates: no protocol
-change) only if it beats its own last iterate on validation at the end at every seed.
+change) only if it beats its own last iterate on validation at the end at every seed. Seeds 0
+and 1 ran side by side; seed 1's means trail, so seed 2 was stopped soon after it began.
 """
 
 from __future__ import annotations

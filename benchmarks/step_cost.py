@@ -38,7 +38,7 @@ def magnitude_mask(model, density: float) -> SparseMask:
     """A mask of the right size without a calibration pass (only the size matters here)."""
     params = eligible_parameters(model.named_parameters())
     k = round(density * sum(p.numel() for _, p in params))
-    chosen = topk_global({n: p.detach().abs() for n, p in params}, k)
+    chosen = topk_global({n: p.detach().abs().cpu() for n, p in params}, k)  # any device
     return SparseMask([n for n, _ in params], [chosen[n] for n, _ in params],
                       [tuple(p.shape) for _, p in params])
 

@@ -1,6 +1,7 @@
 """Forwards to the same model: ZO variants against plain sparse ZO-SGD, side by side.
 
-    python benchmarks/zo_efficiency.py [--plan session|full] [--only GROUP ...] [--timing-only]
+    python benchmarks/zo_efficiency.py [--plan session|full|cuda] [--only GROUP ...]
+    python benchmarks/zo_efficiency.py --timing-only [--device cpu|cuda]
 
 Plain sparse ZO-SGD is the learning benchmark's pick with the forward in bf16
 (benchmarks/learning.py, its rt-central-bf16 runs are read back, not re-run: the same
@@ -28,7 +29,10 @@ Wall time per step is measured apart (`step_timing`: steps of each variant on on
 on the packaged SmolLM2), so evaluations and start-up do not blur it.
 
 Groups: `central` (one IID client) and, in the full plan, `k10` (K = 10 Dirichlet clients,
-one per round: the plain runs are dp_utility.py's non-private K = 10 runs). runs/ is not
+one per round: the plain runs are dp_utility.py's non-private K = 10 runs). The cuda plan, for
+a lent GPU: `central-cuda`, plain and one-sided-p4 at seeds 0-2 with `device=cuda`, plain run
+there too (not read from the CPU's learning benchmark); `--timing-only --device cuda` writes
+`step_timing_cuda` beside the CPU's `step_timing`. Not run yet: no GPU has been lent. runs/ is not
 committed: on a checkout without a run's folder its record in the result file is read back
 when it agrees with the planned config, and a group not asked for is kept as the result file
 holds it when this invocation writes (under a lock: two invocations with different --only, one
@@ -50,7 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS, timeit, write_result
+from _common import RESULTS, write_result
+from _common import timeit as timeit_any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning  # noqa: E402
@@ -78,7 +83,14 @@ K10_VARIANTS: dict[str, dict[str, Any]] = {
 }
 PLANS = {"session": {"central": (["one-sided-p4", "one-sided-p4-lr2x"], learning.SEEDS)},
          "full": {"central": (list(VARIANTS), learning.SEEDS),
-                  "k10": (list(K10_VARIANTS), learning.SEEDS)}}
+                  "k10": (list(K10_VARIANTS), learning.SEEDS)},
+         # a lent GPU (fewer-forwards issue, point 7): plain and the CPU groups' best variant,
+         # one-sided-p4 (the only one under plain's forwards at any seed: 0.67 of them at
+         # seed 1), centralized, on CUDA. Plain runs there too, not read from the learning
+         # benchmark: another device's forward rounds otherwise, so the CPU runs are no twins
+         "cuda": {"central-cuda": (["one-sided-p4"], learning.SEEDS)}}
+# groups that run on a device other than the CPU: every run of theirs, plain included
+DEVICE_GROUPS = {"central-cuda": "cuda"}
 
 
 def plain_pick() -> dict[str, Any]:
@@ -104,8 +116,19 @@ def variant_runs(pick: dict[str, Any], names: list[str], seeds,
             keys = {k: x for k, x in v.items() if k != "lr_factor"}
             out.append((f"{name}-seed{s}", {**base, **keys, **learning.BF16, "seed": s,
                                             "lr": base["lr"] * v.get("lr_factor",
-                                                                     v["perturbations"])}))
+                                                                     v["perturbations"]),
+                                            **device_of(group)}))
     return out
+
+
+def device_of(group: str) -> dict[str, str]:
+    """The config key that puts a device group's runs on its device (none for CPU groups)."""
+    return {"device": DEVICE_GROUPS[group]} if group in DEVICE_GROUPS else {}
+
+
+def plain_settings(pick: dict[str, Any], group: str, seed: int) -> dict[str, Any]:
+    """Plain sparse ZO-SGD run in a device group: the pick's settings, in bf16, on the device."""
+    return {**pick["settings"], **learning.BF16, "seed": seed, **device_of(group)}
 
 
 def forwards_to(curve: list[dict[str, Any]], target: float) -> int | None:
@@ -142,9 +165,9 @@ def compare(plain: list[dict], variants: dict[str, list[dict]]) -> dict[str, Any
     return out
 
 
-def step_timing(repeat: int = 3) -> dict[str, Any]:
+def step_timing(repeat: int = 3, device: str = "cpu") -> dict[str, Any]:
     """Seconds per step (and per direction) of plain ZO-SGD and each variant, one batch of 16,
-    the model in bf16 as in the runs."""
+    the model in bf16 as in the runs, on `device` (each timed call ends synchronized)."""
     from step_cost import magnitude_mask
 
     from fedmeerkat.models.loading import load_model
@@ -152,7 +175,12 @@ def step_timing(repeat: int = 3) -> dict[str, Any]:
     from fedmeerkat.tasks import load_task
     from fedmeerkat.zo import SparseView, round_seeds, zo_multi_step, zo_step
 
-    model, tok = load_model("smollm2-135m", dtype="bfloat16")  # as the runs
+    model, tok = load_model("smollm2-135m", dtype="bfloat16", device=device)  # as the runs
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timeit(fn, repeat: int) -> dict[str, Any]:
+        return timeit_any(lambda: (fn(), sync()), repeat=repeat)
+
     task = load_task("rotten_tomatoes", max_train=64)
     scorer = LabelScorer(model, tok, task.spec.label_words)
     ex = task.train[:16]
@@ -183,14 +211,17 @@ def main() -> None:
     ap.add_argument("--plan", default="session", choices=list(PLANS))
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--timing-only", action="store_true")
+    ap.add_argument("--device", default="cpu",
+                    help="--timing-only: where the steps are timed (cuda: step_timing_cuda)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run")
     args = ap.parse_args()
     started = time.time()
     previous = (json.loads((RESULTS / "zo_efficiency.json").read_text())
                 if (RESULTS / "zo_efficiency.json").exists() else {})
     if args.timing_only:
+        key = "step_timing" if args.device == "cpu" else f"step_timing_{args.device}"
         data = {**{k: v for k, v in previous.items() if k not in ("command", "machine")},
-                "step_timing": step_timing()}
+                key: {**step_timing(device=args.device), "device": device_name(args.device)}}
         write_result("zo_efficiency", data)
         if "groups" in data:
             (learning.ROOT / "docs" / "zo_efficiency.md").write_text(markdown(data))
@@ -234,7 +265,11 @@ def plain_run(bench: learning.Bench, group: str, pick: dict[str, Any], seed: int
               ) -> dict[str, Any]:
     """Plain sparse ZO-SGD at `seed`: the learning benchmark's bf16 run of the pick
     (centralized) or the privacy benchmark's non-private K = 10 run; from its folder, or from
-    the record its benchmark wrote on a checkout without the folder."""
+    the record its benchmark wrote on a checkout without the folder. A device group runs its
+    own (runs/zo_efficiency/<group>/plain-seed<S>)."""
+    if group in DEVICE_GROUPS:
+        return bench.read(bench.ensure(group, f"plain-seed{seed}",
+                                       plain_settings(pick, group, seed)))
     if group == "k10":
         import dp_utility
 
@@ -248,6 +283,13 @@ def plain_run(bench: learning.Bench, group: str, pick: dict[str, Any], seed: int
     return learning.run_or_record(bench, out, recs, "run its benchmark first ("
                                   + ("dp_utility.py --only k10" if group == "k10" else "learning.py")
                                   + ")")
+
+
+def device_name(device: str) -> str:
+    """What the timings ran on, in words (a CUDA device's name; the CPU's capability)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:
@@ -278,9 +320,13 @@ def markdown(data: dict[str, Any]) -> str:
             lines += ["", f"Median share of plain's forwards: "
                           f"{_f(c['median_share_of_plain'], '.2f')}; at most a third at every "
                           f"seed: {'yes' if c['at_most_a_third_every_seed'] else 'no'}.", ""]
-    t = data.get("step_timing")
-    if t:
-        lines += ["## Wall time per step (one batch of 16, SmolLM2 in bf16, fp32 master vector)", "",
+    for key in [k for k in data if k.startswith("step_timing")]:
+        t = data[key]
+        if not t:
+            continue
+        where = t.get("device", "cpu")
+        lines += ["## Wall time per step (one batch of 16, SmolLM2 in bf16, fp32 master vector"
+                  f"; {where})", "",
                   "| | seconds a step | seconds a direction | x one forward |", "|---|---|---|---|"]
         for k in ("forward", "plain", *VARIANTS):
             if k in t:
@@ -316,6 +362,7 @@ def save(args, pick, groups, previous, started) -> None:
             "not_run": [f"{g}/{n}" for g, names in planned.items() for n in names
                         if f"{RUNS.relative_to(learning.ROOT)}/{g}/{n}" not in done],
             "step_timing": previous.get("step_timing"),
+            **{k: v for k, v in previous.items() if k.startswith("step_timing_")},
             "wall_seconds_this_invocation": round(time.time() - started, 1),
         }
         write_result("zo_efficiency", data)

@@ -260,3 +260,59 @@ def test_efficiency_benchmark_keeps_a_group_another_invocation_wrote_meanwhile(
     args.only = None  # every group of the plan is this invocation's
     assert {g: v["from"] for g, v in mod.merged_groups(args, mine).items()} == {
         "central": "me", "k10": "start"}
+
+
+def test_efficiency_benchmark_device_group_runs_plain_and_variants_on_its_device(
+        tmp_path, monkeypatch):
+    """A device group (--plan cuda) runs its own plain runs and puts every run of the group on
+    its device; the CPU groups keep reading plain from the learning benchmark and set no device.
+    Its step timings are kept beside the CPU's and both are rendered."""
+    from bench_module import load_benchmark
+
+    mod = load_benchmark("zo_efficiency")
+    lb = mod.learning
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    monkeypatch.setattr(mod, "RUNS", tmp_path / "runs" / "zo_efficiency")
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+    monkeypatch.setattr(mod, "PLANS", {**mod.PLANS, "dev": {"central-meta": (["one-sided-p4"],
+                                                                             (0, 1))}})
+    monkeypatch.setattr(mod, "DEVICE_GROUPS", {"central-meta": "meta"})
+    pick = {"name": "zo-lr1e-4-seed0", "settings": {
+        "lr": 1e-4, "rounds": 6, "local_steps": 50, "eval_every": 2, "seed": 0}}
+    monkeypatch.setattr(mod, "plain_pick", lambda: pick)
+    assert all("device" not in s for _, s in mod.variant_runs(pick, ["one-sided-p4"], (0,)))
+    ensured: dict[str, dict] = {}
+
+    class FakeBench:
+        def __init__(self, threads, runs):
+            pass
+
+        def ensure(self, group, name, settings):
+            ensured[f"{group}/{name}"] = settings
+            return name
+
+        def read(self, name):
+            return {"run": name, "seed": int(name[-1]),
+                    "curve": [{"forwards": 0, "steps": 0, "val_auc": 0.7},
+                              {"forwards": 600, "steps": 300, "val_auc": 0.75}]}
+
+    monkeypatch.setattr(lb, "Bench", FakeBench)
+    saved: list[dict] = []
+    monkeypatch.setattr(mod, "save", lambda args, pick, groups, previous, started:
+                        saved.append(groups))
+    monkeypatch.setattr("sys.argv", ["zo_efficiency.py", "--plan", "dev"])
+    mod.main()
+    assert sorted(ensured) == ["central-meta/one-sided-p4-seed0", "central-meta/one-sided-p4-seed1",
+                               "central-meta/plain-seed0", "central-meta/plain-seed1"]
+    assert {s["device"] for s in ensured.values()} == {"meta"}
+    plain = ensured["central-meta/plain-seed1"]
+    assert (plain["lr"], plain["seed"], plain["dtype"]) == (1e-4, 1, "bfloat16")
+    assert ensured["central-meta/one-sided-p4-seed1"]["lr"] == 4e-4
+    assert saved[-1]["central-meta"]["comparison"]["one-sided-p4"]["per_seed"][0][
+        "share_of_plain"] == 1.0
+    row = {"median_s": 0.01, "per_direction_s": 0.01, "x_forward": 2.0}
+    md = mod.markdown({"plain": pick, "budget_forwards": 600, "lr_rule": "r", "groups": {},
+                       "step_timing": {"forward": {"median_s": 0.5}, "plain": row},
+                       "step_timing_cuda": {"forward": {"median_s": 0.005}, "plain": row,
+                                            "device": "NVIDIA H100"}})
+    assert "; cpu)" in md and "; NVIDIA H100)" in md and "| forward | 0.005 |" in md

@@ -1,6 +1,7 @@
 """Does sparse ZO make the model better, and at what cost in forward passes?
 
     python benchmarks/learning.py [--plan session|full] [--only GROUP ...] [--threads N]
+                                  [--rerun]
     python benchmarks/learning.py --plot-only        # docs/learning.png from the result file
 
 Every run is an ordinary in-process simulation (runners.simulation.run) in
@@ -10,7 +11,9 @@ rewritten after every run, so the benchmark can be stopped at any time and conti
 same command. A finished run whose config.toml differs from the planned one is an error, not
 silently reused. runs/ is not committed: on a checkout without a run's folder, its record in
 learning.json is reused when it agrees with the planned config (`Previous`), and a group not
-asked for is kept as the result file holds it; the result file lists both. Two invocations
+asked for is kept as the result file holds it; the result file lists both. `--rerun` reads no
+record: the asked-for groups' runs without folders are made again, which is how a fresh
+checkout reproduces a group (each group's `reproduce` in the result file). Two invocations
 with different --only (one a core): each reads a group the other finished from its run folders
 before its last save; its saves in between hold such a group as it was when it started.
 
@@ -783,20 +786,28 @@ def pick_batch_at_equal_forwards(groups: dict[str, Any], budget: int = 600) -> d
                                   "larger batch"}
 
 
-def main() -> None:
+def arg_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--plan", default="session", choices=list(PLANS))
     ap.add_argument("--only", nargs="*", default=None, help="groups to run (default: all)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--plot-only", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--rerun", action="store_true",
+                    help="run the asked-for groups' runs whose folders are missing instead of "
+                         "reading them from the result file's records (reproduces a group on "
+                         "a fresh checkout: each group's `reproduce` command)")
+    return ap
+
+
+def main() -> None:
+    args = arg_parser().parse_args()
     if args.threads:  # the runs' threads, also when none runs here (the result's machine record)
         torch.set_num_threads(args.threads)
     if args.plot_only:
         plot(json.loads((RESULTS / "learning.json").read_text()))
         return
     ensure_grid_mask()
-    bench, plan, previous = Bench(args.threads), PLANS[args.plan], Previous()
+    bench, plan, previous = Bench(args.threads), PLANS[args.plan], Previous(args.rerun)
     groups: dict[str, Any] = {}
     unfinished: list[tuple[str, str, list, dict[str, str]]] = []  # groups not asked for
     started = time.time()
@@ -906,7 +917,10 @@ class Previous:
     key it holds (and the number of steps), instead of being run again; a group not asked for
     is kept as it was. Both are listed in the result file."""
 
-    def __init__(self) -> None:
+    def __init__(self, rerun: bool = False) -> None:
+        # --rerun: the asked-for groups' runs are made again where their folders are missing
+        # (a record is never read back), which is how a fresh checkout reproduces a group
+        self.rerun = rerun
         path = RESULTS / "learning.json"
         self.groups: dict[str, Any] = (json.loads(path.read_text())["groups"]
                                        if path.exists() else {})
@@ -922,7 +936,7 @@ class Previous:
 
     def record(self, out: Path, settings: dict[str, Any],
                need_test: bool = False) -> dict[str, Any] | None:
-        if (out / "summary.json").exists():
+        if self.rerun or (out / "summary.json").exists():
             return None
         rec = self.runs.get(str(out.relative_to(ROOT)))
         if rec is None or (need_test and "test_auc" not in rec["curve"][-1]):
@@ -994,6 +1008,15 @@ def with_unreached(groups: dict[str, Any], last: dict[str, Any]) -> dict[str, An
             for g in dict.fromkeys([*PLANS["full"], *groups, *last]) if g in groups or g in last}
 
 
+def with_reproduce(groups: dict[str, Any]) -> dict[str, Any]:
+    """Each group of the plan with the command that makes it again from nothing (the top-level
+    `command` is the last invocation's, which may have run none of them); the full plan holds
+    every group."""
+    return {g: {**rec, **({"reproduce": f"python benchmarks/learning.py --plan full --only {g} "
+                                        "--rerun"} if g in PLANS["full"] else {})}
+            for g, rec in groups.items()}
+
+
 def save(args, plan, groups: dict[str, Any], started: float,
          previous: Previous | None = None) -> None:
     import transformers
@@ -1002,6 +1025,7 @@ def save(args, plan, groups: dict[str, Any], started: float,
 
     if previous is not None:
         groups = with_unreached(groups, previous.groups)
+    groups = with_reproduce(groups)
     seeds = groups.get("rt-central-seeds", {}).get("runs", [])
     fo = groups.get("rt-central-fo", {}).get("runs", [])
     bf16 = groups.get("rt-central-bf16", {}).get("runs", [])
@@ -1094,7 +1118,10 @@ def markdown(data: dict[str, Any]) -> str:
              "`rotten_tomatoes`, one IID client unless said, batch 16, max_length 48, the "
              "calibration mask at density 1e-3, eps 1e-3, 1,000 test and 500 validation "
              "reviews (validation carved from the training pool). A ZO step is 2 forwards; a "
-             "first-order step 1 forward + 1 backward.", "", "![ROC-AUC against forwards]"
+             "first-order step 1 forward + 1 backward. Each group (the run folders named "
+             "below, `runs/learning/GROUP/...`) is made again from nothing by `python "
+             "benchmarks/learning.py --plan full --only GROUP --rerun` (its `reproduce` in the "
+             "result file).", "", "![ROC-AUC against forwards]"
              "(learning.png)", ""]
     grid = g.get("rt-central-grid")
     if grid:

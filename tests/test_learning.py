@@ -242,6 +242,9 @@ def test_a_run_without_its_folder_is_read_from_its_record_only_if_it_matches(
         {"groups": {"g": {"kind": "grid", "runs": [rec]}}}))
     prev = lb.Previous()
     assert prev.record(lb.RUNS / "g" / "r", settings) == rec and prev.reused == ["runs/g/r"]
+    # --rerun (a group's `reproduce` command) reads no record: the run is made again
+    rerun = lb.Previous(rerun=True)
+    assert rerun.record(lb.RUNS / "g" / "r", settings) is None and rerun.reused == []
     # a grid record holds validation only: a group reporting test runs it again
     assert prev.record(lb.RUNS / "g" / "r", settings, need_test=True) is None
     assert prev.record(lb.RUNS / "g" / "r", {**settings, "lr": 3e-4}) is None
@@ -316,6 +319,15 @@ def test_a_result_written_mid_plan_keeps_the_groups_not_reached_yet():
                       "rt-central-lora-fedzo": {"v": 2}, "custom": {"v": 3}}
     order = list(lb.PLANS["full"])
     assert list(merged)[:3] == sorted(list(merged)[:3], key=order.index)
+
+
+def test_every_group_names_the_command_that_makes_it_again():
+    lb = _learning_module()
+    out = lb.with_reproduce({"rt-central-eps": {"kind": "grid"}, "custom": {"kind": "grid"}})
+    cmd = out["rt-central-eps"]["reproduce"].split()
+    assert cmd[:2] == ["python", "benchmarks/learning.py"] and "reproduce" not in out["custom"]
+    args = lb.arg_parser().parse_args(cmd[2:])  # the flags the benchmark takes
+    assert args.plan == "full" and args.only == ["rt-central-eps"] and args.rerun
 
 
 def test_run_or_record_reads_the_folder_then_the_record_then_says_how_to_make_it(

@@ -120,3 +120,22 @@ def test_no_validation_split_no_best_state(
     assert "best_val_round" in _summary(off) and not (off / BEST_STATE).exists()
     with pytest.raises(FileNotFoundError, match="keep_best=false"):
         load_run_state(off, "best")
+
+
+def test_a_tie_keeps_the_earliest_round_in_the_file_as_in_the_summary():
+    """The file is written as rounds arrive (Session._consider_best), the summary picks over
+    all of them afterwards (best_round): on a tie both must name the same, earliest, round."""
+    from types import SimpleNamespace
+
+    from fedmeerkat.runners.session import Session
+
+    vals = [0.70, 0.80, 0.75, 0.80, 0.80]  # rounds 1, 3 and 4 tie at the best
+    records = [{"round": r, "test_accuracy": 0.5, "val_auc": v} for r, v in enumerate(vals)]
+    seen = SimpleNamespace(cfg=SimpleNamespace(keep_best=True), best=None, best_due=False)
+    written = []
+    for rec in records:
+        Session._consider_best(seen, rec["round"], rec)  # type: ignore[arg-type]
+        if seen.best_due:
+            written.append(seen.best[0])
+            seen.best_due = False
+    assert written == [0, 1] and best_round(records)["best_val_round"] == 1

@@ -326,3 +326,13 @@ def test_vp_detection_paragraph_says_at_which_seeds_the_paper_calibration_flags(
     one = results_md.vp_on_claim2(data([3.0, -3.0] * 50), base)[-1]
     assert "flagged at seed 0 of 0, 1" in one and "needs more than the paper's calibration" in one
     assert "at seeds 0 / 1" in one  # the rows and ratios in seed order
+
+
+def test_a_run_diverges_by_its_last_tenth_of_rounds_not_one_noisy_round():
+    # one client a round: a single round's loss swings with the client (0.09 against 0.66)
+    noisy = [0.66, 0.6, 0.62, 0.58, 0.6, 0.57, 0.55, 0.56, 0.54, 0.09] * 2 + [0.5] * 9 + [0.9]
+    assert not results_md.diverged(noisy)
+    rising = [0.6] * 27 + [0.8, 0.9, 0.85]
+    assert results_md.diverged(rising)
+    assert not results_md.diverged([]) and not results_md.diverged(None)
+    assert results_md.diverged([0.5, 0.7]) and not results_md.diverged([0.5, 0.55])

@@ -35,6 +35,9 @@ calibration score (about what density 1e-4 trains, which the learning benchmark 
 of the calibration's per-sequence gradients (k = 32), and their mean alone (k = 1). A subspace
 is used up as the run moves along it, so this says which to try, not how far each goes.
 
+The same subspaces are also judged for the centered loss below (z_in_a_fixed_subspace_centered_loss):
+would directions from the calibration help a run whose scalars carry no calibration shift?
+
 And how much of the task's mean gradient on the mask is the calibration shift: the same
 examples' gradients of the cross-entropy on label logits minus the sample's mean label logits
 (`centered_loss`), whose |G|^2 against the plain loss's says how much of a step's signal
@@ -173,7 +176,8 @@ def main() -> int:
     # the same examples' gradients with the calibration shift taken out: how much of the
     # mean gradient is the shift toward the rarely predicted label (moves no ranking)
     print(f"{ns.examples} backward passes of the centered loss...", file=sys.stderr)
-    centered = noise_scale(per_example_gradients(prep, mask, ids, centered=True))
+    centered_grads = per_example_gradients(prep, mask, ids, centered=True)
+    centered = noise_scale(centered_grads)
     floor = calib[calib > 0].min()  # a coordinate the corpus never moved keeps the smallest
     plain = scaled_progress(grads, torch.ones_like(calib), RECIPE_BATCH)
     scaled = [{"p": p, "progress_per_step_vs_plain_z":
@@ -189,15 +193,27 @@ def main() -> int:
         "top_tenth_of_the_mask_by_calibration": calib.argsort(descending=True)[: mask.nnz // 10],
         "span_of_the_calibration_gradients": span,
         "mean_calibration_gradient": (mean_dir / mean_dir.norm())[:, None]}
-    sub_rows = []
-    for name, basis in subspaces.items():
-        prog = subspace_progress(grads, basis, RECIPE_BATCH) / plain
-        g = grads.mean(0)
-        inside = g[basis] if basis.dtype == torch.int64 else g @ basis
-        sub_rows.append({"subspace": name, "dimension": len(basis) if basis.dim() == 1
-                         else basis.shape[1],
-                         "share_of_mean_gradient_sq_norm": float(inside @ inside / (g @ g)),
-                         "progress_per_step_vs_plain_z": prog})
+    sub_rows, sub_rows_centered = [], []
+    # the same subspaces for the centered loss (its gradient has the calibration shift taken
+    # out, the part a threshold-free metric moves with): against plain z on that loss
+    plain_centered = scaled_progress(centered_grads, torch.ones_like(calib), RECIPE_BATCH)
+    for rows_out, per_example, ref in ((sub_rows, grads, plain),
+                                       (sub_rows_centered, centered_grads, plain_centered)):
+        for name, basis in subspaces.items():
+            prog = subspace_progress(per_example, basis, RECIPE_BATCH) / ref
+            g = per_example.mean(0)
+            proj = per_example[:, basis] if basis.dtype == torch.int64 else per_example @ basis
+            inside = proj.mean(0)
+            # the sample mean's share holds its noise too (tr(C)/n of |mean|^2: 5% for the
+            # plain loss at 128 examples, ~73% for the centered one), so both are kept
+            n = per_example.shape[0]
+            unbiased = ((float(inside @ inside) - float(proj.var(0).sum()) / n)
+                        / (float(g @ g) - float(per_example.var(0).sum()) / n))
+            rows_out.append({"subspace": name, "dimension": len(basis) if basis.dim() == 1
+                             else basis.shape[1],
+                             "share_of_mean_gradient_sq_norm": float(inside @ inside / (g @ g)),
+                             "share_of_mean_gradient_sq_norm_unbiased": unbiased,
+                             "progress_per_step_vs_plain_z": prog})
     b_simple = stats["B_simple"]
 
     def step(b: int) -> float:  # progress per step at the batch's best lr (model)
@@ -235,6 +251,15 @@ def main() -> int:
             "note": "progress of the first step at the untrained model; a subspace of k "
                     "dimensions is used up as the run moves along it",
             "rows": sub_rows},
+        "z_in_a_fixed_subspace_centered_loss": {
+            "batch": RECIPE_BATCH, "hessian_stand_in": "diagonal empirical Fisher of the "
+                                                       "centered loss",
+            "note": "the same subspaces judged on the centered loss's per-example gradients, "
+                    "against plain z on that loss (shares of its mean gradient: the shift "
+                    "taken out); share_of_mean_gradient_sq_norm is the sample mean's (its "
+                    "noise included), the _unbiased share and the progress take the noise "
+                    "out",
+            "rows": sub_rows_centered},
         "wall_seconds": round(time.time() - started, 1)})
     print(f"B_simple = {b_simple:.2f}: batch 4 at {rows[2]['best_lr_vs_16']:.2f}x the batch-16 "
           f"lr would need {1 / rows[2]['progress_per_example_vs_16']:.2f}x its examples "
@@ -245,10 +270,12 @@ def main() -> int:
     best = max(scaled, key=lambda r: r["progress_per_step_vs_plain_z"])
     print(f"z scaled by the calibration's s^p: best p = {best['p']:g}, "
           f"{best['progress_per_step_vs_plain_z']:.2f}x plain z's progress per step (model)")
-    for r in sub_rows:
-        print(f"z in {r['subspace']} ({r['dimension']} dimensions, "
-              f"{r['share_of_mean_gradient_sq_norm']:.2%} of |G|^2): "
-              f"{r['progress_per_step_vs_plain_z']:.2f}x plain z's progress per step (model)")
+    for loss, rows_out in (("", sub_rows), (" (centered loss)", sub_rows_centered)):
+        for r in rows_out:
+            print(f"z in {r['subspace']}{loss} ({r['dimension']} dimensions, "
+                  f"{r['share_of_mean_gradient_sq_norm_unbiased']:.2%} of |G|^2): "
+                  f"{r['progress_per_step_vs_plain_z']:.2f}x plain z's progress per step "
+                  "(model)")
     return 0
 
 

@@ -27,6 +27,7 @@ def test_run_writes_every_output_and_eval_reproduces_it(
     assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, out)) == 0
     printed = capsys.readouterr().out
     assert "zero-shot test accuracy" in printed and "final test accuracy" in printed
+    assert "after 3 rounds x 4 clients x 2 steps" in printed
     for name in ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png",
                  "final_state.safetensors", "mask.safetensors", "partition.json"):
         assert (out / name).is_file(), name
@@ -167,3 +168,12 @@ def test_run_without_replies_stops_with_exit_3_and_resumes(
     assert main(_args(tiny_model_dir, sentiment_csv, calib_txt, clean, "rounds=2")) == 0
     assert torch.equal(load_file(str(out / "final_state.safetensors"))["theta"],
                        load_file(str(clean / "final_state.safetensors"))["theta"])
+
+
+def test_the_printout_says_how_many_clients_a_round_samples():
+    from fedmeerkat.cli.main import _schedule
+
+    s = {"rounds": 80, "clients": 5, "local_steps": 10}
+    assert _schedule({**s, "clients_per_round": 1}) == "80 rounds x 1 of 5 clients x 10 steps"
+    assert _schedule({**s, "clients_per_round": 5}) == "80 rounds x 5 clients x 10 steps"
+    assert _schedule(s) == "80 rounds x 5 clients x 10 steps"  # a summary from before the key

@@ -55,6 +55,15 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     return RunFolder(run_dir).resume_config(overrides)
 
 
+def _schedule(s: dict) -> str:
+    """"R rounds x K clients x T steps", with "k of K clients" where a round samples k of
+    them (FedAvg client sampling: the demo's one of five clients a round is not five)."""
+    per_round = s.get("clients_per_round") or s["clients"]
+    clients = (f"{per_round} of {s['clients']} clients" if per_round < s["clients"]
+               else f"{s['clients']} clients")
+    return f"{s['rounds']} rounds x {clients} x {s['local_steps']} steps"
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
     if ns.resume:
         cfg = _resume_config(Path(ns.resume), ns.args)
@@ -70,8 +79,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     s = run(cfg, quiet=ns.quiet, resume=bool(ns.resume))
     print(f"zero-shot test accuracy: {_num(s['initial_accuracy'])}")
-    print(f"final test accuracy:     {_num(s['final_accuracy'])}  "
-          f"after {s['rounds']} rounds x {s['clients']} clients x {s['local_steps']} steps")
+    print(f"final test accuracy:     {_num(s['final_accuracy'])}  after {_schedule(s)}")
     print(f"predicted-class share:   {_share(s['initial_predicted_share'])} -> "
           f"{_share(s['final_predicted_share'])}")
     for key, name in (("auc", "ROC-AUC"), ("macro_f1", "macro-F1"),

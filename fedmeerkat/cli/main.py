@@ -1,4 +1,5 @@
-"""`fedmeerkat` command line: run, mask, eval, tasks, config.
+"""`fedmeerkat` command line: run, report, mask, eval, gradip, export, apply-delta, tasks,
+config, methods, deploy.
 
     fedmeerkat run [CONFIG.toml] [key=value ...] [--dry-run]   federated training
     fedmeerkat run --resume RUN_DIR [rounds=N ...]              continue an interrupted run
@@ -13,6 +14,10 @@
     fedmeerkat apply-delta DELTA [--model BASE] --out DIR       a delta on its base model
     fedmeerkat tasks                                            list the tasks
     fedmeerkat config                                           list every config key
+    fedmeerkat methods                                          list the methods
+    fedmeerkat deploy {provision,prepare,server,site,submit,abort} ...
+                                                                on NVIDIA FLARE across
+                                                                machines (docs/deploy.md)
 """
 
 from __future__ import annotations

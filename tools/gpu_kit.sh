@@ -15,6 +15,7 @@
 # part 1 to /tmp/fmkit, which stays while the machine is warm (30 s after a call), so call 2
 # must follow at once. docs/gpu.md gives the two calls, their budget and what comes back.
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) (assemble) stops the script too
 cd "$(dirname "$0")/.."
 
 KIT=${GPU_KIT_DIR:-/tmp/fmkit}  # on the device: survives between calls while the machine is warm

@@ -116,6 +116,7 @@ def diverged(train_loss: list[float] | None) -> bool:
     (at least one round each). One round's loss is T steps on a few batches, so a single
     round against another mostly measures batch noise (every arm "diverged" at one seed in
     three when the last round alone was read)."""
+    train_loss = [x for x in train_loss or [] if x is not None]  # a round without a loss
     if not train_loss:
         return False
     n = max(1, len(train_loss) // 10)

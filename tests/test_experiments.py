@@ -335,4 +335,5 @@ def test_a_run_diverges_by_its_last_tenth_of_rounds_not_one_noisy_round():
     rising = [0.6] * 27 + [0.8, 0.9, 0.85]
     assert results_md.diverged(rising)
     assert not results_md.diverged([]) and not results_md.diverged(None)
+    assert results_md.diverged([0.5, None, 0.7]) and not results_md.diverged([None])
     assert results_md.diverged([0.5, 0.7]) and not results_md.diverged([0.5, 0.55])

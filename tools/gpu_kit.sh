@@ -23,9 +23,9 @@ LIMIT=$((64 * 1024 * 1024))     # bytes a device call carries, the working tree 
 MARGIN=$((2 * 1024 * 1024))     # for files the tree gains before the calls
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 MASK=runs/learning/rt-central-grid/zo-lr1e-4-seed0/mask.safetensors
-# versions as this checkout's install has them (make install); wheels for CPython 3.12 x86-64
-WHEELS=(transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 gguf==0.19.0
-        peft==0.21.2 tomli_w==1.2.0)
+# packages the device lacks or holds at another version (transformers 5.x there), taken at
+# the versions this checkout's install has (make install); wheels for CPython 3.12 x86-64
+PACKAGES=(transformers tokenizers huggingface_hub gguf peft tomli_w)
 
 tree_bytes() {  # what a device call sends besides its carried paths
     git ls-files -z -co --exclude-standard | xargs -0 stat -c %s 2>/dev/null \
@@ -48,9 +48,11 @@ build() {
         mkdir -p ".gpu/part1/assets/$(dirname "$f")"
         cp "$(package_dir "$pkg")/${f#*/}" ".gpu/part1/assets/$f"
     done
+    mapfile -t wheels < <(.venv/bin/python -c "import importlib.metadata as m, sys
+for p in sys.argv[1:]: print(f'{p}=={m.version(p)}')" "${PACKAGES[@]}")
     .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d .gpu/part2/whl "${WHEELS[@]}"
+        --platform manylinux2014_x86_64 -d .gpu/part2/whl "${wheels[@]}"
     [ -f "$MASK" ] || echo "note: $MASK is missing; the device recomputes the grid's mask" >&2
     tree=$(tree_bytes)
     assets=$(du -sb .gpu/part1/assets | cut -f1)

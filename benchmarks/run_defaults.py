@@ -1,7 +1,7 @@
 """Does `fedmeerkat run` with its defaults make the model better? Runs the defaults (no config
 file: `fedmeerkat config` lists them) with the overrides given, and stores the summary and
 per-round metrics in benchmarks/results/run_defaults.json with the command, versions and
-machine.
+machine (one entry per set of overrides, merged into the file).
 
     python benchmarks/run_defaults.py [--out RUN_DIR] [--threads N] [key=value ...]
 
@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
-from _common import write_result
+from _common import RESULTS, write_result
 
 from fedmeerkat.config import load_config
 from fedmeerkat.runners.simulation import run
@@ -59,14 +61,19 @@ def main() -> None:
 
     import fedmeerkat
 
-    write_result("run_defaults", {
+    path = RESULTS / "run_defaults.json"
+    runs = json.loads(path.read_text())["runs"] if path.exists() else {}
+    runs[name] = {  # one entry per set of overrides; each its own command
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "versions": {"fedmeerkat": fedmeerkat.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__,
                      "cpu_capability": torch.backends.cpu.get_cpu_capability()},
-        "config": "fedmeerkat run defaults (no config file)", "overrides": args.overrides,
+        "overrides": args.overrides,
         "forwards": cfg.rounds * (cfg.clients_per_round or cfg.clients) * cfg.local_steps * 2,
         "wall_seconds_this_invocation": round(time.time() - start, 1),
-        "run_wall_seconds": summary.get("wall_seconds"), "summary": summary, "rounds": rounds})
+        "run_wall_seconds": summary.get("wall_seconds"), "summary": summary, "rounds": rounds}
+    write_result("run_defaults", {"config": "fedmeerkat run defaults (no config file)",
+                                  "runs": runs})
     for r in rounds:
         if r["test_accuracy"] is not None:
             print(f"round {r['round']}: test accuracy {r['test_accuracy']:.3f}, ROC-AUC "

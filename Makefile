@@ -45,7 +45,9 @@ results: install
 	    "subspace_probe.py --arms cone cone-half-lr cone-narrow hizoo hizoo-alpha1e-5 --seed 0 --eval-every 25" \
 	    "subspace_probe.py --arms avg avg-2x-lr --seed 0" "subspace_probe.py --arms avg avg-2x-lr --seed 1" \
 	    "subspace_probe.py --arms avg --seed 0 --steps 1500 --eval-every 250" \
-	    "subspace_probe.py --arms avg --seed 1 --steps 1500 --eval-every 250"; do \
+	    "subspace_probe.py --arms avg --seed 1 --steps 1500 --eval-every 250" \
+	    "run_defaults.py --threads 2 dtype=bfloat16" \
+	    "run_defaults.py --threads 2 dtype=bfloat16 clients_per_round=1 rounds=200 eval_every=20"; do \
 	  echo "== $$cmd"; OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python $$cmd || exit 1; done
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --fresh && \
 	  ATEN_CPU_CAPABILITY=avx2 OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --only demo --tag avx2

@@ -46,7 +46,7 @@ results: install
 	    "subspace_probe.py --arms avg avg-2x-lr --seed 0" "subspace_probe.py --arms avg avg-2x-lr --seed 1" \
 	    "subspace_probe.py --arms avg --seed 0 --steps 1500 --eval-every 250" \
 	    "subspace_probe.py --arms avg --seed 1 --steps 1500 --eval-every 250" \
-	    "run_defaults.py --threads 2 dtype=bfloat16" \
+	    "run_defaults.py --threads 2 dtype=bfloat16" "run_defaults.py --threads 2 dtype=bfloat16 seed=1" \
 	    "run_defaults.py --threads 2 dtype=bfloat16 clients_per_round=1 rounds=200 eval_every=20"; do \
 	  echo "== $$cmd"; OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python $$cmd || exit 1; done
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --fresh && \

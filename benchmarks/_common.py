@@ -49,3 +49,17 @@ def write_result(name: str, data: dict) -> Path:
     os.replace(tmp, path)
     print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
     return path
+
+
+# what demo.py and run_defaults.py keep of each metrics.jsonl record
+ROUND_KEYS = ("round", "train_loss", "test_accuracy", "test_loss", "predicted_share", "test_auc",
+              "test_macro_f1", "test_best_shift_accuracy", "val_accuracy", "val_auc",
+              "val_best_shift_accuracy", "bytes_up", "bytes_down")
+
+
+def run_rounds(run_dir: Path) -> list[dict]:
+    """A run folder's per-round metrics (metrics.jsonl, read as the run reads it), ROUND_KEYS."""
+    from fedmeerkat.runners.run_folder import MetricsLog
+
+    return [{k: r.get(k) for k in ROUND_KEYS}
+            for r in MetricsLog(Path(run_dir) / "metrics.jsonl").read()]

@@ -11,13 +11,12 @@ result records whether the mask was computed in the run or taken from the cache.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from _common import write_result
+from _common import run_rounds, write_result
 
 from fedmeerkat.config import load_config
 from fedmeerkat.runners.simulation import run
@@ -40,12 +39,7 @@ def main() -> None:
     start = time.time()
     summary = run(cfg, quiet=True)
     wall = time.time() - start
-    records = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    rounds = [{k: r.get(k) for k in ("round", "train_loss", "test_accuracy", "test_loss",
-                                      "predicted_share", "test_auc", "test_macro_f1",
-                                      "test_best_shift_accuracy", "val_accuracy", "val_auc",
-                                      "val_best_shift_accuracy", "bytes_up", "bytes_down")}
-              for r in records]
+    rounds = run_rounds(out)
     if not args.out:  # a temporary folder of this machine: not part of the result
         summary["out"] = "<temporary folder>"
     write_result("demo", {"config": "configs/demo.toml", "overrides": args.overrides,

@@ -26,15 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS, write_result
+from _common import RESULTS, run_rounds, write_result
 
 from fedmeerkat.config import load_config
 from fedmeerkat.runners.simulation import run
 
 ROOT = Path(__file__).resolve().parent.parent
-KEYS = ("round", "train_loss", "test_accuracy", "predicted_share", "test_auc", "test_macro_f1",
-        "test_best_shift_accuracy", "val_accuracy", "val_auc", "val_best_shift_accuracy",
-        "bytes_up", "bytes_down")
 
 
 def main() -> None:
@@ -54,8 +51,7 @@ def main() -> None:
     else:
         resume = (out / "checkpoint.safetensors").exists()
         summary = run(cfg, quiet=False, resume=resume)
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    rounds = [{k: r.get(k) for k in KEYS} for r in records]
+    rounds = run_rounds(out)
     summary["out"] = str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else "<elsewhere>"
     import transformers
 

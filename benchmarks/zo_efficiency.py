@@ -361,8 +361,7 @@ def save(args, pick, groups, previous, started) -> None:
             "groups": groups,
             "not_run": [f"{g}/{n}" for g, names in planned.items() for n in names
                         if f"{RUNS.relative_to(learning.ROOT)}/{g}/{n}" not in done],
-            "step_timing": previous.get("step_timing"),
-            **{k: v for k, v in previous.items() if k.startswith("step_timing_")},
+            **{k: v for k, v in previous.items() if k.startswith("step_timing")},
             "wall_seconds_this_invocation": round(time.time() - started, 1),
         }
         write_result("zo_efficiency", data)

@@ -35,6 +35,7 @@ from pathlib import Path
 from _common import write_result
 
 from fedmeerkat.deploy import selftest
+from fedmeerkat.runners.run_folder import MetricsLog
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 SITES = {"site-1": [0], "site-2": [1]}
@@ -91,7 +92,7 @@ def in_process(cfg, threads: int) -> dict:
 
 
 def deployed_rounds(run_dir: Path) -> dict:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    lines = MetricsLog(run_dir / "metrics.jsonl").read()[1:]
     rounds = []
     for r in lines:
         wall, comp, fwd = r["exchange_s"], r["site_compute_s"], r["site_forward_s"]

@@ -57,6 +57,7 @@ from fedmeerkat.federated.messages import ClientReply, VectorReply
 from fedmeerkat.models.tiny import save_tiny_llama
 from fedmeerkat.runners import simulation
 from fedmeerkat.runners.inprocess import InProcessTransport
+from fedmeerkat.runners.run_folder import MetricsLog
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the movie was great terrible good bad fun dull boring lovely awful plot actors "
@@ -114,7 +115,7 @@ def _theta(run: Path) -> torch.Tensor:
 
 
 def _records(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return MetricsLog(run / "metrics.jsonl").read()
 
 
 def _victim(seed: int, r: int, k: int) -> int:

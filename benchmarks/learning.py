@@ -93,7 +93,11 @@ RUNS = ROOT / "runs" / "learning"
 
 from fedmeerkat.config import build_config  # noqa: E402
 from fedmeerkat.runners.evaluation import evaluated_part, primary_metric  # noqa: E402
-from fedmeerkat.runners.run_folder import LR_SEARCH_FILE, load_run_config  # noqa: E402
+from fedmeerkat.runners.run_folder import (  # noqa: E402
+    LR_SEARCH_FILE,
+    MetricsLog,
+    load_run_config,
+)
 from fedmeerkat.runners.simulation import run  # noqa: E402
 from fedmeerkat.zo import forwards_per_direction  # noqa: E402
 
@@ -494,7 +498,7 @@ class Bench:
 
     def read(self, out: Path) -> dict[str, Any]:
         summary = json.loads((out / "summary.json").read_text())
-        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        records = MetricsLog(out / "metrics.jsonl").read()
         cfg = tomllib.loads((out / "config.toml").read_text())
         self.initial.setdefault(zero_shot_key(cfg), evaluated_part(records[0]))
         fo = cfg["method"] == "fedavg-backprop"

@@ -91,7 +91,7 @@ class RunConfig:
     loss: str = _f("ce", "training loss on the label words' logits: ce (cross-entropy) | centered-ce (each label word's logit minus its batch mean first: calibration shifts leave it unchanged, so a ZO scalar carries the ranking signal only; evaluation reports plain CE)", choices=LOSSES)
     eps: float = _f(1e-3, "perturbation scale of the two-point estimate", gt=0)
     perturbations: int = _f(1, "seeded directions per local step, estimated at the same weights on one batch and averaged (each uploads its scalar; plans carry T x P seeds)", min=1)
-    zo_estimator: str = _f("two-point", "two-point: 2 forwards a direction (MeZO); one-sided: f(w+eps z) - f(w) with one shared f(w), P+1 forwards a step (FZOO)", choices=ESTIMATORS)
+    zo_estimator: str = _f("two-point", "two-point: 2 forwards a direction (MeZO); one-sided: f(w+eps z) - f(w) with one shared f(w), P+1 forwards a step (FZOO); per-example: the batch's examples split among the P directions in the same 2 forwards (GRZO)", choices=ESTIMATORS)
     # differential privacy of the uploaded scalars (federated/dp.py, docs/privacy.md)
     dp_clip: float = _f(0.0, "DP: clip every example's two-point difference to [-C, C], add secret Gaussian noise of std dp_noise_multiplier x C to their sum, divide by batch_size; batches are Poisson samples (0 = off)", min=0)
     dp_noise_multiplier: float = _f(0.0, "DP: sigma of every client (0 with dp_epsilon: solved per client, see dp_noise_multipliers)", min=0)
@@ -301,6 +301,15 @@ def validate_combination(cfg: RunConfig) -> None:
             cfg.method).server.directions_ok:
         raise ConfigError(f"perturbations/zo_estimator: method={cfg.method} runs one two-point "
                           "direction a step (use method=meerkat or lora-fedzo)")
+    if cfg.zo_estimator == "per-example":
+        if cfg.perturbations < 2 or cfg.batch_size % cfg.perturbations:
+            raise ConfigError(f"zo_estimator=per-example: perturbations must be 2 or more and "
+                              f"divide batch_size={cfg.batch_size} (each direction gets "
+                              f"batch_size / perturbations examples; perturbations={cfg.batch_size}"
+                              " gives each example its own)")
+        if cfg.loss != "ce":
+            raise ConfigError(f"zo_estimator=per-example: needs loss=ce (with {cfg.loss} an "
+                              "example's loss depends on the other examples' directions)")
     if cfg.local_steps * cfg.perturbations > MAX_STEPS:
         raise ConfigError(f"perturbations: local_steps x perturbations = "
                           f"{cfg.local_steps * cfg.perturbations} seeds a round exceed "

@@ -76,7 +76,11 @@ KILL = {"site": "site-2", "client": "2", "after_round": 1, "rounds": 3, "resume_
         "round_timeout": 5}
 # a ZO variant (several directions a step, one-sided estimates) deployed: still seeds and
 # scalars only, so still bit-identical to the in-process run
-VARIANT = ["perturbations=3", "zo_estimator=one-sided", "downlink=scalars"]
+# (the per-example one: two directions, each on two of the batch's four examples, through the
+# model's forward hooks at every site)
+VARIANTS = {"variant": ["perturbations=3", "zo_estimator=one-sided", "downlink=scalars"],
+            "variant-per-example": ["perturbations=2", "zo_estimator=per-example",
+                                    "downlink=scalars"]}
 # differentially private scalars: the noise's generator must stay at the sites; two of the
 # three sites a round, so each site's sigma is solved for the rounds its seeded draw plans
 # (seed 1: its draw runs sites 0 and 1 for three rounds each, site 2 for two; seed 0 happens
@@ -106,8 +110,9 @@ def deployed_runs(tmp_path_factory, tiny_model_dir):
                                               f"rounds={FIRST if d == RESTARTED else LAST}"]),
                            quiet=True)
             for d in DOWNLINKS}
-    runs["variant"] = prepare_run(load_config(None, [*base, *VARIANT, f"out={root / 'variant'}",
-                                                     f"rounds={LAST}"]), quiet=True)
+    for name, variant in VARIANTS.items():
+        runs[name] = prepare_run(load_config(None, [*base, *variant, f"out={root / name}",
+                                                    f"rounds={LAST}"]), quiet=True)
     runs["dp"] = prepare_run(load_config(None, [*base, *DP, f"out={root / 'dp'}",
                                                 f"rounds={LAST}"]), quiet=True)
     killed = prepare_run(load_config(None, [*base, "downlink=scalars", f"out={root / 'killed'}",
@@ -130,9 +135,10 @@ def deployed_runs(tmp_path_factory, tiny_model_dir):
                                            f"mask={runs[d] / 'mask.safetensors'}",
                                            f"out={root / ('local-' + d)}"]), quiet=True)["out"])
              for d in DOWNLINKS}
-    local["variant"] = Path(run(load_config(None, [
-        *base, *VARIANT, f"rounds={LAST}", f"mask={runs['variant'] / 'mask.safetensors'}",
-        f"out={root / 'local-variant'}"]), quiet=True)["out"])
+    for name, variant in VARIANTS.items():
+        local[name] = Path(run(load_config(None, [
+            *base, *variant, f"rounds={LAST}", f"mask={runs[name] / 'mask.safetensors'}",
+            f"out={root / ('local-' + name)}"]), quiet=True)["out"])
     return runs, local, result, killed
 
 
@@ -170,19 +176,20 @@ def test_a_deployed_private_run_keeps_the_noise_secret_at_the_sites(deployed_run
                if ran[a] != ran[b])
 
 
-def test_a_deployed_zo_variant_is_bit_identical_to_the_in_process_run(deployed_runs):
+@pytest.mark.parametrize("name,seeds", [("variant", 2 * 3), ("variant-per-example", 2 * 2)])
+def test_a_deployed_zo_variant_is_bit_identical_to_the_in_process_run(deployed_runs, name, seeds):
     from safetensors.torch import load_file
 
     runs, local, result, _ = deployed_runs
-    assert result["runs"][str(runs["variant"])]["status"] == "FINISHED:COMPLETED"
-    deployed = load_file(str(runs["variant"] / "final_state.safetensors"))["theta"]
-    assert torch.equal(deployed, load_file(str(local["variant"] / "final_state.safetensors"))["theta"])
-    assert not torch.equal(deployed, load_file(str(runs["variant"] / "initial_state.safetensors"))["theta"])
+    assert result["runs"][str(runs[name])]["status"] == "FINISHED:COMPLETED"
+    deployed = load_file(str(runs[name] / "final_state.safetensors"))["theta"]
+    assert torch.equal(deployed, load_file(str(local[name] / "final_state.safetensors"))["theta"])
+    assert not torch.equal(deployed, load_file(str(runs[name] / "initial_state.safetensors"))["theta"])
     read = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-            for d in (runs["variant"], local["variant"])]
+            for d in (runs[name], local[name])]
     keys = ("round", "train_loss", "test_auc", "bytes_up", "client_steps")
     assert [{k: r.get(k) for k in keys} for r in read[0]] == [{k: r.get(k) for k in keys} for r in read[1]]
-    assert all(v == 2 * 3 for r in read[0][1:] for v in r["client_steps"].values())
+    assert all(v == seeds for r in read[0][1:] for v in r["client_steps"].values())
 
 
 @pytest.mark.parametrize("downlink", DOWNLINKS)

@@ -94,7 +94,8 @@ def _simulate(downlink, estimator, p, rounds=3, k=3, steps=2):
     return server, theta0
 
 
-@pytest.mark.parametrize("estimator,p", [("two-point", 2), ("one-sided", 3)])
+@pytest.mark.parametrize("estimator,p", [("two-point", 2), ("one-sided", 3), ("per-example", 2),
+                                         ("per-example", 4)])
 def test_both_downlinks_give_the_same_model(estimator, p):
     vec, theta0 = _simulate("sparse-weights", estimator, p)
     sca, _ = _simulate("scalars", estimator, p)
@@ -125,8 +126,10 @@ def test_config_refuses_methods_of_one_direction():
         VPServer(settings, torch.zeros(3), [1, 1], vp=VPSettings())
 
 
-def test_a_run_with_directions_learns_and_counts_seeds(tiny_model_dir, sentiment_csv, calib_txt,
-                                                      isolated_cache, tmp_path):
+@pytest.mark.parametrize("estimator,p", [("one-sided", 3), ("per-example", 2)])
+def test_a_run_with_directions_learns_and_counts_seeds(estimator, p, tiny_model_dir,
+                                                      sentiment_csv, calib_txt, isolated_cache,
+                                                      tmp_path):
     from fedmeerkat.runners.simulation import run
 
     cfg = build_config({
@@ -134,15 +137,16 @@ def test_a_run_with_directions_learns_and_counts_seeds(tiny_model_dir, sentiment
         "template": "{sentence} so it was", "label_words": [" bad", " good"],
         "calib_corpus": calib_txt, "calib_sequences": 4, "calib_seq_len": 32, "density": 0.01,
         "clients": 2, "rounds": 2, "local_steps": 2, "batch_size": 4, "lr": 1e-3,
-        "perturbations": 3, "zo_estimator": "one-sided", "downlink": "scalars",
+        "perturbations": p, "zo_estimator": estimator, "downlink": "scalars",
         "val_fraction": 0.0, "eval_every": 0, "out": str(tmp_path / "run")})
     run(cfg, quiet=True)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(v == 6 for r in records[1:] for v in r["client_steps"].values())
+    assert all(v == 2 * p for r in records[1:] for v in r["client_steps"].values())
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["perturbations"] == 3 and summary["zo_estimator"] == "one-sided"
-    # 2 x 3 scalars of 4 bytes plus the header, per client per round
-    assert summary["upload_bytes_per_client"] > 24
+    assert summary["perturbations"] == p and summary["zo_estimator"] == estimator
+    # 2 x P scalars of 4 bytes plus the header, per client per round
+    assert summary["upload_bytes_per_client"] > 8 * p
+
 
 
 def test_efficiency_benchmark_counts_forwards_to_the_plain_runs_final_validation():

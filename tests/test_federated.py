@@ -19,6 +19,7 @@ from fedmeerkat.federated import (
 )
 from fedmeerkat.federated.aggregate import Aggregate
 from fedmeerkat.zo import SparseView, replay
+from fedmeerkat.zo.per_example import ExampleOffsets
 from tests.test_zo_core import TinyNet, data, tiny_mask
 
 
@@ -32,6 +33,14 @@ class NetModel:
 
     def loss(self, ids: np.ndarray) -> float:
         return float(((self.net(self.x[ids]) - self.y[ids]) ** 2).mean())
+
+    def example_losses(self, ids: np.ndarray) -> np.ndarray:
+        return ((self.net(self.x[ids]) - self.y[ids]) ** 2).double().numpy()
+
+    def example_offsets(self):
+        if not hasattr(self, "_offsets"):
+            self._offsets = ExampleOffsets(self.net, self.view.mask)
+        return self._offsets
 
 
 def apply_round(server, r, replies):

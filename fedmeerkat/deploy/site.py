@@ -99,6 +99,8 @@ def site(site_name: str, site_arg: str) -> Callable[[bytes], bytes]:
 
     settings = settings_of(cfg)
     model = TimedModel(prep, view)
+    if cfg.zo_estimator == "per-example":
+        model.example_offsets()  # a mask off the linear layers is refused before round 1
     host = ClientHost(get_method(cfg.method), cfg.method_settings, settings, model, states,
                       dp=dp_of(cfg))
     evaluates = local or bool(arg.get("evaluate", False))

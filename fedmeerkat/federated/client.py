@@ -21,6 +21,7 @@ from fedmeerkat.federated.aggregate import Aggregate, apply_aggregate
 from fedmeerkat.federated.dp import DPSettings, PrivateSteps
 from fedmeerkat.federated.messages import ClientReply, RoundPlan
 from fedmeerkat.zo import SparseView, StepResult, zo_multi_step, zo_step
+from fedmeerkat.zo.per_example import ExampleOffsets
 from fedmeerkat.zo.step import zo_step_private
 
 
@@ -32,7 +33,12 @@ class LocalModel(Protocol):
     def loss(self, example_ids: np.ndarray) -> float: ...
 
     def example_losses(self, example_ids: np.ndarray) -> np.ndarray:
-        """Each example's loss (differentially private clients, federated/dp.py)."""
+        """Each example's loss (differentially private clients, federated/dp.py; the
+        per-example estimator)."""
+        ...
+
+    def example_offsets(self) -> ExampleOffsets:
+        """The model's per-example perturbation hooks (zo_estimator=per-example only)."""
         ...
 
 
@@ -120,18 +126,18 @@ Step = Callable[[int, Callable[[], Any]], list[StepResult]]
 def run_steps(state: ClientState, plan: RoundPlan, model: LocalModel, step: Step, *,
               batch_size: int, seeds_per_step: int = 1,
               on_step: Callable[[StepResult], object] | None = None,
-              dp: PrivateSteps | None = None) -> ClientReply:
+              dp: PrivateSteps | None = None, per_example: bool = False) -> ClientReply:
     """The round's loop of every ZO client, whatever its space: each step takes the next
     batch of the client's data and `seeds_per_step` seeds of the plan, and uploads one scalar
     per seed. With `dp`, a batch is a Poisson sample drawn from the client's secret generator
-    and the step gets per-example losses (federated/dp.py)."""
+    and the step gets per-example losses (federated/dp.py), as it does with `per_example`."""
     scalars: list[float] = []
     losses: list[float] = []
     for t in range(0, plan.num_steps, seeds_per_step):
         loss_fn: Callable[[], Any]
         if dp is None:
             ids = state.example_ids[state.pointer.next_batch(batch_size)]
-            loss_fn = functools.partial(model.loss, ids)
+            loss_fn = functools.partial(model.example_losses if per_example else model.loss, ids)
         else:
             ids = state.example_ids[dp.batch(state.num_samples)]
             loss_fn = (functools.partial(model.example_losses, ids) if len(ids)
@@ -171,8 +177,9 @@ def run_client(
     """Algorithm 2, step 1: T two-point steps from the global sparse vector; upload T scalars.
 
     `update` replaces the plain SGD update (see zo.step.zo_step). With `perturbations` P > 1 or
-    the one-sided estimator, each step takes P consecutive seeds of the plan on one batch
-    (zo.step.zo_multi_step) and uploads one scalar per seed: plan.num_steps counts seeds.
+    the one-sided or per-example estimator, each step takes P consecutive seeds of the plan on
+    one batch (zo.step.zo_multi_step) and uploads one scalar per seed: plan.num_steps counts
+    seeds.
     With `dp`, each scalar is differentially private (federated/dp.py)."""
     check_steps(plan, lr)
     if dp is not None and (perturbations != 1 or estimator != "two-point" or update is not None):
@@ -184,6 +191,11 @@ def run_client(
     if p < 1 or plan.num_steps % p:
         raise ValueError(f"plan asks for {plan.num_steps} seeds, not a multiple of "
                          f"perturbations={p}")
+    per_example = estimator == "per-example"
+    if per_example and batch_size % p:
+        raise ValueError(f"batch_size={batch_size} is not a multiple of perturbations={p} "
+                         "(zo_estimator=per-example)")
+    offsets = model.example_offsets() if per_example else None
     device = model.view.device  # theta, z and the update live with the model
     theta = sync_client(state, plan, device=device).clone()
     model.view.write(theta)
@@ -200,10 +212,11 @@ def run_client(
             return [zo_step(model.view, theta, plan.seeds[t], eps=eps, lr=lr[t],
                             weight_decay=weight_decay, update=update, loss_fn=loss_fn)]
         return zo_multi_step(model.view, theta, plan.seeds[t:t + p], eps=eps, lrs=lr[t:t + p],
-                             estimator=estimator, weight_decay=weight_decay, loss_fn=loss_fn)
+                             estimator=estimator, weight_decay=weight_decay, loss_fn=loss_fn,
+                             offsets=offsets)
 
     reply = run_steps(state, plan, model, step, batch_size=batch_size, seeds_per_step=p,
-                      on_step=on_step, dp=private)
+                      on_step=on_step, dp=private, per_example=per_example)
     if private is not None:
         private.save()  # the generator continues where it stopped (and never leaves)
     return reply

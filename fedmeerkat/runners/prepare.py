@@ -33,6 +33,7 @@ from fedmeerkat.tasks import load_task
 from fedmeerkat.tasks.base import TaskData
 from fedmeerkat.tasks.common import with_validation
 from fedmeerkat.zo import SparseMask, SparseView
+from fedmeerkat.zo.per_example import ExampleOffsets
 from fedmeerkat.zo.seeds import DATA_ORDER, SITE_SPLIT, mix
 
 
@@ -64,6 +65,7 @@ class SharedModel:
         self.prep = prep
         self.view = view
         self.parameters = dict(prep.model.named_parameters())  # first-order baselines
+        self._offsets: ExampleOffsets | None = None
 
     def loss(self, example_ids: np.ndarray) -> float:
         p = self.prep
@@ -74,6 +76,13 @@ class SharedModel:
         p = self.prep
         batch = p.scorer.collate([p.train_ids[i] for i in example_ids], p.train_labels[example_ids])
         return p.scorer.example_losses(batch)
+
+    def example_offsets(self) -> ExampleOffsets:
+        """The model's per-example perturbation hooks, built on first use (one set per model:
+        they are inactive outside a per-example step)."""
+        if self._offsets is None:
+            self._offsets = ExampleOffsets(self.prep.model, self.view.mask)
+        return self._offsets
 
     def loss_tensor(self, example_ids: np.ndarray) -> torch.Tensor:
         """The same loss with its autograd graph (fedavg-backprop)."""

@@ -81,8 +81,11 @@ def run(cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
                          **space.server_options)
     del theta0  # the server holds its own copy: no spare model-size vector for full-fedzo
     progress = Progress(server, cfg.rounds, quiet)
+    shared = SharedModel(prep, space.view)
+    if cfg.zo_estimator == "per-example":
+        shared.example_offsets()  # a mask off the linear layers is refused before round 1
     host = ClientHost(get_method(cfg.method), cfg.method_settings, server.settings,
-                      SharedModel(prep, space.view), {s.client_id: s for s in states},
+                      shared, {s.client_id: s for s in states},
                       progress.on_step, dp=dp_of(cfg))
     evaluator = LocalEvaluator(prep, space.view, cfg.eval_batch_size)
     session = Session(cfg, folder, server, InProcessTransport(host), evaluator, states,

@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from fedmeerkat.zo.per_example import ExampleOffsets
 from fedmeerkat.zo.perturb import draw_z, sgd_update, to_float32
 from fedmeerkat.zo.sparse import SparseView
 
@@ -93,7 +95,7 @@ def zo_step_private(
                       loss_minus=float(minus.mean()) if minus.size else 0.0)
 
 
-ESTIMATORS = ("two-point", "one-sided")
+ESTIMATORS = ("two-point", "one-sided", "per-example")
 
 
 def forwards_per_direction(estimator: str, perturbations: int) -> float:
@@ -102,6 +104,8 @@ def forwards_per_direction(estimator: str, perturbations: int) -> float:
         return 2.0
     if estimator == "one-sided":
         return (perturbations + 1) / perturbations
+    if estimator == "per-example":  # the step's two forwards carry all P directions
+        return 2.0 / perturbations
     raise ValueError(f"unknown zo_estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
 
 
@@ -113,9 +117,10 @@ def zo_multi_step(
     *,
     eps: float,
     lrs: Sequence[float],
-    loss_fn: Callable[[], float],
+    loss_fn: Callable[[], Any],
     estimator: str = "two-point",
     weight_decay: float = 0.0,
+    offsets: ExampleOffsets | None = None,
 ) -> list[StepResult]:
     """One step along P = len(seeds) directions, all estimated at the same theta on the same
     batch, then applied as P plain SGD updates in seed order (lrs: one per direction, the
@@ -124,16 +129,25 @@ def zo_multi_step(
     estimator "two-point": g_i = (f(theta+eps z_i) - f(theta-eps z_i)) / (2 eps), 2P forwards
     (MeZO's n-SPSA; DeComFL's P perturbations). "one-sided": g_i = (f(theta+eps z_i) - f(theta))
     / eps with the one baseline f(theta) shared by the P directions, P+1 forwards (FZOO's
-    batched one-sided estimate, without its step normalisation).
+    batched one-sided estimate, without its step normalisation). "per-example": two forwards
+    in all; example i of the batch is scored at theta +- eps z_(i mod P) through `offsets`
+    (zo.per_example), so `loss_fn` returns each example's loss, and g_j is the mean of
+    (f_i(theta+eps z_j) - f_i(theta-eps z_j)) / (2 eps) over direction j's examples (GRZO's
+    one perturbation per example, Tan et al. 2026). The batch must be a multiple of P.
 
     Each direction uploads its own scalar, and applying the P updates one after another is
     exactly what a replay does with P consecutive seeds (`replay_many`), so the protocol, the
     virtual path and the scalar downlink stay those of plain Meerkat.
-    Memory: theta, its updated copy and one z, each nnz floats.
+    Memory: theta, its updated copy and one z, each nnz floats (per-example: all P z at once).
     """
     if len(seeds) != len(lrs) or not seeds:
         raise ValueError(f"{len(seeds)} seeds for {len(lrs)} learning rates")
     forwards_per_direction(estimator, len(seeds))  # checks the name
+    if estimator == "per-example":
+        if offsets is None:
+            raise ValueError("the per-example estimator needs the model's ExampleOffsets")
+        return _per_example_step(view, theta, seeds, eps=eps, lrs=lrs, losses_fn=loss_fn,
+                                 offsets=offsets, weight_decay=weight_decay)
     new = theta.clone()
     base = None
     if estimator == "one-sided":
@@ -154,6 +168,31 @@ def zo_multi_step(
         sgd_update(new, z, g, lr, weight_decay)
         out.append(StepResult(g=g, loss_plus=loss_plus, loss_minus=loss_minus))
     theta.copy_(new)
+    view.write(theta)
+    return out
+
+
+def _per_example_step(view: SparseView, theta: torch.Tensor, seeds: Sequence[int], *, eps: float,
+                      lrs: Sequence[float], losses_fn: Callable[[], Any],
+                      offsets: ExampleOffsets, weight_decay: float) -> list[StepResult]:
+    p = len(seeds)
+    zs = torch.stack([draw_z(seed, theta.numel(), device=theta.device) for seed in seeds])
+    view.write(theta)  # the hooks add the offsets to theta as written
+    with offsets.applied(eps * zs):
+        plus = np.asarray(losses_fn(), dtype=np.float64)
+    with offsets.applied(-eps * zs):
+        minus = np.asarray(losses_fn(), dtype=np.float64)
+    if plus.size % p or plus.size == 0:
+        raise ValueError(f"a batch of {plus.size} examples for {p} per-example directions "
+                         "(batch_size must be a multiple of perturbations)")
+    # example i belongs to direction i mod P
+    diff = ((plus - minus) / (2.0 * eps)).reshape(-1, p)
+    up, down = plus.reshape(-1, p).mean(axis=0), minus.reshape(-1, p).mean(axis=0)
+    out = []
+    for j, lr in enumerate(lrs):
+        g = to_float32(float(diff[:, j].mean()))
+        sgd_update(theta, zs[j], g, lr, weight_decay)  # the order replay applies them in
+        out.append(StepResult(g=g, loss_plus=float(up[j]), loss_minus=float(down[j])))
     view.write(theta)
     return out
 

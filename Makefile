@@ -46,12 +46,18 @@ results: install
 	    "subspace_probe.py --arms avg avg-2x-lr --seed 0" "subspace_probe.py --arms avg avg-2x-lr --seed 1" \
 	    "subspace_probe.py --arms avg --seed 0 --steps 1500 --eval-every 250" \
 	    "subspace_probe.py --arms avg --seed 1 --steps 1500 --eval-every 250" \
+	    "subspace_probe.py --arms per-example per-example-2x-lr --seed 0" \
+	    "subspace_probe.py --arms per-example-same-lr per-example-2x-lr --seed 1" \
+	    "subspace_probe.py --arms per-example-same-lr --seed 2" \
+	    "subspace_probe.py --arms per-example-same-lr --seed 0" "subspace_probe.py --variance" \
 	    "run_defaults.py --threads 2 dtype=bfloat16" "run_defaults.py --threads 2 dtype=bfloat16 seed=1" \
 	    "run_defaults.py --threads 2 dtype=bfloat16 clients_per_round=1 rounds=200 eval_every=20"; do \
 	  echo "== $$cmd"; OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python $$cmd || exit 1; done
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --fresh && \
 	  ATEN_CPU_CAPABILITY=avx2 OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python demo_sweep.py --only demo --tag avx2
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python learning.py
+	cd benchmarks && for cmd in "dp_utility.py" "zo_efficiency.py --plan full" "zo_efficiency.py --timing-only"; do \
+	  echo "== $$cmd"; OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python $$cmd || exit 1; done
 	$(MAKE) experiments
 
 lint: install

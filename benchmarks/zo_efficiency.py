@@ -73,6 +73,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # plain lr (each direction at half of it), since at 4 x it missed plain's final validation
 # ROC-AUC at two seeds of three; judged by the same forwards-to-target as every variant
 VARIANTS["one-sided-p4-lr2x"] = {**VARIANTS["one-sided-p4"], "lr_factor": 2}
+# One direction per example (zo_estimator=per-example, P = 16 = the batch), added a session
+# later after subspace_probe.py's runs: two forwards a step as plain's, 100 steps = 200
+# forwards a round. Each direction's scalar comes from one example, so the step's expected
+# value is lr / P * sum_j grad f_j = lr times the batch gradient: the lr that gives plain's
+# expected step is plain's own (lr_factor 1), not P x it as for the averaged estimators
+# above. lr2x: twice that, the lr the probe ran next (its lower noise is what could let a
+# larger lr through).
+VARIANTS["per-example-p16"] = {"perturbations": 16, "zo_estimator": "per-example",
+                               "rounds": 3, "local_steps": 100, "eval_every": 1,
+                               "lr_factor": 1}
+VARIANTS["per-example-p16-lr2x"] = {**VARIANTS["per-example-p16"], "lr_factor": 2}
+# the variants whose step is timed (an lr2x variant's step is its estimator's)
+TIMED = [n for n, v in VARIANTS.items() if v.get("lr_factor", 1) == 1]
 # K = 10 Dirichlet clients, one per round (the learning benchmark's federated setting): the
 # plain runs are the privacy benchmark's non-private K = 10 runs (dp_utility.py, k10-epsinf:
 # 30 rounds of 10 steps, evaluated every 10 rounds = 200 forwards); the variant at the same 30
@@ -81,7 +94,9 @@ K10_VARIANTS: dict[str, dict[str, Any]] = {
     "one-sided-p4": {**VARIANTS["one-sided-p4"], "rounds": 30, "local_steps": 4,
                      "eval_every": 10},
 }
-PLANS = {"session": {"central": (["one-sided-p4", "one-sided-p4-lr2x"], learning.SEEDS)},
+# the session plan once took a subset of the variants; a group is written with the variants its
+# plan names, so it now names them all (the finished ones are read back, not run)
+PLANS = {"session": {"central": (list(VARIANTS), learning.SEEDS)},
          "full": {"central": (list(VARIANTS), learning.SEEDS),
                   "k10": (list(K10_VARIANTS), learning.SEEDS)},
          # a lent GPU (fewer-forwards issue, point 7): plain and the CPU groups' best variant,
@@ -174,6 +189,7 @@ def step_timing(repeat: int = 3, device: str = "cpu") -> dict[str, Any]:
     from fedmeerkat.models.scoring import LabelScorer, encode_prompts
     from fedmeerkat.tasks import load_task
     from fedmeerkat.zo import SparseView, round_seeds, zo_multi_step, zo_step
+    from fedmeerkat.zo.per_example import ExampleOffsets
 
     model, tok = load_model("smollm2-135m", dtype="bfloat16", device=device)  # as the runs
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -192,14 +208,16 @@ def step_timing(repeat: int = 3, device: str = "cpu") -> dict[str, Any]:
     out: dict[str, Any] = {"forward": timeit(lambda: scorer.loss(batch), repeat=repeat)}
     out["plain"] = timeit(lambda: zo_step(view, theta, next(seeds), eps=1e-3, lr=1e-9,
                                           loss_fn=lambda: scorer.loss(batch)), repeat=repeat)
-    for name, v in VARIANTS.items():
-        if "lr_factor" in v:  # the same step as its estimator's, at another lr
-            continue
-        p = v["perturbations"]
-        out[name] = timeit(lambda p=p, v=v: zo_multi_step(
+    offsets = ExampleOffsets(model, view.mask)
+    for name in TIMED:
+        v = VARIANTS[name]
+        p, per_example = v["perturbations"], v["zo_estimator"] == "per-example"
+        losses = (lambda: scorer.example_losses(batch)) if per_example else (
+            lambda: scorer.loss(batch))
+        out[name] = timeit(lambda p=p, v=v, losses=losses: zo_multi_step(
             view, theta, [next(seeds) for _ in range(p)], eps=1e-3, lrs=[1e-9] * p,
-            estimator=v["zo_estimator"], loss_fn=lambda: scorer.loss(batch)), repeat=repeat)
-    for name in ("plain", *(n for n, v in VARIANTS.items() if "lr_factor" not in v)):
+            estimator=v["zo_estimator"], loss_fn=losses, offsets=offsets), repeat=repeat)
+    for name in ("plain", *TIMED):
         p = VARIANTS[name]["perturbations"] if name in VARIANTS else 1
         out[name]["per_direction_s"] = out[name]["median_s"] / p
         out[name]["x_forward"] = out[name]["median_s"] / out["forward"]["median_s"]
@@ -353,7 +371,10 @@ def save(args, pick, groups, previous, started) -> None:
         data = {
             "plan": args.plan, "budget_forwards": BUDGET, "plain": pick,
             "lr_rule": "variant lr = perturbations x the plain pick's lr (no search); "
-                       "one-sided-p4-lr2x, added after those runs: 2 x the plain pick's lr",
+                       "one-sided-p4-lr2x, added after those runs: 2 x the plain pick's lr; "
+                       "per-example-p16 (added a session later): the plain pick's lr, which "
+                       "gives plain's expected step (each direction sees one example), and "
+                       "per-example-p16-lr2x 2 x it",
             "versions": {"fedmeerkat": fedmeerkat.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__,
                          "cpu_capability": torch.backends.cpu.get_cpu_capability(),

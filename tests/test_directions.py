@@ -179,6 +179,14 @@ def test_efficiency_benchmark_counts_forwards_to_the_plain_runs_final_validation
         ["one-sided-p4-lr2x"], (0,))[0][1]
     assert abs(c2["lr"] - 2e-4) < 1e-12 and "lr_factor" not in c2
     assert {k: v for k, v in c2.items() if k != "lr"} == {k: v for k, v in c.items() if k != "lr"}
+    # per-example: the plain lr (the same expected step), two forwards a step, the same budget
+    pe = mod.variant_runs({"name": "zo-lr1e-4-seed0", "settings": {
+        "lr": 1e-4, "rounds": 6, "local_steps": 50, "eval_every": 2, "seed": 0}},
+        ["per-example-p16", "per-example-p16-lr2x"], (0,))
+    assert [abs(c["lr"] - f * 1e-4) < 1e-12 for (_, c), f in zip(pe, (1, 2), strict=True)] == [True, True]
+    assert all(c["rounds"] * c["local_steps"] * forwards_per_direction(
+        c["zo_estimator"], c["perturbations"]) * c["perturbations"] == mod.BUDGET for _, c in pe)
+    assert "per-example-p16" in mod.TIMED and "per-example-p16-lr2x" not in mod.TIMED
     # K = 10: one client a round, at the plain K = 10 runs' 30 rounds and evaluation points
     k10 = mod.variant_runs({"name": "zo-lr1e-4-seed0", "settings": {
         "lr": 1e-4, "rounds": 6, "local_steps": 50, "eval_every": 2, "seed": 0}},

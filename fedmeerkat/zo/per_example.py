@@ -7,15 +7,20 @@ the two forwards of a step estimate P directions at once, each from its own exam
 differences (the idea of GRZO, Tan et al. 2026: one perturbation per example in the same
 forward), instead of one direction from the batch mean.
 
-Each layer takes one of two forms, whichever moves less memory: a gather of the masked input
-columns, a scale and a scatter into the masked rows (cost ~ B * L * entries), or, where the
-layer's masked entries are dense enough, the per-example delta matrices built once per
-forward and one batched matmul (cost ~ B * L * rows * cols of the masked block). Both run in
-float32 on the model's device and add to the output before it is rounded to the model's dtype.
+Each layer takes one of two forms: a gather of the masked input columns, a scale and a scatter
+into the masked rows, reading and writing only the rows and columns the mask touches (cost ~
+B * L * entries), or, where at least DENSE_SHARE of the layer's weight is masked and the B
+per-example delta matrices fit in 4 x CHUNK_VALUES floats, those matrices and one batched
+matmul.
+Both run in float32 on the model's device and add to the output before it is rounded to the
+model's dtype, so the hooks change a forward's cost little (zo_efficiency.py's step timing).
 
-Memory: the P x nnz offsets plus one layer's temporaries at a time (the gather form is chunked
-to CHUNK_VALUES floats). The masked tensors must be `.weight`s of `torch.nn.Linear` modules
-(LoRA adapters included); anything else is refused when the hooks are built.
+Memory: the P x nnz offsets plus one layer's temporaries at a time: at most CHUNK_VALUES
+floats (16 MiB) in the gather form, 4 x that in the matmul form (SmolLM2's densest masked
+layer takes 21 MB at batch 16; a large model's layers are too big for it), besides the
+layer's input and output in float32. The masked tensors must be
+`.weight`s of `torch.nn.Linear` modules (LoRA adapters included); anything else is refused
+when the hooks are built.
 """
 
 from __future__ import annotations

@@ -2,12 +2,15 @@
 
     python benchmarks/memory_ratio.py [--model smollm2-135m] [--dtype float32] [--batch 16]
                                       [--fail-above 1.05] [--repeats 1] [--name NAME]
+                                      [--estimator two-point|per-example]
 
 Two kinds of fresh process (ru_maxrss is a per-process high-water mark), both on the real path
 (`runners.prepare.prepare`: load_model, rotten_tomatoes prompts at max_length 48, LabelScorer):
 "inference" scores one batch of `--batch` training prompts three times; "meerkat" binds a
 random mask at density 1e-3 with SparseView (as runners/spaces.py does) and runs 2 `zo_step`s
-on the same batch. The ratio is meerkat's peak over inference's (medians over `--repeats`).
+on the same batch (`--estimator per-example`: 2 steps of zo_estimator=per-example with one
+direction per example, P = --batch, through the model's forward hooks; the result file then
+ends in _per_example). The ratio is meerkat's peak over inference's (medians over `--repeats`).
 Holding the weights twice (re-homing the masked matrices into a buffer while the loaded ones
 stay resident) shows as about 1.4x on SmolLM2; the target is 1.05x. Above `--fail-above` the
 script says so loudly and exits 1 (after writing the result file). Writes
@@ -34,12 +37,12 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def child(kind: str, model: str, dtype: str, batch: int) -> dict:
+def child(kind: str, model: str, dtype: str, batch: int, estimator: str = "two-point") -> dict:
     import numpy as np
 
     from fedmeerkat.config import load_config
     from fedmeerkat.runners.prepare import SharedModel, prepare
-    from fedmeerkat.zo import SparseView, zo_step
+    from fedmeerkat.zo import SparseView, zo_multi_step, zo_step
     from fedmeerkat.zo.mask_kinds import random_mask
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +63,13 @@ def child(kind: str, model: str, dtype: str, batch: int) -> dict:
     theta = view.gather()
     setup = _peak_mib()
     for t in range(2):
-        zo_step(view, theta, 1000 + t, eps=1e-3, lr=1e-6, loss_fn=lambda: shared.loss(ids))
+        if estimator == "per-example":
+            seeds = [1000 + batch * t + j for j in range(batch)]
+            zo_multi_step(view, theta, seeds, eps=1e-3, lrs=[1e-6 / batch] * batch,
+                          estimator=estimator, loss_fn=lambda: shared.example_losses(ids),
+                          offsets=shared.example_offsets())
+        else:
+            zo_step(view, theta, 1000 + t, eps=1e-3, lr=1e-6, loss_fn=lambda: shared.loss(ids))
     return {"kind": kind, "trainable": view.nnz, "load_peak_mib": round(loaded, 1),
             "setup_peak_mib": round(setup, 1), "peak_mib": round(_peak_mib(), 1)}
 
@@ -73,16 +82,17 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--fail-above", type=float, default=1.05)
     ap.add_argument("--name", default="")
+    ap.add_argument("--estimator", default="two-point", choices=("two-point", "per-example"))
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.child:
-        print(json.dumps(child(ns.child, ns.model, ns.dtype, ns.batch)))
+        print(json.dumps(child(ns.child, ns.model, ns.dtype, ns.batch, ns.estimator)))
         return 0
     rows: dict[str, list[dict]] = {k: [] for k in KINDS}
     for _ in range(ns.repeats):
         for kind in KINDS:
             cmd = [sys.executable, __file__, "--child", kind, "--model", ns.model,
-                   "--dtype", ns.dtype, "--batch", str(ns.batch)]
+                   "--dtype", ns.dtype, "--batch", str(ns.batch), "--estimator", ns.estimator]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True,
                                  env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
             rows[kind].append(json.loads(res.stdout.strip().splitlines()[-1]))
@@ -91,12 +101,15 @@ def main() -> int:
     ratio = peak["meerkat"] / peak["inference"]
     holds = ratio <= ns.fail_above
     name = ns.name or ("memory_ratio_" + ns.model.replace("/", "_").replace("-135m", "")
-                       + ("" if ns.dtype == "float32" else f"_{ns.dtype}"))
+                       + ("" if ns.dtype == "float32" else f"_{ns.dtype}")
+                       + ("" if ns.estimator == "two-point" else "_per_example"))
     write_result(name, {
         "model": ns.model, "dtype": ns.dtype, "batch": ns.batch, "max_length": 48,
+        "estimator": ns.estimator,
         "task": "rotten_tomatoes", "repeats": ns.repeats, "unit": "MiB peak RSS (ru_maxrss)",
         "setting": "inference: 3 label-scoring forwards; meerkat: random mask 1e-3, SparseView, "
-                   "2 zo_steps; same batch, fresh processes",
+                   "2 zo_steps (per-example: 2 steps of one direction per example); same batch, "
+                   "fresh processes",
         "rows": rows, "median_peak_mib": peak, "ratio_meerkat_over_inference": round(ratio, 4),
         "fail_above": ns.fail_above, "holds": holds})
     print(f"peak RSS: inference {peak['inference']:.0f} MiB, meerkat steps "

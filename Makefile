@@ -37,6 +37,7 @@ results: install
 	cd benchmarks && for cmd in "bytes.py" "step_cost.py" "device.py" "memory.py" \
 	    "memory.py --model smollm2-135m --seq 64 --out results/memory_smollm2.json" \
 	    "memory_ratio.py --repeats 2" "memory_ratio.py --repeats 2 --dtype bfloat16" \
+	    "memory_ratio.py --repeats 2 --estimator per-example" \
 	    "clients_memory.py --repeats 5" "server_cost.py" "demo.py --fresh-cache" "fault_suite.py" \
 	    "deploy_overhead.py" "deploy_overhead.py --payload-bytes 424704" "deploy_smollm2.py" \
 	    "noise_scale.py" "subspace_probe.py --arms plain span-linear --seed 0" \

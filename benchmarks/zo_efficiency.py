@@ -18,7 +18,11 @@ Variants (config keys `perturbations` P and `zo_estimator`, zo.step.zo_multi_ste
                  full plan only;
   one-sided-p4-lr2x
                  one-sided-p4 at 2 x the plain pick's lr, the one point outside the lr rule,
-                 added after the rule's runs (see VARIANTS).
+                 added after the rule's runs (see VARIANTS);
+  per-example-p16, per-example-p16-lr2x
+                 one direction per example of the batch (P = 16) in the same two forwards a
+                 step (zo_estimator=per-example, GRZO's idea), at the plain pick's lr and 2 x it
+                 (added a session later; see VARIANTS for why its lr is not P x).
 lr rule, stated before any run (no search): the variant's lr is P x the plain pick's, so each
 direction moves with the plain step's lr and the step is the mean of P estimates.
 
@@ -29,7 +33,8 @@ Wall time per step is measured apart (`step_timing`: steps of each variant on on
 on the packaged SmolLM2), so evaluations and start-up do not blur it.
 
 Groups: `central` (one IID client) and, in the full plan, `k10` (K = 10 Dirichlet clients,
-one per round: the plain runs are dp_utility.py's non-private K = 10 runs). The cuda plan, for
+one per round: the plain runs are dp_utility.py's non-private K = 10 runs; one-sided-p4 and
+per-example-p16). The cuda plan, for
 a lent GPU: `central-cuda`, plain and one-sided-p4 at seeds 0-2 with `device=cuda`, plain run
 there too (not read from the CPU's learning benchmark); `--timing-only --device cuda` writes
 `step_timing_cuda` beside the CPU's `step_timing`. Not run yet: no GPU has been lent. runs/ is not
@@ -93,6 +98,9 @@ TIMED = [n for n, v in VARIANTS.items() if v.get("lr_factor", 1) == 1]
 K10_VARIANTS: dict[str, dict[str, Any]] = {
     "one-sided-p4": {**VARIANTS["one-sided-p4"], "rounds": 30, "local_steps": 4,
                      "eval_every": 10},
+    # two forwards a step as plain's: plain's 10 steps a round, 16 seeds each
+    "per-example-p16": {**VARIANTS["per-example-p16"], "rounds": 30, "local_steps": 10,
+                        "eval_every": 10},
 }
 # the session plan once took a subset of the variants; a group is written with the variants its
 # plan names, so it now names them all (the finished ones are read back, not run)

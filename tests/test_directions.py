@@ -194,6 +194,11 @@ def test_efficiency_benchmark_counts_forwards_to_the_plain_runs_final_validation
     assert (k10["clients"], k10["clients_per_round"], k10["partition"]) == (10, 1, "dirichlet")
     assert k10["rounds"] * k10["local_steps"] * 5 == mod.BUDGET and k10["rounds"] == 30
     assert k10["eval_every"] * k10["local_steps"] * 5 == 200
+    k10pe = mod.variant_runs({"name": "zo-lr1e-4-seed0", "settings": {
+        "lr": 1e-4, "rounds": 6, "local_steps": 50, "eval_every": 2, "seed": 0}},
+        ["per-example-p16"], (0,), "k10")[0][1]
+    assert k10pe["rounds"] * k10pe["local_steps"] * 2 == mod.BUDGET and k10pe["lr"] == 1e-4
+    assert k10pe["eval_every"] * k10pe["local_steps"] * 2 == 200
 
 
 def test_efficiency_benchmark_keeps_unreached_records_while_it_runs(tmp_path, monkeypatch):

@@ -145,7 +145,10 @@ EPS, BATCH = 1e-3, 16
 class PerExampleDirections:
     """Forward hooks that score example j of a batch at theta + Z[j] on the masked linear
     layers (theta itself stays written in the model): output_j += x_j S_j^T, with S_j the
-    sparse matrix holding Z[j]'s values of that layer at its masked coordinates."""
+    sparse matrix holding Z[j]'s values of that layer at its masked coordinates. The first
+    form of what became fedmeerkat.zo.per_example.ExampleOffsets (which computes the same sums
+    in another order of float ops, touching only the masked rows and columns), kept here as
+    the code that made this probe's figures."""
 
     def __init__(self, model, mask):
         self.z: torch.Tensor | None = None  # [B, nnz] float32 offsets, or None: plain forwards
@@ -170,6 +173,16 @@ class PerExampleDirections:
             acc = torch.zeros(out.shape[-1], b, n).index_add_(0, rows, part)
             return (out.float() + acc.permute(1, 2, 0)).to(out.dtype)
         return hook
+
+    def losses(self, scorer, batch, zs: torch.Tensor, eps: float):
+        """Each example's loss at theta + eps zs[j] and at theta - eps zs[j] (example j)."""
+        try:
+            self.z = eps * zs
+            up = scorer.example_losses(batch)
+            self.z = -eps * zs
+            return up, scorer.example_losses(batch)
+        finally:
+            self.z = None
 
     def remove(self) -> None:
         for h in self.handles:
@@ -234,11 +247,7 @@ def run_arm(arm: str, prep, view: SparseView, theta0: torch.Tensor, basis: torch
         in_span = lr_span is not None and (lr_plain is None or t % 2 == 1)
         if hooks is not None:
             zs = torch.randn(BATCH, d, generator=gen)
-            hooks.z = eps * zs
-            plus = prep.scorer.example_losses(batch)
-            hooks.z = -eps * zs
-            minus = prep.scorer.example_losses(batch)
-            hooks.z = None
+            plus, minus = hooks.losses(prep.scorer, batch, zs, eps)
             gs = torch.from_numpy((plus - minus) / (2 * eps)).float()
             window.append(0.5 * float(plus.mean() + minus.mean()))
             theta -= (lr_per_example / BATCH) * (gs @ zs)
@@ -351,11 +360,7 @@ def step_variance(seed: int, draws: int = 4, batches: int = 8) -> dict:
                     plain.append(((up - prep.scorer.loss(batch)) / (2 * eps)) ** 2)
                     view.write(theta)
                     zs = torch.randn(BATCH, d, generator=gen)
-                    hooks.z = eps * zs
-                    ups = prep.scorer.example_losses(batch)
-                    hooks.z = -eps * zs
-                    downs = prep.scorer.example_losses(batch)
-                    hooks.z = None
+                    ups, downs = hooks.losses(prep.scorer, batch, zs, eps)
                     per.append(float(np.mean(((ups - downs) / (2 * eps)) ** 2)) / BATCH)
             out[f"{dtype}-eps{eps:g}"] = {
                 "E_g2_plain": float(np.mean(plain)), "E_mean_gj2_over_B": float(np.mean(per)),

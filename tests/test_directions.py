@@ -126,8 +126,10 @@ def test_config_refuses_methods_of_one_direction():
         VPServer(settings, torch.zeros(3), [1, 1], vp=VPSettings())
 
 
-@pytest.mark.parametrize("estimator,p", [("one-sided", 3), ("per-example", 2)])
-def test_a_run_with_directions_learns_and_counts_seeds(estimator, p, tiny_model_dir,
+@pytest.mark.parametrize("estimator,p,method", [("one-sided", 3, "meerkat"),
+                                                ("per-example", 2, "meerkat"),
+                                                ("per-example", 4, "lora-fedzo")])
+def test_a_run_with_directions_learns_and_counts_seeds(estimator, p, method, tiny_model_dir,
                                                       sentiment_csv, calib_txt, isolated_cache,
                                                       tmp_path):
     from fedmeerkat.runners.simulation import run
@@ -137,7 +139,7 @@ def test_a_run_with_directions_learns_and_counts_seeds(estimator, p, tiny_model_
         "template": "{sentence} so it was", "label_words": [" bad", " good"],
         "calib_corpus": calib_txt, "calib_sequences": 4, "calib_seq_len": 32, "density": 0.01,
         "clients": 2, "rounds": 2, "local_steps": 2, "batch_size": 4, "lr": 1e-3,
-        "perturbations": p, "zo_estimator": estimator, "downlink": "scalars",
+        "perturbations": p, "zo_estimator": estimator, "downlink": "scalars", "method": method,
         "val_fraction": 0.0, "eval_every": 0, "out": str(tmp_path / "run")})
     run(cfg, quiet=True)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -13,7 +13,9 @@ B * L * entries), or, where at least DENSE_SHARE of the layer's weight is masked
 per-example delta matrices fit in 4 x CHUNK_VALUES floats, those matrices and one batched
 matmul.
 Both run in float32 on the model's device and add to the output before it is rounded to the
-model's dtype, so the hooks change a forward's cost little (zo_efficiency.py's step timing).
+model's dtype. Their cost grows with the rows and columns the mask touches: on this project's
+CPU a per-example step of SmolLM2 took twice a plain step's time on the step timing's
+magnitude mask (benchmarks/results/zo_efficiency.json, `step_timing`).
 
 Memory: the P x nnz offsets plus one layer's temporaries at a time: at most CHUNK_VALUES
 floats (16 MiB) in the gather form, 4 x that in the matmul form (SmolLM2's densest masked

@@ -216,15 +216,18 @@ def step_timing(repeat: int = 3, device: str = "cpu") -> dict[str, Any]:
     out: dict[str, Any] = {"forward": timeit(lambda: scorer.loss(batch), repeat=repeat)}
     out["plain"] = timeit(lambda: zo_step(view, theta, next(seeds), eps=1e-3, lr=1e-9,
                                           loss_fn=lambda: scorer.loss(batch)), repeat=repeat)
-    offsets = ExampleOffsets(model, view.mask)
     for name in TIMED:
         v = VARIANTS[name]
         p, per_example = v["perturbations"], v["zo_estimator"] == "per-example"
+        # the hooks only while their variant is timed (inactive ones are still called)
+        offsets = ExampleOffsets(model, view.mask) if per_example else None
         losses = (lambda: scorer.example_losses(batch)) if per_example else (
             lambda: scorer.loss(batch))
-        out[name] = timeit(lambda p=p, v=v, losses=losses: zo_multi_step(
+        out[name] = timeit(lambda p=p, v=v, losses=losses, offsets=offsets: zo_multi_step(
             view, theta, [next(seeds) for _ in range(p)], eps=1e-3, lrs=[1e-9] * p,
             estimator=v["zo_estimator"], loss_fn=losses, offsets=offsets), repeat=repeat)
+        if offsets is not None:
+            offsets.remove()
     for name in ("plain", *TIMED):
         p = VARIANTS[name]["perturbations"] if name in VARIANTS else 1
         out[name]["per_direction_s"] = out[name]["median_s"] / p

@@ -133,7 +133,8 @@ def zo_multi_step(
     in all; example i of the batch is scored at theta +- eps z_(i mod P) through `offsets`
     (zo.per_example), so `loss_fn` returns each example's loss, and g_j is the mean of
     (f_i(theta+eps z_j) - f_i(theta-eps z_j)) / (2 eps) over direction j's examples (GRZO's
-    one perturbation per example, Tan et al. 2026). The batch must be a multiple of P.
+    one perturbation per example, Tan et al. 2026). The batch must be a multiple of P, and the
+    model must hold theta as written (the hooks add to it; every step leaves it so).
 
     Each direction uploads its own scalar, and applying the P updates one after another is
     exactly what a replay does with P consecutive seeds (`replay_many`), so the protocol, the
@@ -175,9 +176,10 @@ def zo_multi_step(
 def _per_example_step(view: SparseView, theta: torch.Tensor, seeds: Sequence[int], *, eps: float,
                       lrs: Sequence[float], losses_fn: Callable[[], Any],
                       offsets: ExampleOffsets, weight_decay: float) -> list[StepResult]:
+    # the hooks add the offsets to the weights as written: the model must hold theta, as
+    # run_client leaves it after syncing and every step leaves it after its update
     p = len(seeds)
     zs = torch.stack([draw_z(seed, theta.numel(), device=theta.device) for seed in seeds])
-    view.write(theta)  # the hooks add the offsets to theta as written
     with offsets.applied(eps * zs):
         plus = np.asarray(losses_fn(), dtype=np.float64)
     with offsets.applied(-eps * zs):

@@ -385,6 +385,20 @@ PLANS["full"] = {
            {**LONG, "lr": 3e-4, "lr_schedule": "linear", "seed": s}) for s in (0, 1)]],
         {f"zo-lr1e-4-bf16-3000fw-seed{s}": "rt-central-long" for s in (0, 1)}),
     "rt-central-long-sched-seeds": ("seeds", "rt-central-long-sched", (0, 1)),
+    # one direction per example (zo_estimator=per-example, P = 16 = the batch) at twice the
+    # pick's lr for the 3,000-forward budget, against the pick's constant lr (rt-central-long's
+    # own runs) at every seed, by the same worst-seed rule on validation. Chosen before its
+    # runs, one setting only: it is the point zo_efficiency.json measured at 600 forwards
+    # (test +0.092 / +0.037 / +0.082 against the pick's +0.068 / +0.043 / +0.025), the closest
+    # to the 600-forward target; whether its lead holds where the pick misses +0.10. A step
+    # costs about twice the pick's on this CPU (the hooks), so a run is about 50-75 minutes.
+    "rt-central-long-per-example": ("grid", [
+        *[(f"zo-lr1e-4-bf16-3000fw-seed{s}", {**LONG, "lr": 1e-4, "seed": s}) for s in SEEDS],
+        *[(f"zo-lr2e-4-bf16-per-example-p16-3000fw-seed{s}",
+           {**LONG, "lr": 2e-4, "zo_estimator": "per-example", "perturbations": 16,
+            "seed": s}) for s in SEEDS]],
+        {f"zo-lr1e-4-bf16-3000fw-seed{s}": "rt-central-long" for s in SEEDS}),
+    "rt-central-long-per-example-seeds": ("seeds", "rt-central-long-per-example", SEEDS),
     # K = 10 at one local step a round (T = 1, the paper's Algorithm 3 shape): the same 600
     # forwards as rt-federated, one client a round, but 300 rounds of one step instead of 30
     # of ten, so no client walks ten steps on its own label skew before the next one takes
@@ -1069,6 +1083,11 @@ def save(args, plan, groups: dict[str, Any], started: float,
         "targets_centralized_bf16_long_pick": judge(
             bf16, fo, groups["rt-central-long-sched-seeds"]["runs"])
         if groups.get("rt-central-long-sched-seeds", {}).get("runs") else None,
+        # and for the 3,000-forward pick between the pick's constant lr and per-example
+        # directions at 2 x it (rt-central-long-per-example, on validation)
+        "targets_centralized_bf16_long_per_example_pick": judge(
+            bf16, fo, groups["rt-central-long-per-example-seeds"]["runs"])
+        if groups.get("rt-central-long-per-example-seeds", {}).get("runs") else None,
         "targets_federated_batch_pick": judge_federated(
             groups.get("rt-federated-batch", {}).get("runs", []),
             groups.get("rt-central-batch-seeds", {}).get("runs", [])),
@@ -1205,6 +1224,12 @@ def markdown(data: dict[str, Any]) -> str:
                                                   "against a linear schedule from 3e-4 "
                                                   "(validation only)"),
                         ("rt-central-long-sched-seeds", "The 3,000-forward pick (test)"),
+                        ("rt-central-long-per-example", "3,000 forwards: the pick's "
+                                                        "constant lr against per-example "
+                                                        "directions at 2 x it (validation "
+                                                        "only)"),
+                        ("rt-central-long-per-example-seeds", "The 3,000-forward pick between "
+                                                              "them (test)"),
                         ("rt-central-batch", "Batch 4, 8 and 16 at the same examples in bf16 "
                                              "at every seed (validation only)"),
                         ("rt-central-batch-seeds", "The batch pick at three seeds (test)"),

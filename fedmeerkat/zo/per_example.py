@@ -12,10 +12,13 @@ into the masked rows, reading and writing only the rows and columns the mask tou
 B * L * entries), or, where at least DENSE_SHARE of the layer's weight is masked and the B
 per-example delta matrices fit in 4 x CHUNK_VALUES floats, those matrices and one batched
 matmul.
-Both run in float32 on the model's device and add to the output before it is rounded to the
-model's dtype. Their cost grows with the rows and columns the mask touches: on this project's
-CPU a per-example step of SmolLM2 took twice a plain step's time on the step timing's
-magnitude mask (benchmarks/results/zo_efficiency.json, `step_timing`).
+Both run in float32 on the model's device; the offset's contribution is added to the layer's
+output in float32 and the sum rounded to the model's dtype (in bf16 the layer's own output has
+been rounded once already: the perturbation is not in the weights, so the two rounding paths
+differ from a forward with written weights by bf16 rounding; in float32 the tests hold them to
+a relative 1e-5, the order of summation). Their cost grows with the rows and columns the mask
+touches: on this project's CPU a per-example step of SmolLM2 took twice a plain step's time
+on the step timing's magnitude mask (benchmarks/results/zo_efficiency.json, `step_timing`).
 
 Memory: the P x nnz offsets plus one layer's temporaries at a time: at most CHUNK_VALUES
 floats (16 MiB) in the gather form, 4 x that in the matmul form (SmolLM2's densest masked

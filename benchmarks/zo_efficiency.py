@@ -2,6 +2,7 @@
 
     python benchmarks/zo_efficiency.py [--plan session|full|cuda] [--only GROUP ...]
     python benchmarks/zo_efficiency.py --timing-only [--device cpu|cuda]
+                                       [--timing-mask magnitude|calibration]
 
 Plain sparse ZO-SGD is the learning benchmark's pick with the forward in bf16
 (benchmarks/learning.py, its rt-central-bf16 runs are read back, not re-run: the same
@@ -30,7 +31,11 @@ Forwards-to-target: per seed, the first evaluated point whose VALIDATION primary
 the plain run's final validation metric (the target of the fewer-forwards issue), in forwards;
 None if not reached within the budget. Test ROC-AUC at the same budget is reported beside it.
 Wall time per step is measured apart (`step_timing`: steps of each variant on one batch of 16
-on the packaged SmolLM2), so evaluations and start-up do not blur it.
+on the packaged SmolLM2), so evaluations and start-up do not blur it. Its mask is SmolLM2's
+largest weights at density 1e-3 (`magnitude`, made in a second on any checkout); the
+per-example hooks' cost grows with the rows and columns a mask touches, so `--timing-mask
+calibration` times the same steps on the runs' own calibration mask (the learning benchmark's
+grid mask, computed if missing) and writes `step_timing_calibration_mask`.
 
 Groups: `central` (one IID client) and, in the full plan, `k10` (K = 10 Dirichlet clients,
 one per round: the plain runs are dp_utility.py's non-private K = 10 runs; one-sided-p4 and
@@ -188,15 +193,16 @@ def compare(plain: list[dict], variants: dict[str, list[dict]]) -> dict[str, Any
     return out
 
 
-def step_timing(repeat: int = 3, device: str = "cpu") -> dict[str, Any]:
+def step_timing(repeat: int = 3, device: str = "cpu", mask: str = "magnitude") -> dict[str, Any]:
     """Seconds per step (and per direction) of plain ZO-SGD and each variant, one batch of 16,
-    the model in bf16 as in the runs, on `device` (each timed call ends synchronized)."""
+    the model in bf16 as in the runs, on `device` (each timed call ends synchronized), on the
+    weight-magnitude mask or the runs' calibration mask (`mask`)."""
     from step_cost import magnitude_mask
 
     from fedmeerkat.models.loading import load_model
     from fedmeerkat.models.scoring import LabelScorer, encode_prompts
     from fedmeerkat.tasks import load_task
-    from fedmeerkat.zo import SparseView, round_seeds, zo_multi_step, zo_step
+    from fedmeerkat.zo import SparseMask, SparseView, round_seeds, zo_multi_step, zo_step
     from fedmeerkat.zo.per_example import ExampleOffsets
 
     model, tok = load_model("smollm2-135m", dtype="bfloat16", device=device)  # as the runs
@@ -210,10 +216,16 @@ def step_timing(repeat: int = 3, device: str = "cpu") -> dict[str, Any]:
     ex = task.train[:16]
     batch = scorer.collate(encode_prompts(tok, [task.spec.render(e) for e in ex], 48),
                            [e.label for e in ex])
-    view = SparseView(dict(model.named_parameters()), magnitude_mask(model, 1e-3))
+    if mask == "calibration":
+        learning.ensure_grid_mask()
+        chosen = SparseMask.load(learning.GRID_MASK)
+    else:
+        chosen = magnitude_mask(model, 1e-3)
+    view = SparseView(dict(model.named_parameters()), chosen)
     theta = view.gather()
     seeds = iter(round_seeds(0, 1, 10_000))
-    out: dict[str, Any] = {"forward": timeit(lambda: scorer.loss(batch), repeat=repeat)}
+    out: dict[str, Any] = {"mask": mask, "nnz": view.nnz,
+                           "forward": timeit(lambda: scorer.loss(batch), repeat=repeat)}
     out["plain"] = timeit(lambda: zo_step(view, theta, next(seeds), eps=1e-3, lr=1e-9,
                                           loss_fn=lambda: scorer.loss(batch)), repeat=repeat)
     for name in TIMED:
@@ -242,15 +254,20 @@ def main() -> None:
     ap.add_argument("--timing-only", action="store_true")
     ap.add_argument("--device", default="cpu",
                     help="--timing-only: where the steps are timed (cuda: step_timing_cuda)")
+    ap.add_argument("--timing-mask", default="magnitude", choices=("magnitude", "calibration"),
+                    help="--timing-only: the mask the steps perturb (calibration: "
+                         "step_timing_calibration_mask)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run")
     args = ap.parse_args()
     started = time.time()
     previous = (json.loads((RESULTS / "zo_efficiency.json").read_text())
                 if (RESULTS / "zo_efficiency.json").exists() else {})
     if args.timing_only:
-        key = "step_timing" if args.device == "cpu" else f"step_timing_{args.device}"
+        key = ("step_timing" + ("" if args.device == "cpu" else f"_{args.device}")
+               + ("" if args.timing_mask == "magnitude" else "_calibration_mask"))
         data = {**{k: v for k, v in previous.items() if k not in ("command", "machine")},
-                key: {**step_timing(device=args.device), "device": device_name(args.device)}}
+                key: {**step_timing(device=args.device, mask=args.timing_mask),
+                      "device": device_name(args.device)}}
         write_result("zo_efficiency", data)
         if "groups" in data:
             (learning.ROOT / "docs" / "zo_efficiency.md").write_text(markdown(data))
@@ -354,8 +371,11 @@ def markdown(data: dict[str, Any]) -> str:
         if not t:
             continue
         where = t.get("device", "cpu")
+        # records before the key existed were timed on the magnitude mask
+        mask = {"magnitude": "weight-magnitude mask", "calibration": "the runs' calibration "
+                "mask"}[t.get("mask", "magnitude")]
         lines += ["## Wall time per step (one batch of 16, SmolLM2 in bf16, fp32 master vector"
-                  f"; {where})", "",
+                  f"; {where}; {mask}, density 1e-3)", "",
                   "| | seconds a step | seconds a direction | x one forward |", "|---|---|---|---|"]
         for k in ("forward", "plain", *VARIANTS):
             if k in t:

@@ -334,4 +334,38 @@ def test_efficiency_benchmark_device_group_runs_plain_and_variants_on_its_device
                        "step_timing": {"forward": {"median_s": 0.5}, "plain": row},
                        "step_timing_cuda": {"forward": {"median_s": 0.005}, "plain": row,
                                             "device": "NVIDIA H100"}})
-    assert "; cpu)" in md and "; NVIDIA H100)" in md and "| forward | 0.005 |" in md
+    assert "; cpu; weight-magnitude mask" in md and "; NVIDIA H100; weight-magnitude mask" in md
+    assert "| forward | 0.005 |" in md
+
+
+@pytest.mark.parametrize("argv,key,mask", [
+    ([], "step_timing", "magnitude"),
+    (["--timing-mask", "calibration"], "step_timing_calibration_mask", "calibration"),
+    (["--device", "cuda"], "step_timing_cuda", "magnitude"),
+    (["--device", "cuda", "--timing-mask", "calibration"], "step_timing_cuda_calibration_mask",
+     "calibration")])
+def test_efficiency_timing_writes_its_own_key_and_keeps_the_others(tmp_path, monkeypatch, argv,
+                                                                   key, mask):
+    """--timing-only writes one step timing under a key named by its device and mask, keeps
+    every other key of the result file, and renders the mask it timed on."""
+    from bench_module import load_benchmark
+
+    mod = load_benchmark("zo_efficiency")
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+    written: list[dict] = []
+    monkeypatch.setattr(mod, "write_result", lambda name, data: written.append(data))
+    row = {"median_s": 0.01, "per_direction_s": 0.01, "x_forward": 2.0}
+    old = {"step_timing": {"forward": {"median_s": 0.5}, "plain": row}, "groups": {"g": 1}}
+    (tmp_path / "zo_efficiency.json").write_text(json.dumps(old))
+    monkeypatch.setattr(mod, "step_timing", lambda device, mask: {
+        "mask": mask, "forward": {"median_s": 0.4}, "plain": row})
+    monkeypatch.setattr(mod, "device_name", lambda device: device)
+    monkeypatch.setattr("sys.argv", ["zo_efficiency.py", "--timing-only", *argv])
+    monkeypatch.setattr(mod, "markdown", lambda data: "")
+    monkeypatch.setattr(mod.learning, "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    mod.main()
+    data = written[-1]
+    assert data[key]["mask"] == mask and data["groups"] == {"g": 1}
+    if key != "step_timing":
+        assert data["step_timing"] == old["step_timing"]

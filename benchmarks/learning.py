@@ -680,7 +680,39 @@ def targets_full_plan(groups: dict[str, Any]) -> dict[str, Any]:
                                  "test_auc_gain_within_600": primary_gain(r, forwards=600)}
     if base:
         out["baselines_at_best_validation_lr"] = base
+    # per-example directions at 2 x the pick's lr against the pick over 3,000 forwards: the
+    # fewer-forwards issue's measure at this budget (validation only; resolution 1,000)
+    long_pe = groups.get("rt-central-long-per-example", {}).get("runs", [])
+    if long_pe:
+        out["long_per_example_forwards_to_plain_final_val"] = forwards_to_final_val(
+            [r for r in long_pe if r["zo_estimator"] == "two-point"],
+            [r for r in long_pe if r["zo_estimator"] == "per-example"])
     return out
+
+
+def forwards_to_final_val(plain: list[dict[str, Any]], variant: list[dict[str, Any]]
+                          ) -> dict[str, Any]:
+    """Per seed, the first evaluated forwards at which the variant's validation primary metric
+    reaches the plain run's final one (None: not within its budget), and that as a share of
+    the plain run's forwards; a third at every seed is the fewer-forwards issue's target."""
+    final = {r["seed"]: r["curve"][-1] for r in plain}
+    rows = []
+    for r in sorted(variant, key=lambda r: r["seed"]):
+        if r["seed"] not in final:
+            continue
+        target = primary_metric(final[r["seed"]])
+        reach = [p["forwards"] for p in r["curve"][1:] if primary_metric(p) >= target]
+        f = reach[0] if reach else None
+        rows.append({"seed": r["seed"], "target_val_metric": target,
+                     "plain_forwards": final[r["seed"]]["forwards"],
+                     "variant_forwards": f,
+                     "share_of_plain": f / final[r["seed"]]["forwards"] if f else None})
+    shares = [x["share_of_plain"] for x in rows]
+    return {"per_seed": rows,
+            "median_share_of_plain": (statistics.median(shares)
+                                      if shares and None not in shares else None),
+            "at_most_a_third_every_seed": len(rows) == 3 and all(
+                x is not None and x <= 1 / 3 for x in shares)}
 
 
 def budget_row(rec: dict[str, Any], target: float) -> dict[str, Any]:
@@ -1257,6 +1289,8 @@ def markdown(data: dict[str, Any]) -> str:
                           "federated_batch_pick": data.get("targets_federated_batch_pick"),
                           "centralized_bf16_long_pick": data.get(
                               "targets_centralized_bf16_long_pick"),
+                          "centralized_bf16_long_per_example_pick": data.get(
+                              "targets_centralized_bf16_long_per_example_pick"),
                           "bf16_against_fp32": data.get("bf16_against_fp32"),
                           "federated": data["targets_federated"],
                           "federated_t1": data.get("targets_federated_t1"),
@@ -1267,7 +1301,8 @@ def markdown(data: dict[str, Any]) -> str:
                           **{k: data[k] for k in ("targets_bbc_news", "targets_lr_auto",
                                                   "budget_for_0.05_at_the_weaker_seeds",
                                                   "budget_for_0.10",
-                                                  "baselines_at_best_validation_lr")
+                                                  "baselines_at_best_validation_lr",
+                                                  "long_per_example_forwards_to_plain_final_val")
                              if k in data}}, indent=2), "```", "",
               "## Not run yet (the full plan: `python benchmarks/learning.py --plan full`)", "",
               *[f"- group `{n}`" for n in data["not_run"]["groups_of_the_full_plan"]],

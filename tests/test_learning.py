@@ -526,6 +526,30 @@ def test_the_budget_for_a_target_collects_every_seeds_group_and_its_first_reach(
     assert "budget_for_0.10" not in lb.targets_full_plan({})
 
 
+def test_forwards_to_the_plain_runs_final_validation_read_validation_only():
+    lb = _learning_module()
+
+    def rec(seed, est, vals):
+        # test falls wherever validation rises: a reach read on test would differ
+        return {"run": f"r{est}{seed}", "seed": seed, "zo_estimator": est, "curve": [
+            {"forwards": 1000 * i, "val_auc": v, "test_auc": 1.0 - v}
+            for i, v in enumerate(vals)]}
+
+    plain = [rec(s, "two-point", [0.70, 0.75, 0.78, 0.80]) for s in range(3)]
+    fast = [rec(0, "per-example", [0.70, 0.81, 0.82, 0.83]),
+            rec(1, "per-example", [0.70, 0.79, 0.80, 0.81]),
+            rec(2, "per-example", [0.70, 0.72, 0.74, 0.79])]
+    out = lb.targets_full_plan({"rt-central-long-per-example": {"runs": plain + fast}})
+    got = out["long_per_example_forwards_to_plain_final_val"]
+    assert [r["variant_forwards"] for r in got["per_seed"]] == [1000, 2000, None]
+    assert got["median_share_of_plain"] is None and not got["at_most_a_third_every_seed"]
+    fast[1]["curve"][1]["val_auc"] = fast[2]["curve"][1]["val_auc"] = 0.80
+    got = lb.forwards_to_final_val(plain, fast)
+    assert got["at_most_a_third_every_seed"] and got["median_share_of_plain"] == 1 / 3
+    # two seeds are not enough for the target
+    assert not lb.forwards_to_final_val(plain, fast[:2])["at_most_a_third_every_seed"]
+
+
 def test_a_fresh_checkout_recomputes_the_grids_mask_once_with_the_grids_settings(
         tmp_path, monkeypatch):
     import fedmeerkat.cli.main as cli

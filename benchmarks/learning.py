@@ -1117,8 +1117,12 @@ def save(args, plan, groups: dict[str, Any], started: float,
         if groups.get("rt-central-long-sched-seeds", {}).get("runs") else None,
         # and for the 3,000-forward pick between the pick's constant lr and per-example
         # directions at 2 x it (rt-central-long-per-example, on validation)
-        "targets_centralized_bf16_long_per_example_pick": judge(
-            bf16, fo, groups["rt-central-long-per-example-seeds"]["runs"])
+        # (the 3,000-forward part only: its runs are evaluated every 1,000 forwards, and the
+        # 600-forward part would be the plain runs', not the pick's)
+        "targets_centralized_bf16_long_per_example_pick": {
+            k: v for k, v in judge([], fo, groups["rt-central-long-per-example-seeds"]["runs"]
+                                   ).items()
+            if "600" not in k and k != "best_shift_rises_every_seed"}
         if groups.get("rt-central-long-per-example-seeds", {}).get("runs") else None,
         "targets_federated_batch_pick": judge_federated(
             groups.get("rt-federated-batch", {}).get("runs", []),

@@ -44,8 +44,9 @@ Groups (GROUPS), in the order they run:
                     seeds 0, 2 and 1 reach +0.10 (rt-central-long-budget, -seed2,
                     -seed1: 5,000 forwards), a linear
                     schedule from lr 3e-4 against the pick at 3,000 forwards at seeds 0 and 1
-                    (rt-central-long-sched), K = 10 at one step a round (rt-federated-t1) and
-                    at one step a round with four clients of batch 4 each (rt-federated-k4),
+                    (rt-central-long-sched), per-example directions at lr 2e-4 against it at
+                    3,000 forwards at every seed (rt-central-long-per-example), K = 10 at one
+                    step a round (rt-federated-t1) and at one step a round with four clients of batch 4 each (rt-federated-k4),
                     the shape picked on validation against rt-federated's T = 10, Full-FedZO
                     and LoRA-FedZO over lr, bbc_news, lr=auto on bbc_news and on long local
                     reviews.

@@ -46,7 +46,8 @@ Groups (GROUPS), in the order they run:
                     schedule from lr 3e-4 against the pick at 3,000 forwards at seeds 0 and 1
                     (rt-central-long-sched), per-example directions at lr 2e-4 against it at
                     3,000 forwards at every seed (rt-central-long-per-example), K = 10 at one
-                    step a round (rt-federated-t1) and at one step a round with four clients of batch 4 each (rt-federated-k4),
+                    step a round (rt-federated-t1) and at one step a round with four clients
+                    of batch 4 each (rt-federated-k4),
                     the shape picked on validation against rt-federated's T = 10, Full-FedZO
                     and LoRA-FedZO over lr, bbc_news, lr=auto on bbc_news and on long local
                     reviews.
@@ -392,7 +393,7 @@ PLANS["full"] = {
     # runs, one setting only: it is the point zo_efficiency.json measured at 600 forwards
     # (test +0.092 / +0.037 / +0.082 against the pick's +0.068 / +0.043 / +0.025), the closest
     # to the 600-forward target; whether its lead holds where the pick misses +0.10. A step
-    # costs about twice the pick's on this CPU (the hooks), so a run is about 50-75 minutes.
+    # costs about twice the pick's on this CPU (the hooks): 4,100 s a run, three at a time.
     "rt-central-long-per-example": ("grid", [
         *[(f"zo-lr1e-4-bf16-3000fw-seed{s}", {**LONG, "lr": 1e-4, "seed": s}) for s in SEEDS],
         *[(f"zo-lr2e-4-bf16-per-example-p16-3000fw-seed{s}",
@@ -1117,9 +1118,9 @@ def save(args, plan, groups: dict[str, Any], started: float,
             bf16, fo, groups["rt-central-long-sched-seeds"]["runs"])
         if groups.get("rt-central-long-sched-seeds", {}).get("runs") else None,
         # and for the 3,000-forward pick between the pick's constant lr and per-example
-        # directions at 2 x it (rt-central-long-per-example, on validation)
-        # (the 3,000-forward part only: its runs are evaluated every 1,000 forwards, and the
-        # 600-forward part would be the plain runs', not the pick's)
+        # directions at 2 x it (rt-central-long-per-example, on validation): the 3,000-forward
+        # part only, since its runs are evaluated every 1,000 forwards and the 600-forward part
+        # would be the plain runs', not the pick's
         "targets_centralized_bf16_long_per_example_pick": {
             k: v for k, v in judge([], fo, groups["rt-central-long-per-example-seeds"]["runs"]
                                    ).items()

@@ -38,8 +38,8 @@ calibration` times the same steps on the runs' own calibration mask (the learnin
 grid mask, computed if missing) and writes `step_timing_calibration_mask`.
 
 Groups: `central` (one IID client) and, in the full plan, `k10` (K = 10 Dirichlet clients,
-one per round: the plain runs are dp_utility.py's non-private K = 10 runs; one-sided-p4 and
-per-example-p16). The cuda plan, for
+one per round: the plain runs are dp_utility.py's non-private K = 10 runs; one-sided-p4,
+per-example-p16 and per-example-p16-lr2x). The cuda plan, for
 a lent GPU: `central-cuda`, plain and one-sided-p4 at seeds 0-2 with `device=cuda`, plain run
 there too (not read from the CPU's learning benchmark); `--timing-only --device cuda` writes
 `step_timing_cuda` beside the CPU's `step_timing`. Not run yet: no GPU has been lent. runs/ is not
@@ -107,6 +107,10 @@ K10_VARIANTS: dict[str, dict[str, Any]] = {
     "per-example-p16": {**VARIANTS["per-example-p16"], "rounds": 30, "local_steps": 10,
                         "eval_every": 10},
 }
+# the centralized group's closest variant to the target, added a session later at the same
+# rounds (the only lr2x variant run with K = 10; one-sided-p4-lr2x and two-point-p4 gained
+# less than plain centralized and were not carried over)
+K10_VARIANTS["per-example-p16-lr2x"] = {**K10_VARIANTS["per-example-p16"], "lr_factor": 2}
 # the session plan once took a subset of the variants; a group is written with the variants its
 # plan names, so it now names them all (the finished ones are read back, not run)
 PLANS = {"session": {"central": (list(VARIANTS), learning.SEEDS)},

@@ -620,6 +620,11 @@ def judge(seeds: list[dict[str, Any]], fo: list[dict[str, Any]],
     return out
 
 
+# what judge says of a 3,000-forward budget alone
+LONG_TARGET_KEYS = ("within_3000_forwards", "auc_gain_at_least_0.10_within_3000",
+                    "first_order_bound_test_auc_gain")
+
+
 def dtype_twins(fp32: list[dict[str, Any]], bf16: list[dict[str, Any]]) -> dict[str, Any] | None:
     """bf16 runs against their fp32 twins (same seed): final test and validation ROC-AUC."""
     by_seed = {r["seed"]: r for r in fp32}
@@ -696,25 +701,26 @@ def forwards_to_final_val(plain: list[dict[str, Any]], variant: list[dict[str, A
                           ) -> dict[str, Any]:
     """Per seed, the first evaluated forwards at which the variant's validation primary metric
     reaches the plain run's final one (None: not within its budget), and that as a share of
-    the plain run's forwards; a third at every seed is the fewer-forwards issue's target."""
+    the plain run's forwards; a third at every one of the 3 seeds is the fewer-forwards
+    issue's target (zo_efficiency.py's comparison is this, with test beside it)."""
     final = {r["seed"]: r["curve"][-1] for r in plain}
     rows = []
-    for r in sorted(variant, key=lambda r: r["seed"]):
+    for r in variant:
         if r["seed"] not in final:
             continue
         target = primary_metric(final[r["seed"]])
         reach = [p["forwards"] for p in r["curve"][1:] if primary_metric(p) >= target]
         f = reach[0] if reach else None
         rows.append({"seed": r["seed"], "target_val_metric": target,
-                     "plain_forwards": final[r["seed"]]["forwards"],
-                     "variant_forwards": f,
-                     "share_of_plain": f / final[r["seed"]]["forwards"] if f else None})
-    shares = [x["share_of_plain"] for x in rows]
+                     "plain_forwards": final[r["seed"]]["forwards"], "variant_forwards": f,
+                     "share_of_plain": None if f is None else f / final[r["seed"]]["forwards"]})
+    shares = sorted(x["share_of_plain"] for x in rows if x["share_of_plain"] is not None)
     return {"per_seed": rows,
-            "median_share_of_plain": (statistics.median(shares)
-                                      if shares and None not in shares else None),
-            "at_most_a_third_every_seed": len(rows) == 3 and all(
-                x is not None and x <= 1 / 3 for x in shares)}
+            # the upper median where every seed reached it, None otherwise
+            "median_share_of_plain": (shares[len(shares) // 2]
+                                      if rows and len(shares) == len(rows) else None),
+            "at_most_a_third_every_seed": len(rows) == len(SEEDS) and all(
+                x["share_of_plain"] is not None and x["share_of_plain"] <= 1 / 3 for x in rows)}
 
 
 def budget_row(rec: dict[str, Any], target: float) -> dict[str, Any]:
@@ -1123,8 +1129,7 @@ def save(args, plan, groups: dict[str, Any], started: float,
         # would be the plain runs', not the pick's
         "targets_centralized_bf16_long_per_example_pick": {
             k: v for k, v in judge([], fo, groups["rt-central-long-per-example-seeds"]["runs"]
-                                   ).items()
-            if "600" not in k and k != "best_shift_rises_every_seed"}
+                                   ).items() if k in LONG_TARGET_KEYS}
         if groups.get("rt-central-long-per-example-seeds", {}).get("runs") else None,
         "targets_federated_batch_pick": judge_federated(
             groups.get("rt-federated-batch", {}).get("runs", []),

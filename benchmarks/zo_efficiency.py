@@ -163,37 +163,18 @@ def plain_settings(pick: dict[str, Any], group: str, seed: int) -> dict[str, Any
     return {**pick["settings"], **learning.BF16, "seed": seed, **device_of(group)}
 
 
-def forwards_to(curve: list[dict[str, Any]], target: float) -> int | None:
-    for p in curve[1:]:
-        m = learning.primary_metric(p)
-        if m is not None and m >= target:
-            return p["forwards"]
-    return None
-
-
 def compare(plain: list[dict], variants: dict[str, list[dict]]) -> dict[str, Any]:
+    """Each variant's forwards to the plain run's final validation metric
+    (learning.forwards_to_final_val), with both runs' test ROC-AUC at the budget beside it."""
+    plain_end = {r["seed"]: r["curve"][-1] for r in plain}
     out: dict[str, Any] = {}
-    by_seed = {r["seed"]: r for r in plain}
     for name, recs in variants.items():
-        rows = []
-        for r in recs:
-            ref = by_seed.get(r["seed"])
-            if ref is None:
-                continue
-            target = learning.primary_metric(ref["curve"][-1])
-            at = forwards_to(r["curve"], target)
-            rows.append({"seed": r["seed"], "target_val_metric": target,
-                         "plain_forwards": ref["curve"][-1]["forwards"], "variant_forwards": at,
-                         "share_of_plain": None if at is None else at / ref["curve"][-1]["forwards"],
-                         "variant_test_auc_at_budget": r["curve"][-1].get("test_auc"),
-                         "plain_test_auc_at_budget": ref["curve"][-1].get("test_auc")})
-        shares = sorted(x["share_of_plain"] for x in rows if x["share_of_plain"] is not None)
-        out[name] = {"per_seed": rows,
-                     "median_share_of_plain": (shares[len(shares) // 2]
-                                               if len(shares) == len(rows) and rows else None),
-                     "at_most_a_third_every_seed": bool(rows) and all(
-                         x["share_of_plain"] is not None and x["share_of_plain"] <= 1 / 3
-                         for x in rows)}
+        c = learning.forwards_to_final_val(plain, recs)
+        end = {r["seed"]: r["curve"][-1] for r in recs}
+        for row in c["per_seed"]:
+            row["variant_test_auc_at_budget"] = end[row["seed"]].get("test_auc")
+            row["plain_test_auc_at_budget"] = plain_end[row["seed"]].get("test_auc")
+        out[name] = c
     return out
 
 

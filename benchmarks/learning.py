@@ -706,11 +706,16 @@ def targets_full_plan(groups: dict[str, Any]) -> dict[str, Any]:
         out["baselines_at_best_validation_lr"] = base
     # per-example directions at 2 x the pick's lr against the pick over 3,000 forwards: the
     # fewer-forwards issue's measure at this budget (validation only; resolution 1,000)
-    long_pe = groups.get("rt-central-long-per-example", {}).get("runs", [])
-    if long_pe:
-        out["long_per_example_forwards_to_plain_final_val"] = forwards_to_final_val(
-            [r for r in long_pe if r["zo_estimator"] == "two-point"],
-            [r for r in long_pe if r["zo_estimator"] == "per-example"])
+    # (and the same with a cosine decay from 2e-4)
+    for group, key in (("rt-central-long-per-example",
+                        "long_per_example_forwards_to_plain_final_val"),
+                       ("rt-central-long-per-example-cosine",
+                        "long_per_example_cosine_forwards_to_plain_final_val")):
+        long_pe = groups.get(group, {}).get("runs", [])
+        if long_pe:
+            out[key] = forwards_to_final_val(
+                [r for r in long_pe if r["zo_estimator"] == "two-point"],
+                [r for r in long_pe if r["zo_estimator"] == "per-example"])
     return out
 
 
@@ -1148,6 +1153,12 @@ def save(args, plan, groups: dict[str, Any], started: float,
             k: v for k, v in judge([], fo, groups["rt-central-long-per-example-seeds"]["runs"]
                                    ).items() if k in LONG_TARGET_KEYS}
         if groups.get("rt-central-long-per-example-seeds", {}).get("runs") else None,
+        # and the same with the per-example directions' lr decaying (cosine) from 2e-4
+        "targets_centralized_bf16_long_per_example_cosine_pick": {
+            k: v for k, v in judge(
+                [], fo, groups["rt-central-long-per-example-cosine-seeds"]["runs"]).items()
+            if k in LONG_TARGET_KEYS}
+        if groups.get("rt-central-long-per-example-cosine-seeds", {}).get("runs") else None,
         "targets_federated_batch_pick": judge_federated(
             groups.get("rt-federated-batch", {}).get("runs", []),
             groups.get("rt-central-batch-seeds", {}).get("runs", [])),
@@ -1290,6 +1301,13 @@ def markdown(data: dict[str, Any]) -> str:
                                                         "only)"),
                         ("rt-central-long-per-example-seeds", "The 3,000-forward pick between "
                                                               "them (test)"),
+                        ("rt-central-long-per-example-cosine", "3,000 forwards: the pick's "
+                                                               "constant lr against "
+                                                               "per-example directions from "
+                                                               "2 x it, cosine decay "
+                                                               "(validation only)"),
+                        ("rt-central-long-per-example-cosine-seeds", "The 3,000-forward pick "
+                                                                     "between them (test)"),
                         ("rt-central-batch", "Batch 4, 8 and 16 at the same examples in bf16 "
                                              "at every seed (validation only)"),
                         ("rt-central-batch-seeds", "The batch pick at three seeds (test)"),
@@ -1319,6 +1337,8 @@ def markdown(data: dict[str, Any]) -> str:
                               "targets_centralized_bf16_long_pick"),
                           "centralized_bf16_long_per_example_pick": data.get(
                               "targets_centralized_bf16_long_per_example_pick"),
+                          "centralized_bf16_long_per_example_cosine_pick": data.get(
+                              "targets_centralized_bf16_long_per_example_cosine_pick"),
                           "bf16_against_fp32": data.get("bf16_against_fp32"),
                           "federated": data["targets_federated"],
                           "federated_t1": data.get("targets_federated_t1"),
@@ -1330,7 +1350,9 @@ def markdown(data: dict[str, Any]) -> str:
                                                   "budget_for_0.05_at_the_weaker_seeds",
                                                   "budget_for_0.10",
                                                   "baselines_at_best_validation_lr",
-                                                  "long_per_example_forwards_to_plain_final_val")
+                                                  "long_per_example_forwards_to_plain_final_val",
+                                                  "long_per_example_cosine_forwards_to_plain"
+                                                  "_final_val")
                              if k in data}}, indent=2), "```", "",
               "## Not run yet (the full plan: `python benchmarks/learning.py --plan full`)", "",
               *[f"- group `{n}`" for n in data["not_run"]["groups_of_the_full_plan"]],

@@ -543,6 +543,10 @@ def test_forwards_to_the_plain_runs_final_validation_read_validation_only():
     got = out["long_per_example_forwards_to_plain_final_val"]
     assert [r["variant_forwards"] for r in got["per_seed"]] == [1000, 2000, None]
     assert got["median_share_of_plain"] is None and not got["at_most_a_third_every_seed"]
+    # the cosine group's runs land under their own key, not the constant-lr group's
+    out = lb.targets_full_plan({"rt-central-long-per-example-cosine": {"runs": plain + fast}})
+    assert out["long_per_example_cosine_forwards_to_plain_final_val"] == got
+    assert "long_per_example_forwards_to_plain_final_val" not in out
     fast[1]["curve"][1]["val_auc"] = fast[2]["curve"][1]["val_auc"] = 0.80
     got = lb.forwards_to_final_val(plain, fast)
     assert got["at_most_a_third_every_seed"] and got["median_share_of_plain"] == 1 / 3

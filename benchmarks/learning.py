@@ -721,11 +721,13 @@ def targets_full_plan(groups: dict[str, Any]) -> dict[str, Any]:
         out["baselines_at_best_validation_lr"] = base
     # per-example directions at 2 x the pick's lr against the pick over 3,000 forwards: the
     # fewer-forwards issue's measure at this budget (validation only; resolution 1,000)
-    # (and the same with a cosine decay from 2e-4)
+    # (and the same with a cosine decay from 2e-4; and at 3 x the lr over 600 forwards,
+    # resolution 200)
     for group, key in (("rt-central-long-per-example",
                         "long_per_example_forwards_to_plain_final_val"),
                        ("rt-central-long-per-example-cosine",
-                        "long_per_example_cosine_forwards_to_plain_final_val")):
+                        "long_per_example_cosine_forwards_to_plain_final_val"),
+                       ("rt-central-per-example", "per_example_forwards_to_plain_final_val")):
         long_pe = groups.get(group, {}).get("runs", [])
         if long_pe:
             out[key] = forwards_to_final_val(
@@ -1380,7 +1382,8 @@ def markdown(data: dict[str, Any]) -> str:
                                                   "baselines_at_best_validation_lr",
                                                   "long_per_example_forwards_to_plain_final_val",
                                                   "long_per_example_cosine_forwards_to_plain"
-                                                  "_final_val")
+                                                  "_final_val",
+                                                  "per_example_forwards_to_plain_final_val")
                              if k in data}}, indent=2), "```", "",
               "## Not run yet (the full plan: `python benchmarks/learning.py --plan full`)", "",
               *[f"- group `{n}`" for n in data["not_run"]["groups_of_the_full_plan"]],

@@ -29,9 +29,14 @@ def test_every_shipped_config_resolves_for_every_method(path):
     assert cfg.to_dict()["method"] == cfg.method
     # the resolved config round-trips (what a run folder's config.toml holds)
     assert build_config(cfg.to_dict()).to_dict() == cfg.to_dict()
-    for m in ordered():  # a preset serves every method its downlink allows
-        if cfg.downlink in m.downlinks:
+    # a preset serves every method its downlink and its perturbation directions allow
+    one_direction = (cfg.perturbations, cfg.zo_estimator) == (1, "two-point")
+    for m in ordered():
+        if cfg.downlink in m.downlinks and (one_direction or m.server.directions_ok):
             assert load_config(path, [f"method={m.name}"]).method == m.name
+        elif cfg.downlink in m.downlinks:  # refused with the one line, not mid-run
+            with pytest.raises(ConfigError, match="one two-point direction"):
+                load_config(path, [f"method={m.name}"])
 
 
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
@@ -77,6 +82,24 @@ def test_method_keys_table_is_checked_whatever_the_method(tmp_path):
     cfg = build_config({**base, "method": "meerkat-vp", "method_keys": {"vp_threshold": 2.0}})
     assert cfg.method_settings.threshold == 2.0
     assert build_config({**base, "method_keys": {"vp_threshold": 2.0}}).method == "meerkat"
+
+
+def test_centralized_3000_preset_is_the_learning_benchmarks_3000_forward_pick():
+    """configs/centralized_3000.toml holds the settings of the rt-central-long-per-example-cosine
+    run it cites (seed 0; the group's grid picked it on validation, learning.json)."""
+    from bench_module import load_benchmark
+
+    lb = load_benchmark("learning")
+    kind, runs, _ = lb.PLANS["full"]["rt-central-long-per-example-cosine"]
+    assert kind == "grid"
+    settings = next(s for _, s in runs
+                    if s["seed"] == 0 and s.get("zo_estimator") == "per-example")
+    want = {**lb.BASE, **settings}
+    want.pop("mask")  # the benchmark reuses its grid's mask file; the preset computes the same
+    cfg = load_config(CONFIGS / "centralized_3000.toml").to_dict()
+    expected = build_config({**want, "out": ""}).to_dict()
+    differ = {k: (cfg[k], expected[k]) for k in expected if k != "out" and cfg[k] != expected[k]}
+    assert not differ, differ
 
 
 def test_federated_k10_preset_is_the_learning_benchmarks_federated_recipe():

@@ -48,7 +48,8 @@ Groups (GROUPS), in the order they run:
                     3,000 forwards at every seed (rt-central-long-per-example), the same
                     with a cosine decay from 2e-4 (rt-central-long-per-example-cosine),
                     per-example directions at lr 3e-4 against the pick at 600 forwards at
-                    every seed (rt-central-per-example),
+                    every seed (rt-central-per-example), and from 4e-4 with a cosine decay
+                    (rt-central-per-example-cosine),
                     K = 10 at one step a round (rt-federated-t1) and at one step a round with
                     four clients of batch 4 each (rt-federated-k4),
                     the shape picked on validation against rt-federated's T = 10, Full-FedZO
@@ -433,6 +434,19 @@ PLANS["full"] = {
         *[zo_run(3e-4, s, **BF16, zo_estimator="per-example", perturbations=16) for s in SEEDS]],
         {f"zo-lr1e-4-bf16-seed{s}": "rt-central-bf16" for s in SEEDS}),
     "rt-central-per-example-seeds": ("seeds", "rt-central-per-example", SEEDS),
+    # per-example directions from lr 4e-4 with a cosine decay to zero over the 600 forwards,
+    # against the pick at every seed, by the same worst-seed rule on validation. Chosen before
+    # its runs, one setting only: over 3,000 forwards a cosine decay turned the per-example
+    # runs' walk away into a steady rise (rt-central-long-per-example-cosine), and over 600 a
+    # constant 3e-4 stopped rising after 200-400 forwards (above); from 4e-4 the cosine sums to
+    # the lr of a constant 2e-4 (0.06 over 300 steps), with larger steps early and calm ones at
+    # the end, where the targets are judged.
+    "rt-central-per-example-cosine": ("grid", [
+        *[zo_run(1e-4, s, **BF16) for s in SEEDS],
+        *[zo_run(4e-4, s, **BF16, zo_estimator="per-example", perturbations=16,
+                 lr_schedule="cosine") for s in SEEDS]],
+        {f"zo-lr1e-4-bf16-seed{s}": "rt-central-bf16" for s in SEEDS}),
+    "rt-central-per-example-cosine-seeds": ("seeds", "rt-central-per-example-cosine", SEEDS),
     # K = 10 at one local step a round (T = 1, the paper's Algorithm 3 shape): the same 600
     # forwards as rt-federated, one client a round, but 300 rounds of one step instead of 30
     # of ten, so no client walks ten steps on its own label skew before the next one takes
@@ -727,7 +741,9 @@ def targets_full_plan(groups: dict[str, Any]) -> dict[str, Any]:
                         "long_per_example_forwards_to_plain_final_val"),
                        ("rt-central-long-per-example-cosine",
                         "long_per_example_cosine_forwards_to_plain_final_val"),
-                       ("rt-central-per-example", "per_example_forwards_to_plain_final_val")):
+                       ("rt-central-per-example", "per_example_forwards_to_plain_final_val"),
+                       ("rt-central-per-example-cosine",
+                        "per_example_cosine_forwards_to_plain_final_val")):
         long_pe = groups.get(group, {}).get("runs", [])
         if long_pe:
             out[key] = forwards_to_final_val(
@@ -1176,6 +1192,12 @@ def save(args, plan, groups: dict[str, Any], started: float,
             k: v for k, v in judge(groups["rt-central-per-example-seeds"]["runs"], fo).items()
             if k not in LONG_TARGET_KEYS or k == "first_order_bound_test_auc_gain"}
         if groups.get("rt-central-per-example-seeds", {}).get("runs") else None,
+        # (and with a cosine decay from 4e-4)
+        "targets_centralized_bf16_per_example_cosine_pick": {
+            k: v for k, v in judge(groups["rt-central-per-example-cosine-seeds"]["runs"],
+                                   fo).items()
+            if k not in LONG_TARGET_KEYS or k == "first_order_bound_test_auc_gain"}
+        if groups.get("rt-central-per-example-cosine-seeds", {}).get("runs") else None,
         # and the same with the per-example directions' lr decaying (cosine) from 2e-4
         "targets_centralized_bf16_long_per_example_cosine_pick": {
             k: v for k, v in judge(
@@ -1329,6 +1351,12 @@ def markdown(data: dict[str, Any]) -> str:
                                                    "(validation only)"),
                         ("rt-central-per-example-seeds", "The 600-forward pick between them "
                                                          "(test)"),
+                        ("rt-central-per-example-cosine", "600 forwards: the pick against "
+                                                          "per-example directions from 4 x "
+                                                          "its lr, cosine decay (validation "
+                                                          "only)"),
+                        ("rt-central-per-example-cosine-seeds", "The 600-forward pick between "
+                                                                "them (test)"),
                         ("rt-central-long-per-example-cosine", "3,000 forwards: the pick's "
                                                                "constant lr against "
                                                                "per-example directions from "
@@ -1367,6 +1395,8 @@ def markdown(data: dict[str, Any]) -> str:
                               "targets_centralized_bf16_long_per_example_pick"),
                           "centralized_bf16_per_example_pick": data.get(
                               "targets_centralized_bf16_per_example_pick"),
+                          "centralized_bf16_per_example_cosine_pick": data.get(
+                              "targets_centralized_bf16_per_example_cosine_pick"),
                           "centralized_bf16_long_per_example_cosine_pick": data.get(
                               "targets_centralized_bf16_long_per_example_cosine_pick"),
                           "bf16_against_fp32": data.get("bf16_against_fp32"),
@@ -1383,7 +1413,9 @@ def markdown(data: dict[str, Any]) -> str:
                                                   "long_per_example_forwards_to_plain_final_val",
                                                   "long_per_example_cosine_forwards_to_plain"
                                                   "_final_val",
-                                                  "per_example_forwards_to_plain_final_val")
+                                                  "per_example_forwards_to_plain_final_val",
+                                                  "per_example_cosine_forwards_to_plain"
+                                                  "_final_val")
                              if k in data}}, indent=2), "```", "",
               "## Not run yet (the full plan: `python benchmarks/learning.py --plan full`)", "",
               *[f"- group `{n}`" for n in data["not_run"]["groups_of_the_full_plan"]],

@@ -666,9 +666,23 @@ def judge(seeds: list[dict[str, Any]], fo: list[dict[str, Any]],
     return out
 
 
-# what judge says of a 3,000-forward budget alone
-LONG_TARGET_KEYS = ("within_3000_forwards", "auc_gain_at_least_0.10_within_3000",
-                    "first_order_bound_test_auc_gain")
+# what judge says of one budget alone (the first-order bound goes with both)
+LONG_ONLY_KEYS = ("within_3000_forwards", "auc_gain_at_least_0.10_within_3000")
+
+
+def judge_budget(groups: dict[str, Any], seeds_group: str, fo: list[dict[str, Any]],
+                 forwards: int) -> dict[str, Any] | None:
+    """judge's keys for one budget (600 or 3,000 forwards) of a seeds group whose runs all
+    have that budget: the other budget's keys would read another group's runs, so they are
+    left out. None until the group has run."""
+    runs = groups.get(seeds_group, {}).get("runs")
+    if not runs:
+        return None
+    if forwards == 3000:
+        out = judge([], fo, runs)
+        return {k: v for k, v in out.items()
+                if k in LONG_ONLY_KEYS or k == "first_order_bound_test_auc_gain"}
+    return {k: v for k, v in judge(runs, fo).items() if k not in LONG_ONLY_KEYS}
 
 
 def dtype_twins(fp32: list[dict[str, Any]], bf16: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -1182,28 +1196,18 @@ def save(args, plan, groups: dict[str, Any], started: float,
         # directions at 2 x it (rt-central-long-per-example, on validation): the 3,000-forward
         # part only, since its runs are evaluated every 1,000 forwards and the 600-forward part
         # would be the plain runs', not the pick's
-        "targets_centralized_bf16_long_per_example_pick": {
-            k: v for k, v in judge([], fo, groups["rt-central-long-per-example-seeds"]["runs"]
-                                   ).items() if k in LONG_TARGET_KEYS}
-        if groups.get("rt-central-long-per-example-seeds", {}).get("runs") else None,
+        "targets_centralized_bf16_long_per_example_pick": judge_budget(
+            groups, "rt-central-long-per-example-seeds", fo, 3000),
         # and for the 600-forward pick between the pick and per-example directions at 3 x its
-        # lr (rt-central-per-example): the 600-forward part only (no 3,000-forward runs)
-        "targets_centralized_bf16_per_example_pick": {
-            k: v for k, v in judge(groups["rt-central-per-example-seeds"]["runs"], fo).items()
-            if k not in LONG_TARGET_KEYS or k == "first_order_bound_test_auc_gain"}
-        if groups.get("rt-central-per-example-seeds", {}).get("runs") else None,
-        # (and with a cosine decay from 4e-4)
-        "targets_centralized_bf16_per_example_cosine_pick": {
-            k: v for k, v in judge(groups["rt-central-per-example-cosine-seeds"]["runs"],
-                                   fo).items()
-            if k not in LONG_TARGET_KEYS or k == "first_order_bound_test_auc_gain"}
-        if groups.get("rt-central-per-example-cosine-seeds", {}).get("runs") else None,
-        # and the same with the per-example directions' lr decaying (cosine) from 2e-4
-        "targets_centralized_bf16_long_per_example_cosine_pick": {
-            k: v for k, v in judge(
-                [], fo, groups["rt-central-long-per-example-cosine-seeds"]["runs"]).items()
-            if k in LONG_TARGET_KEYS}
-        if groups.get("rt-central-long-per-example-cosine-seeds", {}).get("runs") else None,
+        # lr (rt-central-per-example), and from 4 x it with a cosine decay
+        "targets_centralized_bf16_per_example_pick": judge_budget(
+            groups, "rt-central-per-example-seeds", fo, 600),
+        "targets_centralized_bf16_per_example_cosine_pick": judge_budget(
+            groups, "rt-central-per-example-cosine-seeds", fo, 600),
+        # and the 3,000-forward pick with the per-example directions' lr decaying (cosine)
+        # from 2e-4
+        "targets_centralized_bf16_long_per_example_cosine_pick": judge_budget(
+            groups, "rt-central-long-per-example-cosine-seeds", fo, 3000),
         "targets_federated_batch_pick": judge_federated(
             groups.get("rt-federated-batch", {}).get("runs", []),
             groups.get("rt-central-batch-seeds", {}).get("runs", [])),

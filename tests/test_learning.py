@@ -507,6 +507,29 @@ def test_the_3000_forward_target_needs_three_seeds_to_hold():
     assert lb.judge([], [], [rec(s, 0.11) for s in range(3)])[key] is True
 
 
+def test_a_budgets_own_group_is_judged_at_that_budget_only():
+    """A group run at one budget gets that budget's verdict, never the other budget's judged
+    on the same runs (a 600-forward run is not a 3,000-forward one, nor the reverse)."""
+    lb = _learning_module()
+
+    def rec(seed, last, gain):
+        return {"run": f"r{seed}", "seed": seed, "curve": [
+            {"forwards": f, "examples": 16 * f, "test_auc": a, "test_best_shift_accuracy": a}
+            for f, a in ((0, 0.7), (last, 0.7 + gain))]}
+
+    fo = [rec(0, 50, 0.16)]
+    short = {"g": {"runs": [rec(s, 600, 0.06) for s in range(3)]}}
+    out = lb.judge_budget(short, "g", fo, 600)
+    assert out["auc_gain_at_least_0.05_every_seed_within_600"] is True
+    assert not set(lb.LONG_ONLY_KEYS) & set(out)
+    assert out["first_order_bound_test_auc_gain"] == pytest.approx(0.16)
+    long = {"g": {"runs": [rec(s, 3000, 0.11) for s in range(3)]}}
+    out = lb.judge_budget(long, "g", fo, 3000)
+    assert out["auc_gain_at_least_0.10_within_3000"] is True
+    assert set(out) == {*lb.LONG_ONLY_KEYS, "first_order_bound_test_auc_gain"}
+    assert lb.judge_budget({}, "g", fo, 600) is None  # not run yet
+
+
 def test_the_budget_for_a_target_collects_every_seeds_group_and_its_first_reach():
     lb = _learning_module()
 

@@ -84,19 +84,22 @@ def test_method_keys_table_is_checked_whatever_the_method(tmp_path):
     assert build_config({**base, "method_keys": {"vp_threshold": 2.0}}).method == "meerkat"
 
 
-def test_centralized_3000_preset_is_the_learning_benchmarks_3000_forward_pick():
-    """configs/centralized_3000.toml holds the settings of the rt-central-long-per-example-cosine
-    run it cites (seed 0; the group's grid picked it on validation, learning.json)."""
+@pytest.mark.parametrize("preset, group", [
+    ("centralized_600.toml", "rt-central-per-example-cosine"),
+    ("centralized_3000.toml", "rt-central-long-per-example-cosine")])
+def test_centralized_presets_are_the_learning_benchmarks_picks(preset, group):
+    """configs/centralized_600.toml and _3000.toml hold the settings of the seed-0 run of the
+    group each cites (its grid picked it on validation, learning.json)."""
     from bench_module import load_benchmark
 
     lb = load_benchmark("learning")
-    kind, runs, _ = lb.PLANS["full"]["rt-central-long-per-example-cosine"]
+    kind, runs, _ = lb.PLANS["full"][group]
     assert kind == "grid"
     settings = next(s for _, s in runs
                     if s["seed"] == 0 and s.get("zo_estimator") == "per-example")
     want = {**lb.BASE, **settings}
     want.pop("mask")  # the benchmark reuses its grid's mask file; the preset computes the same
-    cfg = load_config(CONFIGS / "centralized_3000.toml").to_dict()
+    cfg = load_config(CONFIGS / preset).to_dict()
     expected = build_config({**want, "out": ""}).to_dict()
     differ = {k: (cfg[k], expected[k]) for k in expected if k != "out" and cfg[k] != expected[k]}
     assert not differ, differ

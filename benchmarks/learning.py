@@ -747,10 +747,9 @@ def targets_full_plan(groups: dict[str, Any]) -> dict[str, Any]:
                                  "test_auc_gain_within_600": primary_gain(r, forwards=600)}
     if base:
         out["baselines_at_best_validation_lr"] = base
-    # per-example directions at 2 x the pick's lr against the pick over 3,000 forwards: the
-    # fewer-forwards issue's measure at this budget (validation only; resolution 1,000)
-    # (and the same with a cosine decay from 2e-4; and at 3 x the lr over 600 forwards,
-    # resolution 200)
+    # the fewer-forwards issue's measure (validation only) for the per-example groups against
+    # the plain runs beside them: over 3,000 forwards at 2 x the pick's lr, constant or cosine
+    # (resolution 1,000), and over 600 at 3 x it or from 4 x it with a cosine (resolution 200)
     for group, key in (("rt-central-long-per-example",
                         "long_per_example_forwards_to_plain_final_val"),
                        ("rt-central-long-per-example-cosine",
@@ -758,11 +757,11 @@ def targets_full_plan(groups: dict[str, Any]) -> dict[str, Any]:
                        ("rt-central-per-example", "per_example_forwards_to_plain_final_val"),
                        ("rt-central-per-example-cosine",
                         "per_example_cosine_forwards_to_plain_final_val")):
-        long_pe = groups.get(group, {}).get("runs", [])
-        if long_pe:
+        runs = groups.get(group, {}).get("runs", [])
+        if runs:
             out[key] = forwards_to_final_val(
-                [r for r in long_pe if r["zo_estimator"] == "two-point"],
-                [r for r in long_pe if r["zo_estimator"] == "per-example"])
+                [r for r in runs if r["zo_estimator"] == "two-point"],
+                [r for r in runs if r["zo_estimator"] == "per-example"])
     return out
 
 

@@ -180,10 +180,13 @@ def _per_example_step(view: SparseView, theta: torch.Tensor, seeds: Sequence[int
     # run_client leaves it after syncing and every step leaves it after its update
     p = len(seeds)
     zs = torch.stack([draw_z(seed, theta.numel(), device=theta.device) for seed in seeds])
-    with offsets.applied(eps * zs):
+    # one [P, nnz] buffer for both sides (negation is exact: -(eps z) == (-eps) z bit for bit)
+    shift = eps * zs
+    with offsets.applied(shift):
         plus = np.asarray(losses_fn(), dtype=np.float64)
-    with offsets.applied(-eps * zs):
+    with offsets.applied(shift.neg_()):
         minus = np.asarray(losses_fn(), dtype=np.float64)
+    del shift
     if plus.size % p or plus.size == 0:
         raise ValueError(f"a batch of {plus.size} examples for {p} per-example directions "
                          "(batch_size must be a multiple of perturbations)")

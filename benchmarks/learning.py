@@ -82,6 +82,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fcntl
+import hashlib
 import json
 import math
 import platform
@@ -146,6 +147,22 @@ def ensure_grid_mask() -> None:
                     f"calib_seq_len={BASE['calib_seq_len']}", "--out", str(tmp)]) != 0:
                 raise SystemExit("the grid's mask could not be computed")
             tmp.replace(GRID_MASK)
+
+
+def grid_mask_digest() -> str | None:
+    """sha256 of the grid mask's coordinates (its idx tensors, in name order; not the stored
+    calibration gradient, whose last bits follow the machine's kernels): on a fresh checkout
+    the mask is recomputed (ensure_grid_mask), and this says whether it is the same one."""
+    if not GRID_MASK.exists():
+        return None
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(GRID_MASK), "pt") as f:
+        for k in sorted(k for k in f.keys() if k.startswith("idx::")):
+            h.update(k.encode())
+            h.update(f.get_tensor(k).numpy().tobytes())
+    return h.hexdigest()
 
 
 def lr_name(lr: float) -> str:
@@ -1187,7 +1204,7 @@ def save(args, plan, groups: dict[str, Any], started: float,
     bf16 = groups.get("rt-central-bf16", {}).get("runs", [])
     long = groups.get("rt-central-long", {}).get("runs", [])
     data = {
-        "plan": args.plan, "base": BASE,
+        "plan": args.plan, "base": BASE, "grid_mask_indices_sha256": grid_mask_digest(),
         "versions": {"fedmeerkat": fedmeerkat.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__,
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(),

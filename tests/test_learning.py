@@ -652,3 +652,43 @@ def test_a_group_another_invocation_finishes_meanwhile_is_kept(tmp_path, monkeyp
     lb.main()
     assert "a" not in saves[0] and set(saves[-1]) == {"a", "b"}
     assert saves[-1]["a"]["runs"][0]["run"] == str(lb.RUNS / "a" / "ra")
+
+
+def test_the_grid_mask_digest_reads_its_coordinates_not_its_gradient(tmp_path, monkeypatch):
+    """A recomputed mask on another machine may store other last bits of the calibration
+    gradient; the digest the result records names the trained coordinates only."""
+    from safetensors.torch import save_file
+
+    lb = _learning_module()
+    path = tmp_path / "mask.safetensors"
+    monkeypatch.setattr(lb, "GRID_MASK", path)
+    assert lb.grid_mask_digest() is None  # not there yet
+
+    def write(idx, grad):
+        save_file({"idx::a": torch.tensor(idx), "grad::a": torch.tensor(grad)}, str(path))
+        return lb.grid_mask_digest()
+
+    first = write([1, 5, 9], [0.5, 0.25])
+    assert write([1, 5, 9], [0.5, 0.250001]) == first  # another gradient, same coordinates
+    assert write([1, 5, 8], [0.5, 0.25]) != first
+
+
+def test_the_per_example_pick_with_k10_keeps_p_dividing_each_clients_batch():
+    """The per-example pick's K = 10 groups run the pick's lr and schedule; P divides the
+    client's batch (one of 16 a round with P = 16, four of 4 with P = 4), at every seed in
+    both conventions, 9,600 examples in all."""
+    lb = _learning_module()
+    pick = {"name": "zo-lr4e-4-x-seed0",
+            "settings": {**lb.CENTRAL, **lb.ZO_300, "lr": 4e-4, "seed": 0, **lb.BF16,
+                         "zo_estimator": "per-example", "perturbations": 16,
+                         "lr_schedule": "cosine"}}
+    for group in ("rt-federated-per-example-cosine", "rt-federated-per-example-cosine-k4"):
+        kind, grid, runs = lb.PLANS["full"][group][:3]
+        assert kind == "from-pick" and grid == "rt-central-per-example-cosine"
+        assert len(runs) == 6 and {o["seed"] for _, o in runs} == set(lb.SEEDS)
+        for _, o in runs:
+            cfg = lb.planned_config(lb.with_examples({**pick["settings"], **o}), Path("x"))
+            assert cfg.batch_size % cfg.perturbations == 0 and cfg.clients == 10
+            assert (cfg.lr, cfg.lr_schedule, cfg.zo_estimator) == (4e-4, "cosine", "per-example")
+            per_step = 2 * cfg.batch_size * max(1, cfg.clients_per_round)
+            assert cfg.rounds * cfg.local_steps * per_step == 9600

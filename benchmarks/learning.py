@@ -506,7 +506,8 @@ PLANS["full"] = {
     # divide the client's batch (the four-clients-of-batch-4 shape, the plain pick's, would
     # need P = 4: another recipe) and T = 1 beat T = 10 for the plain pick in the worse
     # convention (federated_t_pick). The cosine runs over the 300 global steps, as
-    # centralized. About 930 s a run, three at a time.
+    # centralized. Estimated at 930 s a run, three at a time (the centralized runs'); they
+    # took 630-720 s.
     "rt-federated-per-example-cosine": ("from-pick", "rt-central-per-example-cosine",
                                         k10_runs("-t1", 300, 1, 100)),
     # the same pick in the plain pick's federated shape, four clients of batch 4 a round at

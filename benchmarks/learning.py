@@ -1447,7 +1447,7 @@ def markdown(data: dict[str, Any]) -> str:
                                                                      "between them (test)"),
                         ("rt-central-long-per-example-cosine-3e-4", "3,000 forwards: the "
                          "constant lr and the per-example cosine from 2e-4 against it from "
-                         "3e-4 (validation)"),
+                         "3e-4 (validation only)"),
                         ("rt-central-long-per-example-cosine-3e-4-seeds", "The 3,000-forward "
                          "pick among the three (test)"),
                         ("rt-central-batch", "Batch 4, 8 and 16 at the same examples in bf16 "

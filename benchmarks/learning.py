@@ -53,7 +53,8 @@ Groups (GROUPS), in the order they run:
                     K = 10 at one step a round (rt-federated-t1) and at one step a round with
                     four clients of batch 4 each (rt-federated-k4), the 600-forward
                     per-example pick with K = 10, one client or four a round
-                    (rt-federated-per-example-cosine, -k4),
+                    (rt-federated-per-example-cosine, -k4), and one a round drawn in
+                    proportion to its examples (rt-federated-per-example-cosine-size),
                     the shape picked on validation against rt-federated's T = 10, Full-FedZO
                     and LoRA-FedZO over lr, bbc_news, lr=auto on bbc_news and on long local
                     reviews.
@@ -524,6 +525,19 @@ PLANS["full"] = {
         "from-pick", "rt-central-per-example-cosine",
         [(n, {**o, "perturbations": 4})
          for n, o in k10_runs("-t1-p4", 300, 1, 100, per_round=4, batch=4)]),
+    # the one-client shape above (rt-federated-per-example-cosine) with each round's client
+    # drawn in proportion to its examples (client_sampling=size) instead of uniformly. Chosen
+    # after the two shapes above and before its own runs, one setting only, from the splits
+    # the one-client runs stepped on: Flower's convention gives clients of 1 to 2,510 examples
+    # (seed 0: 1, 59, 186, 356, ..., 2,510), so a uniform draw spends a tenth of the 300 steps
+    # on one example and weights every client's label skew alike whatever its size; drawn by
+    # size, a round's step is the pooled data's in expectation (Li et al. 2020, Scheme I), as
+    # in the centralized runs. In the authors' convention every client holds 803 examples, so
+    # there the draw differs from uniform by chance only (both conventions run: the recipe is
+    # judged in both). Same lr, cosine and T = 1; P = 16 = the client's batch.
+    "rt-federated-per-example-cosine-size": (
+        "from-pick", "rt-central-per-example-cosine",
+        [(n, {**o, "client_sampling": "size"}) for n, o in k10_runs("-t1-size", 300, 1, 100)]),
     "rt-central-full-fedzo": ("grid", [zo_run(lr, dtype="bfloat16", method="full-fedzo")
                                        for lr in (1e-6, 1e-5)]),
     "rt-central-full-fedzo-pick": ("seeds", "rt-central-full-fedzo", (0,)),
@@ -656,6 +670,7 @@ class Bench:
                 "batch_size": cfg["batch_size"], "clients": cfg["clients"],
                 "partition": cfg.get("partition"),
                 "clients_per_round": cfg.get("clients_per_round", 1),
+                "client_sampling": cfg.get("client_sampling", "uniform"),
                 # every process that ran it (a resumed run's own process is only its tail);
                 # runs made before the total was kept have the last process's only
                 "wall_seconds": summary.get("wall_seconds_total", summary["wall_seconds"]),
@@ -1089,10 +1104,11 @@ def from_folders(bench: Bench, group: str, kind: str, runs: list,
 # what a record holds of its run's config (Bench.read), checked before a record is reused
 RECORD_KEYS = ("task", "seed", "max_length", "method", "lr", "eps", "dtype", "perturbations",
                "zo_estimator", "density", "lr_schedule", "mask_kind", "loss", "batch_size",
-               "clients")
+               "clients", "client_sampling")
 # keys that joined RECORD_KEYS after some records were written: what every record without the
-# key ran at (zo_efficiency.json's first records predate max_length, all at BASE's 48)
-RECORD_DEFAULTS: dict[str, Any] = {"max_length": 48}
+# key ran at (zo_efficiency.json's first records predate max_length, all at BASE's 48; every
+# run before client_sampling existed drew its clients uniformly)
+RECORD_DEFAULTS: dict[str, Any] = {"max_length": 48, "client_sampling": "uniform"}
 # keys that joined later still, whose older records ran more than one value (the mask and loss
 # groups): such a record is not checked on them; its run's name carries the setting (zo_run),
 # and a record is looked up by that name
@@ -1287,6 +1303,9 @@ def save(args, plan, groups: dict[str, Any], started: float,
         "targets_federated_per_example_cosine_k4": judge_federated(
             groups.get("rt-federated-per-example-cosine-k4", {}).get("runs", []),
             groups.get("rt-central-per-example-cosine-seeds", {}).get("runs", [])),
+        "targets_federated_per_example_cosine_size": judge_federated(
+            groups.get("rt-federated-per-example-cosine-size", {}).get("runs", []),
+            groups.get("rt-central-per-example-cosine-seeds", {}).get("runs", [])),
         "federated_t_pick": pick_federated_t(groups),
         "batch_pick_at_equal_forwards": pick_batch_at_equal_forwards(groups),
         "bf16_against_fp32": dtype_twins(seeds, bf16),
@@ -1371,7 +1390,10 @@ def markdown(data: dict[str, Any]) -> str:
                          "(P = 16, lr 4e-4, cosine) with K = 10 Dirichlet clients, one of "
                          "batch 16 a round, T = 1, 300 rounds (test)"),
                         ("rt-federated-per-example-cosine-k4", "The same with four clients of "
-                         "batch 4 a round (P = 4), T = 1, 300 rounds (test)")):
+                         "batch 4 a round (P = 4), T = 1, 300 rounds (test)"),
+                        ("rt-federated-per-example-cosine-size", "The one-client shape with "
+                         "each round's client drawn in proportion to its examples "
+                         "(client_sampling=size), T = 1, 300 rounds (test)")):
         if name not in g:
             continue
         # forwards of the run's own batch (a batch-4 run's 2,400 are 600 of 16): examples beside
@@ -1495,6 +1517,8 @@ def markdown(data: dict[str, Any]) -> str:
                               "targets_federated_per_example_cosine"),
                           "federated_per_example_cosine_k4": data.get(
                               "targets_federated_per_example_cosine_k4"),
+                          "federated_per_example_cosine_size": data.get(
+                              "targets_federated_per_example_cosine_size"),
                           "federated_t_pick": data.get("federated_t_pick"),
                           "batch_pick_at_equal_forwards":
                               data.get("batch_pick_at_equal_forwards"),

@@ -23,7 +23,7 @@ from typing import Any
 from fedmeerkat.federated.messages import MAX_CLIENT_ID, MAX_ROUND, MAX_STEPS
 from fedmeerkat.federated.methods import get_method, ordered
 from fedmeerkat.federated.schedule import SCHEDULES
-from fedmeerkat.federated.server import DOWNLINKS
+from fedmeerkat.federated.server import CLIENT_SAMPLINGS, DOWNLINKS
 from fedmeerkat.federated.validate import REPLY_ACTIONS
 from fedmeerkat.models.loading import DTYPES as _MODEL_DTYPES
 from fedmeerkat.models.loading import model_spec_problem
@@ -105,6 +105,9 @@ class RunConfig:
     # one Dirichlet client a round swings with each client's label skew and ended below
     # zero-shot; all ten ended +0.037 test ROC-AUC (and +0.021 at a second seed)
     clients_per_round: int = _f(0, "clients sampled per round (0 = all)", min=0)
+    # uniform is Flower's default and what every earlier run used (its draws are unchanged);
+    # size is measured in benchmarks/results/learning.json (rt-federated-per-example-cosine-size)
+    client_sampling: str = _f("uniform", "how clients_per_round clients are drawn: uniform, or size (in proportion to each client's examples, Li et al. 2020 Scheme I: one client a round then steps on the pooled data in expectation; with several a round it needs weighting=uniform)", choices=CLIENT_SAMPLINGS)
     downlink: str = _f("sparse-weights", "server -> client: the averaged sparse vector (paper) or T+1 aggregated scalars", choices=DOWNLINKS)
     lr_schedule: str = _f("constant", "lr over all rounds x steps", choices=SCHEDULES)
     weight_decay: float = _f(0.0, "decoupled weight decay on the masked weights", min=0)
@@ -265,6 +268,13 @@ def validate_combination(cfg: RunConfig) -> None:
         raise ConfigError("template/label_words: required when task = 'local'")
     if cfg.clients_per_round > cfg.clients:
         raise ConfigError(f"clients_per_round: {cfg.clients_per_round} exceeds clients={cfg.clients}")
+    if cfg.client_sampling == "size" and cfg.clients_per_round in (0, cfg.clients):
+        raise ConfigError("client_sampling: size draws clients_per_round of the clients; with "
+                          "every client every round it changes nothing (set clients_per_round)")
+    if cfg.client_sampling == "size" and cfg.clients_per_round > 1 and cfg.weighting != "uniform":
+        raise ConfigError("client_sampling: size with several clients a round needs "
+                          "weighting=uniform (drawn by size and weighted by size, a large "
+                          "client would count twice; Li et al. 2020, Scheme I)")
     if cfg.mask and not Path(cfg.mask).is_file():
         raise ConfigError(f"mask: file not found: {cfg.mask}")
     if cfg.mask and cfg.mask_kind != "calibration":

@@ -112,11 +112,22 @@ def test_dry_run_validates_without_loading(capsys, tiny_model_dir):
     ("reply_bound_action=drop", "reply_bound_action: 'drop' is not one of reject, clip"),
     ("min_clients=11", "min_clients: 11 exceeds the 10 clients planned per round"),
     ("round_retries=-1", "round_retries: must be >= 0"),
+    ("client_sampling=size", "client_sampling: size draws clients_per_round of the clients"),
+    ("client_sampling=sizes", "client_sampling: 'sizes' is not one of uniform, size"),
 ])
 def test_bad_config_is_one_clear_line(override, needle, capsys):
     assert main(["run", override]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
+
+
+def test_size_sampling_of_several_clients_a_round_needs_uniform_weights(capsys):
+    """Drawn by size and weighted by size, a large client would count twice."""
+    assert main(["run", "client_sampling=size", "clients_per_round=3"]) == 2
+    assert "needs weighting=uniform" in capsys.readouterr().err
+    assert main(["run", "--dry-run", "client_sampling=size", "clients_per_round=3",
+                 "weighting=uniform"]) == 0
+    assert main(["run", "--dry-run", "client_sampling=size", "clients_per_round=1"]) == 0
 
 
 def test_existing_run_folder_is_refused(tmp_path, capsys, tiny_model_dir):

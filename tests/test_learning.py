@@ -676,13 +676,14 @@ def test_the_grid_mask_digest_reads_its_coordinates_not_its_gradient(tmp_path, m
 def test_the_per_example_pick_with_k10_keeps_p_dividing_each_clients_batch():
     """The per-example pick's K = 10 groups run the pick's lr and schedule; P divides the
     client's batch (one of 16 a round with P = 16, four of 4 with P = 4), at every seed in
-    both conventions, 9,600 examples in all."""
+    both conventions, 9,600 examples in all; the -size group draws each round's client by size."""
     lb = _learning_module()
     pick = {"name": "zo-lr4e-4-x-seed0",
             "settings": {**lb.CENTRAL, **lb.ZO_300, "lr": 4e-4, "seed": 0, **lb.BF16,
                          "zo_estimator": "per-example", "perturbations": 16,
                          "lr_schedule": "cosine"}}
-    for group in ("rt-federated-per-example-cosine", "rt-federated-per-example-cosine-k4"):
+    for group in ("rt-federated-per-example-cosine", "rt-federated-per-example-cosine-k4",
+                  "rt-federated-per-example-cosine-size"):
         kind, grid, runs = lb.PLANS["full"][group][:3]
         assert kind == "from-pick" and grid == "rt-central-per-example-cosine"
         assert len(runs) == 6 and {o["seed"] for _, o in runs} == set(lb.SEEDS)
@@ -693,5 +694,6 @@ def test_the_per_example_pick_with_k10_keeps_p_dividing_each_clients_batch():
             cfg = lb.planned_config(lb.with_examples(settings), Path("x"))
             assert cfg.batch_size % cfg.perturbations == 0 and cfg.clients == 10
             assert (cfg.lr, cfg.lr_schedule, cfg.zo_estimator) == (4e-4, "cosine", "per-example")
+            assert cfg.client_sampling == ("size" if group.endswith("-size") else "uniform")
             per_step = 2 * cfg.batch_size * max(1, cfg.clients_per_round)
             assert cfg.rounds * cfg.local_steps * per_step == 9600

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -88,6 +89,37 @@ def test_partial_participation_is_seeded_and_weighted_over_participants():
     assert all(len(v) == 2 for v in by_round.values())
     assert len({tuple(v) for v in by_round.values()}) > 1  # the sample changes over rounds
     assert by_round == {r: server.participants(r) for r in by_round}  # reproducible from seed
+
+
+def test_uniform_client_draws_are_the_earlier_runs_and_size_draws_follow_the_sizes():
+    """client_sampling=uniform keeps the draws every earlier run made (known answers taken
+    before the size option existed); size draws in proportion to the clients' examples, so a
+    one-example client of a Dirichlet split is all but never a round's only client, and the
+    plan DP solves for (planned_steps) is the participation the server then runs."""
+    from fedmeerkat.federated.server import sampled_clients
+
+    s = FedSettings(local_steps=1, lr=1e-4, eps=1e-3, batch_size=16, seed=0,
+                    clients_per_round=1, rounds=300)
+    assert [sampled_clients(s, r, [803] * 10)[0] for r in range(1, 13)] == [
+        3, 6, 3, 0, 9, 4, 3, 3, 4, 0, 7, 8]
+    s4 = dataclasses.replace(s, clients_per_round=4)
+    assert [sampled_clients(s4, r, [803] * 10) for r in (1, 2)] == [[2, 3, 4, 7], [1, 4, 8, 9]]
+    sizes = [2510, 186, 810, 1797, 1, 978, 807, 59, 526, 356]  # Dirichlet(0.5), Flower's
+    size = dataclasses.replace(s, client_sampling="size")
+    counts = np.bincount([sampled_clients(size, r, sizes)[0] for r in range(1, 2001)],
+                         minlength=10)
+    uniform = np.bincount([sampled_clients(s, r, sizes)[0] for r in range(1, 2001)],
+                          minlength=10)
+    assert counts[4] == 0 and uniform[4] > 150  # the one-example client
+    share = np.asarray(sizes) / sum(sizes)
+    assert np.abs(counts / 2000 - share).max() < 0.03
+    two = [sampled_clients(dataclasses.replace(size, clients_per_round=2), r, sizes)
+           for r in range(1, 50)]
+    assert all(len(set(p)) == 2 for p in two)  # without replacement
+    server = MeerkatServer(dataclasses.replace(size, rounds=40), torch.zeros(3), sizes)
+    planned = MeerkatServer.planned_steps(server.settings, sizes)
+    ran = np.bincount([k for r in range(1, 41) for k in server.participants(r)], minlength=10)
+    assert planned == {k: int(ran[k]) for k in range(10)}
 
 
 def test_catch_up_from_missed_aggregates_or_the_vector():

@@ -335,7 +335,7 @@ def test_planned_steps_bound_what_vp_plans_each_client_and_count_its_calibration
     exceeds it, and equals it for a client never stopped."""
     model, states, server = _cls_setup(0, with_single_label=True)
     server.settings = dataclasses.replace(server.settings, clients_per_round=2, rounds=8)
-    planned = VPServer.planned_steps(server.settings, 4, vp=VP_TEST)
+    planned = VPServer.planned_steps(server.settings, server.client_sizes, vp=VP_TEST)
     ran = dict.fromkeys(range(4), 0)
     for r in range(1, 9):
         for p in _round(r, model, states, server)[0]:
@@ -345,5 +345,6 @@ def test_planned_steps_bound_what_vp_plans_each_client_and_count_its_calibration
     assert max(planned.values()) >= 60  # a calibration round (60 steps) is counted
     phase = dataclasses.replace(VP_TEST, calibration="phase")
     flat = VPServer.planned_steps(dataclasses.replace(server.settings, clients_per_round=0,
-                                                      rounds=3), 4, vp=phase)
+                                                      rounds=3), server.client_sizes,
+                                  vp=phase)
     assert flat == dict.fromkeys(range(4), 2 + 60 + 2 * 2)  # T + T_cali first, then T

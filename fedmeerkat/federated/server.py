@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,7 @@ from fedmeerkat.zo import round_seeds
 from fedmeerkat.zo.seeds import PARTICIPANTS, mix
 
 DOWNLINKS = ("sparse-weights", "scalars")
+CLIENT_SAMPLINGS = ("uniform", "size")  # sampled_clients
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ class FedSettings:
     weight_decay: float = 0.0
     downlink: str = "sparse-weights"
     clients_per_round: int = 0  # 0 = every client every round
+    # how clients_per_round are drawn: "uniform", or "size" (probability proportional to
+    # examples: `sampled_clients`)
+    client_sampling: str = "uniform"
     device: str = "cpu"  # where the server's vectors live and its z is drawn (any device)
     # screening of replies (federated/validate.py): bound on max |g| relative to the round's
     # median (0 = off), a fixed cap (0 = off), and what to do with a reply above it
@@ -138,14 +142,24 @@ class SentPlan:
         return self.lrs[: len(self.update_seeds)]
 
 
-def sampled_clients(settings: FedSettings, round_idx: int, num_clients: int) -> list[int]:
+def sampled_clients(settings: FedSettings, round_idx: int, client_sizes: Sequence[int]
+                    ) -> list[int]:
     """The clients taking part in round `round_idx`: all of them, or clients_per_round drawn
-    from the run seed, so the whole schedule is known before the run starts."""
-    m = settings.clients_per_round
-    if not m or m >= num_clients:
-        return list(range(num_clients))
+    from the run seed, so the whole schedule is known before the run starts. Drawn uniformly
+    (Flower's default), or with client_sampling = "size" in proportion to each client's
+    examples (without replacement; Li et al., ICLR 2020, "On the convergence of FedAvg on
+    non-IID data", Scheme I). Why size: with few clients a round, a uniform draw weights every
+    client's data alike whatever its size, so a one-example client of a Dirichlet split gets a
+    tenth of a ten-client run's steps; drawn by size, one client a round steps on the pooled
+    data's distribution in expectation."""
+    m, n = settings.clients_per_round, len(client_sizes)
+    if not m or m >= n:
+        return list(range(n))
     rng = np.random.default_rng(mix(settings.seed, PARTICIPANTS, round_idx))
-    return sorted(int(k) for k in rng.choice(num_clients, size=m, replace=False))
+    if settings.client_sampling == "size":
+        p = np.asarray(client_sizes, dtype=np.float64)
+        return sorted(int(k) for k in rng.choice(n, size=m, replace=False, p=p / p.sum()))
+    return sorted(int(k) for k in rng.choice(n, size=m, replace=False))
 
 
 class BaseServer(ABC):
@@ -208,19 +222,19 @@ class BaseServer(ABC):
 
     # ---- planning ----------------------------------------------------------------------
     def participants(self, round_idx: int) -> list[int]:
-        return sampled_clients(self.settings, round_idx, self.num_clients)
+        return sampled_clients(self.settings, round_idx, self.client_sizes)
 
     @classmethod
-    def planned_steps(cls, settings: FedSettings, num_clients: int, **options: Any
+    def planned_steps(cls, settings: FedSettings, client_sizes: Sequence[int], **options: Any
                       ) -> dict[int, int]:
         """client -> the most seeds it can be planned to run over the whole run, known before
         the run starts (its seeded participation, `sampled_clients`, times the most seeds a
         round can give it); `options` are the method's server options. Differential privacy
         solves sigma for this (runners/prepare.with_solved_noise). A method that plans more
         seeds in some rounds (Meerkat-VP's calibration round) overrides it."""
-        steps = dict.fromkeys(range(num_clients), 0)
+        steps = dict.fromkeys(range(len(client_sizes)), 0)
         for r in range(1, settings.rounds + 1):
-            for k in sampled_clients(settings, r, num_clients):
+            for k in sampled_clients(settings, r, client_sizes):
                 steps[k] += settings.seeds_per_round
         return steps
 

@@ -182,6 +182,7 @@ def settings_of(cfg: RunConfig) -> FedSettings:
                        rounds=cfg.rounds, lr_schedule=cfg.lr_schedule,
                        weight_decay=cfg.weight_decay, downlink=cfg.downlink,
                        clients_per_round=cfg.clients_per_round,
+                       client_sampling=cfg.client_sampling,
                        device=cfg.server_device or cfg.device, reply_bound=cfg.reply_bound,
                        reply_bound_abs=cfg.reply_bound_abs,
                        reply_bound_action=cfg.reply_bound_action,
@@ -242,7 +243,7 @@ def with_solved_noise(cfg: RunConfig, client_sizes: list[int]) -> RunConfig:
         return cfg
     method = get_method(cfg.method)
     settings = settings_of(cfg)
-    planned = method.server.planned_steps(settings, len(client_sizes),
+    planned = method.server.planned_steps(settings, client_sizes,
                                           **method.server_options(cfg.method_settings))
     solved: dict[tuple[int, int], float] = {}
     sigmas = []

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,16 +156,16 @@ class VPServer(MeerkatServer):
         return calibration_len(self.vp, self.settings.local_steps)
 
     @classmethod
-    def planned_steps(cls, settings: FedSettings, num_clients: int, **options: Any
+    def planned_steps(cls, settings: FedSettings, client_sizes: Sequence[int], **options: Any
                       ) -> dict[int, int]:
         """As BaseServer's, with a client's first round its calibration round (more seeds);
         early stopping only lowers the count (one step a round)."""
         vp = options.get("vp") or VPSettings()
         first = calibration_len(vp, settings.local_steps)
-        steps = super().planned_steps(settings, num_clients)
+        steps = super().planned_steps(settings, client_sizes)
         seen: set[int] = set()
         for r in range(1, settings.rounds + 1):
-            for k in sampled_clients(settings, r, num_clients):
+            for k in sampled_clients(settings, r, client_sizes):
                 if k not in seen:
                     seen.add(k)
                     steps[k] += first - settings.seeds_per_round

@@ -527,14 +527,17 @@ PLANS["full"] = {
          for n, o in k10_runs("-t1-p4", 300, 1, 100, per_round=4, batch=4)]),
     # the one-client shape above (rt-federated-per-example-cosine) with each round's client
     # drawn in proportion to its examples (client_sampling=size) instead of uniformly. Chosen
-    # after the two shapes above and before its own runs, one setting only, from the splits
-    # the one-client runs stepped on: Flower's convention gives clients of 1 to 2,510 examples
-    # (seed 0: 1, 59, 186, 356, ..., 2,510), so a uniform draw spends a tenth of the 300 steps
-    # on one example and weights every client's label skew alike whatever its size; drawn by
-    # size, a round's step is the pooled data's in expectation (Li et al. 2020, Scheme I), as
-    # in the centralized runs. In the authors' convention every client holds 803 examples, so
-    # there the draw differs from uniform by chance only (both conventions run: the recipe is
-    # judged in both). Same lr, cosine and T = 1; P = 16 = the client's batch.
+    # after the two shapes above and before its own runs, one setting only: Flower's
+    # convention gives unequal clients, and a uniform draw gives each the same share of the
+    # steps whatever its size, so small clients' label skews are stepped on several times
+    # their share of the data; drawn by size, a round's step is the pooled data's in
+    # expectation (Li et al. 2020, Scheme I), as in the centralized runs. (As first written,
+    # this reason gave sizes from a balanced stand-in label array, 1 to 2,510 examples; the
+    # runs' own splits, partition.json, recorded as client_sizes, are 128 to 2,924 at seed 0,
+    # read after the runs had started, the setting unchanged.) In the authors' convention the
+    # clients are of equal size, so there the draw differs from uniform by chance only (both
+    # conventions run: the recipe is judged in both). Same lr, cosine and T = 1; P = 16 = the
+    # client's batch.
     "rt-federated-per-example-cosine-size": (
         "from-pick", "rt-central-per-example-cosine",
         [(n, {**o, "client_sampling": "size"}) for n, o in k10_runs("-t1-size", 300, 1, 100)]),
@@ -660,6 +663,11 @@ class Bench:
                                if k in ("lr", "forwards", "grid", "steps", "rule",
                                         "untrained_val_metric", "improves_on_untrained",
                                         "wall_seconds")}} if search.exists() else {}
+        # a K > 1 run's client sizes (the split it stepped on: how unequal a Dirichlet split's
+        # clients are is what client_sampling=size answers)
+        split = out / "partition.json"
+        if cfg["clients"] > 1 and split.exists():
+            extra["client_sizes"] = json.loads(split.read_text())["sizes"]
         return {"run": str(out.relative_to(ROOT)), "task": cfg["task"], "seed": cfg["seed"],
                 "max_length": cfg["max_length"], **extra,
                 "method": cfg["method"], "lr": cfg["lr"], "eps": cfg["eps"],

@@ -94,8 +94,8 @@ def test_partial_participation_is_seeded_and_weighted_over_participants():
 def test_uniform_client_draws_are_the_earlier_runs_and_size_draws_follow_the_sizes():
     """client_sampling=uniform keeps the draws every earlier run made (known answers taken
     before the size option existed); size draws in proportion to the clients' examples, so a
-    one-example client of a Dirichlet split is all but never a round's only client, and the
-    plan DP solves for (planned_steps) is the participation the server then runs."""
+    one-example client is all but never a round's only client, and the plan DP solves for
+    (planned_steps) is the participation the server then runs."""
     from fedmeerkat.federated.server import sampled_clients
 
     s = FedSettings(local_steps=1, lr=1e-4, eps=1e-3, batch_size=16, seed=0,
@@ -104,7 +104,7 @@ def test_uniform_client_draws_are_the_earlier_runs_and_size_draws_follow_the_siz
         3, 6, 3, 0, 9, 4, 3, 3, 4, 0, 7, 8]
     s4 = dataclasses.replace(s, clients_per_round=4)
     assert [sampled_clients(s4, r, [803] * 10) for r in (1, 2)] == [[2, 3, 4, 7], [1, 4, 8, 9]]
-    sizes = [2510, 186, 810, 1797, 1, 978, 807, 59, 526, 356]  # Dirichlet(0.5), Flower's
+    sizes = [2510, 186, 810, 1797, 1, 978, 807, 59, 526, 356]  # a Dirichlet(0.5) split's
     size = dataclasses.replace(s, client_sampling="size")
     counts = np.bincount([sampled_clients(size, r, sizes)[0] for r in range(1, 2001)],
                          minlength=10)

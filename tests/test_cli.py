@@ -188,3 +188,5 @@ def test_the_printout_says_how_many_clients_a_round_samples():
     assert _schedule({**s, "clients_per_round": 1}) == "80 rounds x 1 of 5 clients x 10 steps"
     assert _schedule({**s, "clients_per_round": 5}) == "80 rounds x 5 clients x 10 steps"
     assert _schedule(s) == "80 rounds x 5 clients x 10 steps"  # a summary from before the key
+    assert _schedule({**s, "clients_per_round": 1, "client_sampling": "size"}) == (
+        "80 rounds x 1 of 5 clients drawn by size x 10 steps")

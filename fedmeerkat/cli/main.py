@@ -64,7 +64,8 @@ def _schedule(s: dict) -> str:
     """"R rounds x K clients x T steps", with "k of K clients" where a round samples k of
     them (FedAvg client sampling: the demo's one of five clients a round is not five)."""
     per_round = s.get("clients_per_round") or s["clients"]
-    clients = (f"{per_round} of {s['clients']} clients" if per_round < s["clients"]
+    drawn = " drawn by size" if s.get("client_sampling") == "size" else ""
+    clients = (f"{per_round} of {s['clients']} clients{drawn}" if per_round < s["clients"]
                else f"{s['clients']} clients")
     return f"{s['rounds']} rounds x {clients} x {s['local_steps']} steps"
 

@@ -28,7 +28,8 @@ def run_report(run_dir: Path) -> str:
     records = MetricsLog(run_dir / METRICS).read()
     lines = [
         f"run {run_dir}: {s['method']} on {s['task']} with {s['model']}",
-        f"clients {s['clients']} ({s.get('clients_per_round', s['clients'])} per round), "
+        f"clients {s['clients']} ({s.get('clients_per_round', s['clients'])} per round"
+        f"{', drawn by size' if s.get('client_sampling') == 'size' else ''}), "
         f"T={s['local_steps']}, downlink {s.get('downlink', 'sparse-weights')}, "
         f"mask {s['mask_nnz']:,} weights (density {s['density']:.1e})",
         "",

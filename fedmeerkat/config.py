@@ -106,7 +106,9 @@ class RunConfig:
     # zero-shot; all ten ended +0.037 test ROC-AUC (and +0.021 at a second seed)
     clients_per_round: int = _f(0, "clients sampled per round (0 = all)", min=0)
     # uniform is Flower's default and what every earlier run used (its draws are unchanged);
-    # size is measured in benchmarks/results/learning.json (rt-federated-per-example-cosine-size)
+    # size, measured with one client a round (benchmarks/results/learning.json,
+    # rt-federated-per-example-cosine-size and rt-federated-t1-size), helped one recipe and
+    # hurt the other, within the spread of three seeds, so it is an option, not the default
     client_sampling: str = _f("uniform", "how clients_per_round clients are drawn: uniform, or size (in proportion to each client's examples, Li et al. 2020 Scheme I: one client a round then steps on the pooled data in expectation; with several a round it needs weighting=uniform)", choices=CLIENT_SAMPLINGS)
     downlink: str = _f("sparse-weights", "server -> client: the averaged sparse vector (paper) or T+1 aggregated scalars", choices=DOWNLINKS)
     lr_schedule: str = _f("constant", "lr over all rounds x steps", choices=SCHEDULES)

@@ -149,9 +149,10 @@ def sampled_clients(settings: FedSettings, round_idx: int, client_sizes: Sequenc
     (Flower's default), or with client_sampling = "size" in proportion to each client's
     examples (without replacement; Li et al., ICLR 2020, "On the convergence of FedAvg on
     non-IID data", Scheme I). Why size: with few clients a round, a uniform draw weights every
-    client's data alike whatever its size, so a one-example client of a Dirichlet split gets a
-    tenth of a ten-client run's steps; drawn by size, one client a round steps on the pooled
-    data's distribution in expectation."""
+    client's data alike whatever its size, so a client of a dozen examples in a Dirichlet split
+    gets a tenth of a ten-client run's steps; drawn by size, one client a round steps on the
+    pooled data's distribution in expectation (measured both ways in the learning benchmark:
+    README, "Does it learn?", Federated)."""
     m, n = settings.clients_per_round, len(client_sizes)
     if not m or m >= n:
         return list(range(n))

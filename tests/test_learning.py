@@ -697,3 +697,26 @@ def test_the_per_example_pick_with_k10_keeps_p_dividing_each_clients_batch():
             assert cfg.client_sampling == ("size" if group.endswith("-size") else "uniform")
             per_step = 2 * cfg.batch_size * max(1, cfg.clients_per_round)
             assert cfg.rounds * cfg.local_steps * per_step == 9600
+
+
+def test_the_robustness_and_size_draw_groups_change_one_thing_of_the_runs_they_check():
+    """rt-federated-k4-seeds-3-5 and rt-central-bf16-seeds-3-5 are the federated recipe's and
+    the centralized pick's runs at seeds 3-5 and nothing else; rt-federated-t1-size is
+    rt-federated-t1 with each round's client drawn by size and nothing else."""
+    lb = _learning_module()
+    plan = lb.PLANS["full"]
+
+    def by_key(group, drop=()):
+        kind, grid, runs = plan[group][:3]
+        assert kind == "from-pick" and grid == "rt-central-grid"
+        return {(o["seed"], o.get("partition")): {k: v for k, v in o.items() if k not in drop}
+                for _, o in runs}
+
+    base, extra = by_key("rt-federated-k4", ("seed",)), by_key("rt-federated-k4-seeds-3-5",
+                                                               ("seed",))
+    assert {s for s, _ in extra} == set(lb.EXTRA_SEEDS) and not set(lb.EXTRA_SEEDS) & set(lb.SEEDS)
+    assert all(extra[(s + 3, p)] == base[(s, p)] for s, p in base)
+    central = by_key("rt-central-bf16-seeds-3-5")
+    assert central == {(s, None): {**lb.BF16, "seed": s} for s in lb.EXTRA_SEEDS}
+    uniform, size = by_key("rt-federated-t1"), by_key("rt-federated-t1-size")
+    assert size == {k: {**o, "client_sampling": "size"} for k, o in uniform.items()}

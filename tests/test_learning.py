@@ -718,5 +718,7 @@ def test_the_robustness_and_size_draw_groups_change_one_thing_of_the_runs_they_c
     assert all(extra[(s + 3, p)] == base[(s, p)] for s, p in base)
     central = by_key("rt-central-bf16-seeds-3-5")
     assert central == {(s, None): {**lb.BF16, "seed": s} for s in lb.EXTRA_SEEDS}
+    k8 = by_key("rt-federated-k8-seeds-3-5", ("seed",))
+    assert k8 == {k: {**o, "clients_per_round": 8, "batch_size": 2} for k, o in extra.items()}
     uniform, size = by_key("rt-federated-t1"), by_key("rt-federated-t1-size")
     assert size == {k: {**o, "client_sampling": "size"} for k, o in uniform.items()}

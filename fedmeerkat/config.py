@@ -108,7 +108,7 @@ class RunConfig:
     # uniform is Flower's default and what every earlier run used (its draws are unchanged);
     # size, measured with one client a round (benchmarks/results/learning.json,
     # rt-federated-per-example-cosine-size and rt-federated-t1-size), helped one recipe and
-    # hurt the other, within the spread of three seeds, so it is an option, not the default
+    # hurt the other, so it is an option, not the default
     client_sampling: str = _f("uniform", "how clients_per_round clients are drawn: uniform, or size (in proportion to each client's examples, Li et al. 2020 Scheme I: one client a round then steps on the pooled data in expectation; with several a round it needs weighting=uniform)", choices=CLIENT_SAMPLINGS)
     downlink: str = _f("sparse-weights", "server -> client: the averaged sparse vector (paper) or T+1 aggregated scalars", choices=DOWNLINKS)
     lr_schedule: str = _f("constant", "lr over all rounds x steps", choices=SCHEDULES)
